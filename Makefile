@@ -1,0 +1,29 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create .venv if missing, install, run the main job (4 CPU ranks via torchrun)
+#   make test   - create .venv if missing, install, run the whole test suite
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.seqpar-installed
+# CPU install path: the CPU build of torch is pinned so no dependency can pull a CUDA build.
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= dev
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]" "$(TORCH)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m torch.distributed.run --standalone --nproc-per-node 4 -m benchmarks.demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+bench: $(STAMP)
+	$(PYTHON) -m benchmarks.attention
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,233 @@
+"""Sequence-parallel attention, side by side: seqpar backends vs the peers, same shapes, one run.
+
+    python -m benchmarks.attention                       # P in {2, 4}, S in {4K, 8K, 16K}
+    python -m benchmarks.attention --worlds 4 --seqs 16384 --repeats 3
+
+For every (P, S): forward + backward of causal attention (B=1, H=8, D=64, fp32 by default) on
+P CPU ranks launched with torchrun's machinery (`torch.distributed.launcher.elastic_launch`),
+each rank with cores // P threads, for
+
+* seqpar ring with each layout (contiguous, zigzag, striped);
+* PyTorch's ring attention (`_templated_ring_attention` + its backward, with the CPU flash op
+  and head-tail load balancing, both of its K/V rotation methods: all-gather and all-to-all);
+
+and the single-process fused kernel on the whole sequence with all cores. Reported per row:
+median fwd+bwd time over `--repeats` (slowest rank), efficiency = single-process time / parallel
+time, the ratio to PyTorch's ring (all-gather rotation, its default), bytes sent per rank, peak
+memory per rank, and the max difference of the gathered output from seqpar's contiguous ring
+(a check that every method computes the same thing).
+Writes JSON and a PNG under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import uuid
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.common import (header_text, machine, mib, peak_memory, table, timed,
+                               write_json)
+
+SEQPAR_LAYOUTS = ("contiguous", "zigzag", "striped")
+TORCH_ROTATIONS = ("allgather", "alltoall")
+
+
+# ---------------------------------------------------------------- the peers
+
+def torch_ring_step(q, k, v, do, rotation: str):
+    """PyTorch's templated ring attention fwd + bwd on bhsd shards in head-tail order."""
+    from torch.distributed.tensor.experimental._attention import (_cp_options, _RotateMethod,
+                                                                   _templated_ring_attention)
+    from torch.distributed.tensor.experimental._context_parallel._attention import (
+        _templated_ring_attention_backward)
+
+    _cp_options.enable_load_balance = True
+    _cp_options.rotate_method = (_RotateMethod.ALL_GATHER if rotation == "allgather"
+                                 else _RotateMethod.ALL_TO_ALL)
+    group = dist.group.WORLD
+    scale = q.shape[-1] ** -0.5
+    out, lse = _templated_ring_attention(
+        group, 2, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, q, k, v,
+        is_causal=True, dropout_p=0.0, scale=scale)[:2]
+    grads = _templated_ring_attention_backward(
+        group, 2, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+        grad_out=do, grad_out_name="grad_out", query=q, key=k, value=v, out=out,
+        logsumexp=lse, is_causal=True, dropout_p=0.0, scale=scale)
+    return out, grads[:3]
+
+
+def torch_ring_bytes(world: int, block_elems: int, itemsize: int) -> int:
+    """Bytes sent per rank by PyTorch's ring, from its code: K/V rotation (either method moves
+    (P-1) K/V blocks) forward and again backward, plus P fp32 dK/dV hops backward."""
+    kv = 2 * block_elems * itemsize
+    return 2 * (world - 1) * kv + world * 2 * block_elems * 4
+
+
+# ---------------------------------------------------------------- one rank
+
+def _worker(config: dict) -> list[dict]:
+    import seqpar
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(config["threads"])
+    device = torch.device("cpu")
+    dtype = getattr(torch, config["dtype"])
+    rows = []
+    for seq in config["seqs"]:
+        gen = torch.Generator().manual_seed(seq)
+        q, k, v, do = (torch.randn(1, seq, config["heads"], config["dim"], generator=gen).to(dtype)
+                       for _ in range(4))
+        first_full = None
+        methods = [("seqpar ring", layout) for layout in SEQPAR_LAYOUTS]
+        if config["peers"]:
+            methods += [("torch ring", rotation) for rotation in TORCH_ROTATIONS]
+        for name, variant in methods:
+            layout = variant if name == "seqpar ring" else "zigzag"  # torch: head-tail = zigzag
+            if name == "seqpar ring":
+                local = [seqpar.shard(t, layout=layout) for t in (q, k, v, do)]
+                def step(local=local, layout=layout):
+                    q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
+                    with seqpar.comm_stats() as stats:
+                        o = seqpar.attention(q_l, k_l, v_l, backend="ring", causal=True,
+                                             layout=layout)
+                        o.backward(local[3])
+                    return o.detach(), stats.sent()
+            else:
+                local = [seqpar.shard(t, layout=layout).transpose(1, 2).contiguous()
+                         for t in (q, k, v, do)]
+                def step(local=local, rotation=variant):
+                    out, _ = torch_ring_step(*local, rotation)
+                    sent = torch_ring_bytes(world, local[1].numel(), local[1].element_size())
+                    return out.transpose(1, 2), sent
+            step()  # warm-up (first-call costs, gloo buffers for this size)
+            times, results = [], []
+            for repeat in range(config["repeats"]):
+                dist.barrier()
+                with peak_memory(device) as peak:  # the first repeat's peak is reported
+                    times.append(timed(lambda: results.append(step()), device))
+                if repeat == 0:
+                    peak_bytes = peak.bytes
+            slowest = torch.tensor(times)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            out, sent = results[0]
+            full = seqpar.gather(out, layout=layout)  # global order, to compare methods
+            first_full = full if first_full is None else first_full
+            totals = torch.tensor([float(sent), float(peak_bytes)])
+            dist.all_reduce(totals, op=dist.ReduceOp.MAX)
+            rows.append({"method": f"{name} ({variant})", "P": world, "S": seq,
+                         "seconds": statistics.median(slowest.tolist()), "times": slowest.tolist(),
+                         "sent_bytes": int(totals[0].item()), "peak_bytes": int(totals[1].item()),
+                         "diff": (full.float() - first_full.float()).abs().max().item()})
+            if rank == 0:
+                print(f"  P={world} S={seq} {name} ({variant}): "
+                      f"{rows[-1]['seconds'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    dist.destroy_process_group()
+    return rows
+
+
+# ---------------------------------------------------------------- single process
+
+def single_process(seq: int, heads: int, dim: int, dtype: torch.dtype, repeats: int, threads: int):
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seq)
+    q, k, v, do = (torch.randn(1, heads, seq, dim, generator=gen).to(dtype) for _ in range(4))
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def step():
+        out, lse = fwd(q, k, v, 0.0, True)
+        bwd(do, q, k, v, out, lse, 0.0, True)
+
+    step()
+    with peak_memory(torch.device("cpu")) as peak:
+        times = [timed(step, torch.device("cpu")) for _ in range(repeats)]
+    return statistics.median(times), peak.bytes
+
+
+def launch(world: int, config: dict) -> list[dict]:
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
+                                 run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                                 rdzv_endpoint="localhost:0", max_restarts=0,
+                                 monitor_interval=0.1, start_method="spawn")
+    return elastic_launch(launch_config, _worker)(config)[0]
+
+
+def plot(rows: list[dict], path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    worlds = sorted({r["P"] for r in rows})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4), squeeze=False)
+    for ax, world in zip(axes[0], worlds):
+        for method in sorted({r["method"] for r in rows if r["P"] == world}):
+            pts = sorted((r["S"], r["efficiency"]) for r in rows if r["P"] == world and r["method"] == method)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
+        ax.axhline(100, color="gray", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length S")
+        ax.set_ylabel("efficiency % (single-process time / parallel time)")
+        ax.set_title(f"causal fwd+bwd, P={world}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peers", dest="peers", action="store_false")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    cores = info["cores"] or 1
+    print(header_text(info), flush=True)
+    dtype = getattr(torch, args.dtype)
+    baseline = {}
+    for seq in args.seqs:
+        baseline[seq] = single_process(seq, args.heads, args.dim, dtype, args.repeats, cores)
+        print(f"  single process S={seq}: {baseline[seq][0] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    rows = []
+    for world in args.worlds:
+        config = {"seqs": args.seqs, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
+                  "repeats": args.repeats, "threads": max(1, cores // world), "peers": args.peers}
+        rows += launch(world, config)
+    for seq in args.seqs:
+        rows.append({"method": "single process", "P": 1, "S": seq, "seconds": baseline[seq][0],
+                     "sent_bytes": 0, "peak_bytes": baseline[seq][1]})
+    for row in rows:
+        row["efficiency"] = baseline[row["S"]][0] / row["seconds"]
+        peer = [r for r in rows if r["P"] == row["P"] and r["S"] == row["S"]
+                and r["method"] == "torch ring (allgather)"]
+        row["vs_torch"] = row["seconds"] / peer[0]["seconds"] if peer else None
+    rows.sort(key=lambda r: (r["P"], r["S"], r["method"]))
+    print(f"# causal attention fwd+bwd, B=1, H={args.heads}, D={args.dim}, {args.dtype}; "
+          f"{cores} cores shared by the P ranks (cores // P threads each); median of {args.repeats}")
+    for row in rows:
+        row["sent_mib"], row["peak_mib"] = mib(row["sent_bytes"]), mib(row["peak_bytes"])
+    print(table(rows, [("P", "P", "d"), ("S", "S", "d"), ("method", "method", "s"),
+                       ("seconds", "fwd+bwd s", ".3f"), ("efficiency", "efficiency", ".1%"),
+                       ("vs_torch", "time / torch ring", ".2f"),
+                       ("sent_mib", "sent MiB/rank", ".1f"), ("peak_mib", "peak MiB/rank", ".1f"),
+                       ("diff", "max |o - ring contiguous o|", ".1e")]))
+    path = write_json("attention", {"machine": info, "args": vars(args), "rows": rows})
+    plot(rows, path.with_suffix(".png"))
+    print(f"# wrote {path} and {path.with_suffix('.png').name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Shared pieces of the benchmark CLIs: machine header, timing, peak memory, tables, output."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "host": socket.gethostname(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "commit": commit(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def header_text(info: dict) -> str:
+    return (f"# host {info['host']} | cores {info['cores']} | torch {info['torch']} | "
+            f"triton {info['triton']} | device {info['device']} | commit {info['commit']} | "
+            f"{info['date']}")
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory a block added on this rank, in bytes (CUDA: allocator; CPU: resident set)."""
+
+    bytes: int = 0
+
+
+def _glibc():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
+    """CUDA: max_memory_allocated over the block minus what was allocated before.
+
+    CPU (Linux): the kernel's resident-set high-water mark, reset at entry through
+    /proc/self/clear_refs, minus the resident set at entry. For the resident set to follow
+    live tensors, glibc must return freed memory: a fixed 64 KiB mmap threshold (large
+    buffers are mmapped and unmapped on free, instead of lingering in the heap after a first
+    free raised the dynamic threshold) and a malloc_trim at entry.
+    """
+    result = PeakMemory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result.bytes = torch.cuda.max_memory_allocated(device) - base
+        return
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current resident set
+    base = _read_status_kib("VmRSS")
+    yield result
+    result.bytes = max(0, _read_status_kib("VmHWM") - base) * 1024
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """columns: (key, title, format). Returns aligned text."""
+    cells = [[title for _, title, _ in columns]]
+    for row in rows:
+        cells.append([("-" if row.get(key) is None else format(row[key], fmt))
+                      for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{name}-{socket.gethostname()}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def mib(n: int | None) -> float | None:
+    return None if n is None else n / 2**20

@@ -1,0 +1,129 @@
+"""The public entry points: validate once at the edge, pick the backend, dispatch.
+
+`attention(q, k, v, ...)` takes this rank's shard of the sequence (layout as made by
+`seqpar.shard`) and returns exactly what single-device attention over the whole sequence
+returns for those tokens. Validation runs locally and then through one tiny all-reduce
+(`comm.primitives.agree`), so bad arguments on any rank, or shapes that differ between ranks,
+raise on every rank instead of hanging the next collective.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable
+
+import torch
+
+from .comm.primitives import GroupInfo, active_recorders, agree, resolve_group
+from .comm.ring import RingAttention, RingPlan
+from .kernels.dispatch import select_kernel
+from .layout import LAYOUTS, all_local_runs, local_runs
+
+BACKENDS: dict[str, Callable] = {}
+
+
+def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
+    seq_len = q.shape[1] * info.world
+    plan = RingPlan.build(info, local_runs(seq_len, info.world, info.rank, layout),
+                          all_local_runs(seq_len, info.world, layout), causal, scale,
+                          select_kernel(q.device, q.dtype), active_recorders())
+    return RingAttention.apply(q, k, v, plan)
+
+
+BACKENDS["ring"] = _ring
+
+_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2
+                          ) -> Exception | None:
+    """This rank's verdict on its arguments: the exception to raise, or None."""
+    if backend not in BACKENDS:
+        return ValueError(f"backend={backend!r} is not available; choose one of "
+                          f"{sorted(BACKENDS)}")
+    if layout not in LAYOUTS:
+        return ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            return ValueError(f"{name} must be 4-D [batch, seq_local, heads, head_dim] (bshd), "
+                              f"got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            return TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in _DTYPE_CODES:
+            return TypeError(f"{name}.dtype={t.dtype} is not supported; use one of "
+                             f"{sorted(str(d) for d in _DTYPE_CODES)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        return TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                         f"cast them to the same dtype")
+    if not (q.device == k.device == v.device):
+        return ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        return ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                          f"{tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        return ValueError(f"batch sizes differ: q.shape[0]={q.shape[0]}, k.shape[0]={k.shape[0]}")
+    if q.shape[1] != k.shape[1]:
+        return ValueError(f"q holds {q.shape[1]} local tokens but k/v hold {k.shape[1]}; "
+                          f"shard q, k and v of the same sequence with the same layout")
+    if q.shape[3] != k.shape[3]:
+        return ValueError(f"head dims differ: q.shape[3]={q.shape[3]}, k.shape[3]={k.shape[3]}")
+    if q.shape[2] % k.shape[2]:
+        return ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
+                          f"({k.shape[2]}) for grouped-query attention")
+    if q.shape[1] == 0:
+        return ValueError("the local sequence is empty (q.shape[1] == 0)")
+    if layout == "zigzag" and q.shape[1] % 2:
+        return ValueError(f"layout='zigzag' holds two equal chunks per rank, so the local length "
+                          f"must be even, got q.shape[1]={q.shape[1]}; pad the global sequence "
+                          f"to a multiple of 2 x the group size")
+    if not isinstance(causal, bool):
+        return TypeError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(return_lse, bool):
+        return TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        return ValueError(f"scale must be None (1/sqrt(head_dim)) or a positive finite number, "
+                          f"got {scale!r}")
+    if s2 is not None and backend != "s2":
+        return ValueError(f"s2= is only used by backend='s2', got backend={backend!r}; "
+                          f"drop s2= or choose backend='s2'")
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, backend: str = "ring",
+              causal: bool = True, scale: float | None = None, layout: str = "zigzag",
+              return_lse: bool = False, s2=None):
+    """Softmax attention over a sequence sharded across `group`.
+
+    q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D] (Hq % Hkv == 0): this rank's tokens, sharded
+    with `layout` ("contiguous" | "zigzag" | "striped"), as `seqpar.shard` makes them.
+    Returns o [B, S_loc, Hq, D] in q's dtype, and with `return_lse=True` also
+    lse [B, Hq, S_loc] (fp32, natural log; fp64 for fp64 inputs). Collective: every rank of the
+    group calls it with the same shapes, and calls backward if any rank does.
+    """
+    info = resolve_group(group)
+    problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2)
+    shapes_ok = problem is None
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    agree(info, "seqpar.attention", {
+        "backend": sorted(BACKENDS).index(backend) if backend in BACKENDS else -1,
+        "layout": LAYOUTS.index(layout) if layout in LAYOUTS else -1,
+        "causal": int(bool(causal)) if isinstance(causal, bool) else -1,
+        "scale": _float_bits(float(scale)) if shapes_ok and scale is not None else 0,
+        "dtype": _DTYPE_CODES[q.dtype] if shapes_ok else -1,
+        "batch size": q.shape[0] if shapes_ok else -1,
+        "local sequence length": q.shape[1] if shapes_ok else -1,
+        "query heads": q.shape[2] if shapes_ok else -1,
+        "key/value heads": k.shape[2] if shapes_ok else -1,
+        "head dim": q.shape[3] if shapes_ok else -1,
+    }, problem, device)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,1 @@
+"""Communication backends (one file each) and the primitives they share."""

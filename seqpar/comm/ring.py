@@ -1,0 +1,142 @@
+"""Ring P2P attention (Ring Self-Attention / ring attention) over a sequence-parallel group.
+
+P ranks, rank r holds queries Q_r and keys/values K_r, V_r of its tokens (any layout).
+
+Forward, P steps. At step t rank r holds the K/V block of rank (r - t) mod P; it computes the
+partial (o, lse) of Q_r against that block under the causal rule of the *global* positions of
+both (`kernels.mask.plan_blocks`; blocks no query can see are skipped), merges it into fp32
+accumulators, and meanwhile sends the block to r + 1 and receives the next from r - 1:
+
+    o, lse = merge over t of attend(Q_r, K_(r-t), V_(r-t))        (merge: kernels/merge.py)
+
+Backward, P steps, with the final (o, lse) so every block's gradient is exact on its own:
+dQ_r accumulates locally; the fp32 accumulators dK, dV of a block travel with it — at each
+step a rank adds its contribution and passes them on — and arrive home after P hops.
+
+Traffic per rank (K/V itemsize b, fp32 gradient accumulators), with only the Hkv heads moving:
+    forward   (P - 1) * 2 * B * S_loc * Hkv * D * b
+    backward  (P - 1) * 2 * B * S_loc * Hkv * D * b  +  P * 2 * B * S_loc * Hkv * D * 4
+
+Each transfer is posted before the compute of the current block and waited for after it, so
+communication overlaps computation. With the zigzag layout every rank does the same number of
+(query, key) products at every step, so no rank waits for another.
+
+Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.mask import Runs, SubBlock, plan_blocks
+from ..kernels.torch_cpu import TorchBlockKernel, accumulator_dtype
+from .primitives import CommStats, GroupInfo, RingExchange, Traffic
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Everything non-tensor a ring call needs; lives on ctx between forward and backward.
+
+    kv_runs[p] are the global positions of the K/V block ring rank p holds; q_runs those of
+    this rank's queries. step_blocks[t] is the kernel plan for the block seen at step t.
+    """
+
+    info: GroupInfo
+    q_runs: Runs
+    kv_runs: tuple[Runs, ...]
+    causal: bool
+    scale: float
+    kernel: TorchBlockKernel
+    recorders: tuple[CommStats, ...]
+    step_blocks: tuple[tuple[SubBlock, ...], ...]
+
+    @classmethod
+    def build(cls, info: GroupInfo, q_runs: Runs, kv_runs: tuple[Runs, ...], causal: bool,
+              scale: float, kernel: TorchBlockKernel, recorders: tuple[CommStats, ...]) -> "RingPlan":
+        steps = tuple(plan_blocks(q_runs, kv_runs[(info.rank - t) % info.world], causal)
+                      for t in range(info.world))
+        return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps)
+
+
+def _pack(*tensors: torch.Tensor) -> torch.Tensor:
+    """One contiguous buffer (one message per hop) holding equally shaped tensors."""
+    return torch.stack(tensors)
+
+
+def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) in the accumulator dtype (fp32; fp64 for fp64 inputs)."""
+    acc_dtype = accumulator_dtype(q.dtype)
+    batch, seq, heads, _ = q.shape
+    o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
+    world = plan.info.world
+    kv = _pack(k, v)
+    ring = RingExchange(plan.info, Traffic.now("ring.fwd", plan.recorders)) if world > 1 else None
+    for step in range(world):
+        if step + 1 < world:
+            ring.start([kv])  # the next block travels while this one is computed
+        plan.kernel.fwd_into(o, lse, q, kv[0], kv[1], plan.step_blocks[step], plan.scale)
+        if step + 1 < world:
+            kv = ring.wait()[0]
+    return o, lse
+
+
+def ring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, plan: RingPlan
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the accumulator dtype. o/lse: the forward's final output and lse."""
+    acc_dtype = accumulator_dtype(q.dtype)
+    world = plan.info.world
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    dkv_local = torch.zeros((2,) + tuple(k.shape), dtype=acc_dtype, device=q.device)
+    if world == 1:
+        plan.kernel.bwd_into(dq, dkv_local[0], dkv_local[1], do, q, k, v, o, lse, dlse,
+                             plan.step_blocks[0], plan.scale)
+        return dq, dkv_local[0], dkv_local[1]
+    traffic = Traffic.now("ring.bwd", plan.recorders)
+    kv_ring, dkv_ring = RingExchange(plan.info, traffic), RingExchange(plan.info, traffic)
+    kv = _pack(k, v)
+    for step in range(world):
+        if step + 1 < world:
+            kv_ring.start([kv])
+        if step > 0:
+            dkv_local.zero_()
+        plan.kernel.bwd_into(dq, dkv_local[0], dkv_local[1], do, q, kv[0], kv[1], o, lse, dlse,
+                             plan.step_blocks[step], plan.scale)
+        if step == 0:
+            # This block's accumulator starts as our contribution; keep a fresh scratch.
+            dkv_travelling, dkv_local = dkv_local, torch.empty_like(dkv_local)
+        else:
+            # The accumulator of the block we just used arrives from r - 1; add and pass on.
+            dkv_travelling = dkv_ring.wait()[0]
+            dkv_travelling += dkv_local
+        dkv_ring.start([dkv_travelling])
+        if step + 1 < world:
+            kv = kv_ring.wait()[0]
+    dkv_home = dkv_ring.wait()[0]
+    return dq, dkv_home[0], dkv_home[1]
+
+
+class RingAttention(torch.autograd.Function):
+    """Autograd wrapper: forward `ring_fwd`, backward `ring_bwd`; returns (o, lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: RingPlan):
+        o, lse = ring_fwd(q, k, v, plan)
+        o = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None:  # only lse was used downstream
+            do = torch.zeros_like(o)
+        # Traffic is recorded by the comm_stats blocks active now and those of the forward.
+        dq, dk, dv = ring_bwd(do, q, k, v, o, lse, dlse, ctx.plan)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

@@ -1,0 +1,235 @@
+"""Local block attention in PyTorch: the fast CPU path and a chunked path for any device.
+
+A *plan* (`mask.plan_blocks`) says which dense sub-blocks of (local queries x key block) a
+causal rule needs. This module runs a plan and merges the partial (o, lse) into fp32
+accumulators (forward), or adds the sub-blocks' gradients into fp32 accumulators (backward).
+
+Two implementations of one sub-block, same contract:
+
+* flash   — `aten._scaled_dot_product_flash_attention_for_cpu` and its `_backward`
+            (tiled, never materialises the score matrix, returns lse). Runs FULL and CAUSAL
+            (top-left) sub-blocks in float32/float64/bfloat16/float16 on CPU. GQA is native.
+* chunked — plain tensor ops over query x key chunks of at most `CHUNK` x `CHUNK` scores,
+            online softmax forward, recomputation backward. Runs every mask kind (including
+            explicit POSITIONS) on every device; the fallback, and the path tests compare with.
+
+Backward of a sub-block uses the *final* (o, lse) of the whole attention, so the per-block
+gradients sum to the exact gradient:  p = exp(s - lse),  delta = rowsum(do * o) - dlse,
+ds = p * (do v^T - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
+`dlse` (gradient flowing into a returned lse) enters only through delta; the flash op computes
+delta itself, so a non-zero dlse is folded in by padding the head dim by one (see
+`_flash_bwd_with_dlse`).
+
+Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], o like q, lse [B, Hq, Sq].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mask import MaskKind, SubBlock
+from .merge import merge_into
+
+CHUNK = 512  # rows/cols of scores the chunked path materialises at once (per batch x head)
+FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for every input precision; fp64 stays fp64 (the reference dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- flash (CPU fused op)
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _flash_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
+                          scale=scale)
+    return out.transpose(1, 2), lse
+
+
+def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None):
+    if dlse is not None:
+        return _flash_bwd_with_dlse(do, q, k, v, o, lse, causal, scale, dlse)
+    grads = _flash_cpu_backward(do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
+                                v.transpose(1, 2), o.transpose(1, 2), lse.contiguous(), 0.0,
+                                causal, scale=scale)
+    return tuple(g.transpose(1, 2) for g in grads)
+
+
+def _flash_bwd_with_dlse(do, q, k, v, o, lse, causal, scale, dlse):
+    """Fold a gradient on lse into the fused backward.
+
+    The op computes delta = rowsum(do * o) itself. Appending one head-dim column -- zeros to
+    q, k, v (scores and dp unchanged), ones to o and -dlse to do -- makes its delta equal
+    rowsum(do * o) - dlse, which is exactly the lse term. The extra column is dropped after.
+    """
+    pad = torch.nn.functional.pad
+    o_aug = torch.cat([o, torch.ones_like(o[..., :1])], dim=-1)
+    do_aug = torch.cat([do, -dlse.transpose(1, 2).unsqueeze(-1).to(do.dtype)], dim=-1)
+    dq, dk, dv = flash_bwd(do_aug, pad(q, (0, 1)), pad(k, (0, 1)), pad(v, (0, 1)), o_aug, lse,
+                           causal, scale)
+    return dq[..., :-1], dk[..., :-1], dv[..., :-1]
+
+
+# ---------------------------------------------------------------- chunked (any device)
+
+def _chunk_visibility(block: SubBlock, i0: int, i1: int, j0: int, j1: int, device
+                      ) -> torch.Tensor | None:
+    """Boolean [i1-i0, j1-j0] visibility of sub-block-local rows/keys; None when all visible.
+
+    Callers skip chunks where nothing is visible (`_chunk_is_empty`) before asking.
+    """
+    if block.kind is MaskKind.FULL:
+        return None
+    if block.kind is MaskKind.CAUSAL:
+        if j1 - 1 <= i0:
+            return None
+        rows = torch.arange(i0, i1, device=device)
+        cols = torch.arange(j0, j1, device=device)
+    else:
+        rows = torch.tensor(block.q_pos[i0:i1], device=device)
+        cols = torch.tensor(block.k_pos[j0:j1], device=device)
+    return cols[None, :] <= rows[:, None]
+
+
+def _chunk_is_empty(block: SubBlock, i0: int, i1: int, j0: int, j1: int) -> bool:
+    if block.kind is MaskKind.FULL:
+        return False
+    if block.kind is MaskKind.CAUSAL:
+        return j0 > i1 - 1
+    return min(block.k_pos[j0:j1]) > max(block.q_pos[i0:i1])
+
+
+def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, S, Hq, D] -> [B, S, Hkv, G, D]: query heads grouped by the K/V head they use."""
+    b, s, hq, d = q.shape
+    return q.reshape(b, s, hkv, hq // hkv, d)
+
+
+def chunked_fwd(q, k, v, block: SubBlock, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of one sub-block, o in the accumulator dtype. Online softmax over key chunks."""
+    acc_dtype = accumulator_dtype(q.dtype)
+    b, n, hq, d = q.shape
+    m, hkv = k.shape[1], k.shape[2]
+    o = torch.zeros(b, n, hq, d, dtype=acc_dtype, device=q.device)
+    lse = torch.full((b, hq, n), float("-inf"), dtype=acc_dtype, device=q.device)
+    qg = _grouped(q, hkv)
+    for i0 in range(0, n, CHUNK):
+        i1 = min(n, i0 + CHUNK)
+        q_chunk = qg[:, i0:i1].to(acc_dtype)
+        row_max = torch.full((b, hkv, hq // hkv, i1 - i0), float("-inf"), dtype=acc_dtype,
+                             device=q.device)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(b, i1 - i0, hkv, hq // hkv, d, dtype=acc_dtype, device=q.device)
+        for j0 in range(0, m, CHUNK):
+            j1 = min(m, j0 + CHUNK)
+            if _chunk_is_empty(block, i0, i1, j0, j1):
+                continue
+            scores = torch.einsum("bqhgd,bkhd->bhgqk", q_chunk, k[:, j0:j1].to(acc_dtype)) * scale
+            visible = _chunk_visibility(block, i0, i1, j0, j1, q.device)
+            if visible is not None:
+                scores = scores.masked_fill(~visible, float("-inf"))
+            new_max = torch.maximum(row_max, scores.amax(dim=-1))
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            probs = torch.exp(scores - safe_max[..., None])
+            rescale = torch.exp(row_max - safe_max)
+            row_sum = row_sum * rescale + probs.sum(dim=-1)
+            acc = acc * rescale.permute(0, 3, 1, 2)[..., None] + torch.einsum(
+                "bhgqk,bkhd->bqhgd", probs, v[:, j0:j1].to(acc_dtype))
+            row_max = new_max
+        seen = row_sum > 0
+        inv = torch.where(seen, 1.0 / torch.where(seen, row_sum, torch.ones_like(row_sum)),
+                          torch.zeros_like(row_sum))
+        o[:, i0:i1] = (acc * inv.permute(0, 3, 1, 2)[..., None]).reshape(b, i1 - i0, hq, d)
+        chunk_lse = torch.where(seen, row_max + torch.log(torch.where(seen, row_sum, torch.ones_like(row_sum))),
+                                torch.full_like(row_sum, float("-inf")))
+        lse[:, :, i0:i1] = chunk_lse.reshape(b, hq, i1 - i0)
+    return o, lse
+
+
+def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None):
+    """(dq, dk, dv) of one sub-block in the accumulator dtype, from the final o and lse."""
+    acc_dtype = accumulator_dtype(q.dtype)
+    b, n, hq, d = q.shape
+    m, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1).transpose(1, 2)  # [B, Hq, n]
+    if dlse is not None:
+        delta = delta - dlse.to(acc_dtype)
+    lse = lse.to(acc_dtype)
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    dq = torch.zeros(b, n, hkv, g, d, dtype=acc_dtype, device=q.device)
+    dk = torch.zeros(b, m, hkv, d, dtype=acc_dtype, device=q.device)
+    dv = torch.zeros(b, m, hkv, d, dtype=acc_dtype, device=q.device)
+    qg, dog = _grouped(q, hkv), _grouped(do, hkv)
+    for i0 in range(0, n, CHUNK):
+        i1 = min(n, i0 + CHUNK)
+        q_chunk = qg[:, i0:i1].to(acc_dtype)
+        do_chunk = dog[:, i0:i1].to(acc_dtype)
+        lse_chunk = safe_lse[:, :, i0:i1].reshape(b, hkv, g, i1 - i0)
+        delta_chunk = delta[:, :, i0:i1].reshape(b, hkv, g, i1 - i0)
+        for j0 in range(0, m, CHUNK):
+            j1 = min(m, j0 + CHUNK)
+            if _chunk_is_empty(block, i0, i1, j0, j1):
+                continue
+            k_chunk = k[:, j0:j1].to(acc_dtype)
+            v_chunk = v[:, j0:j1].to(acc_dtype)
+            scores = torch.einsum("bqhgd,bkhd->bhgqk", q_chunk, k_chunk) * scale
+            visible = _chunk_visibility(block, i0, i1, j0, j1, q.device)
+            if visible is not None:
+                scores = scores.masked_fill(~visible, float("-inf"))
+            probs = torch.exp(scores - lse_chunk[..., None])
+            dv[:, j0:j1] += torch.einsum("bhgqk,bqhgd->bkhd", probs, do_chunk)
+            dprobs = torch.einsum("bqhgd,bkhd->bhgqk", do_chunk, v_chunk)
+            dscores = probs * (dprobs - delta_chunk[..., None]) * scale
+            dq[:, i0:i1] += torch.einsum("bhgqk,bkhd->bqhgd", dscores, k_chunk)
+            dk[:, j0:j1] += torch.einsum("bhgqk,bqhgd->bkhd", dscores, q_chunk)
+    return dq.reshape(b, n, hq, d), dk, dv
+
+
+# ---------------------------------------------------------------- running a plan
+
+@dataclass(frozen=True)
+class TorchBlockKernel:
+    """Runs a plan of sub-blocks with the CPU flash op (`flash=True`) or the chunked path.
+
+    Sub-blocks the flash op cannot run (POSITIONS masks, dtypes it lacks) use the chunked path.
+    """
+
+    flash: bool
+    name: str = "torch"
+
+    def _use_flash(self, block: SubBlock, dtype: torch.dtype) -> bool:
+        return self.flash and block.kind is not MaskKind.POSITIONS and dtype in FLASH_DTYPES
+
+    def fwd_into(self, acc_o, acc_lse, q, k, v, blocks: tuple[SubBlock, ...], scale: float) -> None:
+        """Attend q to each sub-block's keys and merge the partials into (acc_o, acc_lse)."""
+        for block in blocks:
+            q_blk = q[:, block.q0:block.q1]
+            k_blk, v_blk = k[:, block.k0:block.k1], v[:, block.k0:block.k1]
+            if self._use_flash(block, q.dtype):
+                o_blk, lse_blk = flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
+            else:
+                o_blk, lse_blk = chunked_fwd(q_blk, k_blk, v_blk, block, scale)
+            merge_into(acc_o[:, block.q0:block.q1], acc_lse[:, :, block.q0:block.q1], o_blk, lse_blk)
+
+    def bwd_into(self, dq, dk, dv, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...],
+                 scale: float) -> None:
+        """Add each sub-block's (dq, dk, dv) into the accumulators. o/lse are the final ones."""
+        for block in blocks:
+            rows, keys = slice(block.q0, block.q1), slice(block.k0, block.k1)
+            dlse_blk = None if dlse is None else dlse[:, :, rows]
+            args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o[:, rows], lse[:, :, rows])
+            if self._use_flash(block, q.dtype):
+                dq_blk, dk_blk, dv_blk = flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale, dlse_blk)
+            else:
+                dq_blk, dk_blk, dv_blk = chunked_bwd(*args, block, scale, dlse_blk)
+            dq[:, rows] += dq_blk
+            dk[:, keys] += dk_blk
+            dv[:, keys] += dv_blk

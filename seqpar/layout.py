@@ -1,0 +1,152 @@
+"""Sharding plans: which global tokens each rank of a sequence-parallel group holds.
+
+For a global sequence of S tokens over P ranks (rank r):
+
+* contiguous — chunk r of P equal chunks: tokens [r*S/P, (r+1)*S/P).          S % P == 0
+* zigzag     — chunks r and 2P-1-r of 2P equal chunks (C = S/2P tokens each),
+               so causal work is the same on every rank.                       S % 2P == 0
+* striped    — token t lives on rank t mod P (stride-P run starting at r).     S % P == 0
+
+A local tensor holds its tokens in increasing global order. `shard` cuts the full tensor the
+same way on every rank, `gather` reassembles it (an all-gather plus the inverse permutation;
+its gradient is this rank's slice of the incoming one, as when every rank computes the same
+loss of the gathered tensor), `positions` gives the global token ids (e.g. for RoPE).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .comm.primitives import GroupInfo, agree, all_gather_along, resolve_group
+from .kernels.mask import Run, Runs, runs_to_positions
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+_MAX_DIMS = 8
+
+
+def check_layout(layout: str, where: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"{where}: unknown layout={layout!r}; choose one of {LAYOUTS}")
+
+
+def chunks_per_rank(layout: str) -> int:
+    """How many equal pieces of the sequence a rank's tokens fall into (the divisibility unit)."""
+    return 2 if layout == "zigzag" else 1
+
+
+def seq_len_error(seq_len: int, world: int, layout: str) -> str | None:
+    """Why `seq_len` cannot be sharded over `world` ranks with `layout`, or None."""
+    unit = chunks_per_rank(layout) * world
+    if seq_len % unit == 0:
+        return None
+    padded = (seq_len + unit - 1) // unit * unit
+    return (f"sequence length {seq_len} is not divisible by {unit} "
+            f"({'2 x ' if unit != world else ''}{world} ranks) as layout={layout!r} requires; "
+            f"pad the sequence to {padded}" + (" or use layout='contiguous'" if layout == "zigzag" else ""))
+
+
+def local_runs(seq_len: int, world: int, rank: int, layout: str) -> Runs:
+    """The global positions held by `rank`, as arithmetic runs in local order."""
+    check_layout(layout, "local_runs")
+    problem = seq_len_error(seq_len, world, layout)
+    if problem:
+        raise ValueError(f"local_runs: {problem}")
+    if layout == "contiguous":
+        size = seq_len // world
+        return (Run(rank * size, size),)
+    if layout == "zigzag":
+        chunk = seq_len // (2 * world)
+        return (Run(rank * chunk, chunk), Run((2 * world - 1 - rank) * chunk, chunk))
+    return (Run(rank, seq_len // world, world),)
+
+
+def all_local_runs(seq_len: int, world: int, layout: str) -> tuple[Runs, ...]:
+    """`local_runs` of every rank, indexed by rank in the group."""
+    return tuple(local_runs(seq_len, world, r, layout) for r in range(world))
+
+
+def _positions(seq_len: int, info: GroupInfo, layout: str, device=None) -> torch.Tensor:
+    return runs_to_positions(local_runs(seq_len, info.world, info.rank, layout), device=device)
+
+
+def positions(seq_len: int, group=None, layout: str = "zigzag", device=None) -> torch.Tensor:
+    """Global token ids (int64, increasing) of the tokens this rank holds."""
+    check_layout(layout, "seqpar.positions")
+    info = resolve_group(group)
+    problem = seq_len_error(seq_len, info.world, layout)
+    if problem:
+        raise ValueError(f"seqpar.positions: {problem}")
+    return _positions(seq_len, info, layout, device)
+
+
+def _check_dim(x: torch.Tensor, dim: int, where: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{where}: dim={dim} is out of range for a tensor of shape "
+                         f"{tuple(x.shape)}; pass the index of the sequence dimension")
+    return dim % x.dim()
+
+
+def shard(x: torch.Tensor, group=None, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's tokens of the full tensor `x` (every rank passes the same full `x`).
+
+    Returns a new contiguous tensor; autograd flows back into `x`.
+    """
+    check_layout(layout, "seqpar.shard")
+    dim = _check_dim(x, dim, "seqpar.shard")
+    info = resolve_group(group)
+    problem = seq_len_error(x.shape[dim], info.world, layout)
+    if problem:
+        raise ValueError(f"seqpar.shard: x.shape[{dim}]: {problem}")
+    if layout == "contiguous":
+        size = x.shape[dim] // info.world
+        return x.narrow(dim, info.rank * size, size).contiguous()
+    return x.index_select(dim, _positions(x.shape[dim], info, layout, x.device))
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather along `dim` + un-permute; backward keeps this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x_local, info: GroupInfo, dim: int, layout: str):
+        gathered = all_gather_along(x_local, info, dim, op="gather")
+        seq_len = gathered.shape[dim]
+        order = torch.cat([_positions(seq_len, GroupInfo(info.group, r, info.world), layout)
+                           for r in range(info.world)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(seq_len)
+        ctx.local_positions = _positions(seq_len, info, layout, x_local.device)
+        ctx.dim = dim
+        return gathered.index_select(dim, inverse.to(x_local.device))
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        return grad_full.index_select(ctx.dim, ctx.local_positions), None, None, None
+
+
+def gather(x_local: torch.Tensor, group=None, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+    """Reassemble the full tensor from every rank's shard (collective; same local shape
+    everywhere, checked). The gradient of the result is this rank's slice of the incoming one."""
+    check_layout(layout, "seqpar.gather")
+    dim = _check_dim(x_local, dim, "seqpar.gather")
+    info = resolve_group(group)
+    local_error = None
+    if layout == "zigzag" and x_local.shape[dim] % 2:
+        local_error = ValueError(f"x_local.shape[{dim}]={x_local.shape[dim]} is odd, but a zigzag "
+                                 f"shard holds two equal chunks; pass the tensor "
+                                 f"seqpar.shard(..., layout='zigzag') made")
+    if x_local.dim() > _MAX_DIMS:
+        local_error = ValueError(f"x_local has {x_local.dim()} dimensions; at most {_MAX_DIMS} "
+                                 f"are supported")
+    # Fixed keys on every rank (the agreement is one all-reduce of equal-length vectors).
+    shape = {f"x_local.shape[{i}]": x_local.shape[i] if i < x_local.dim() else -1
+             for i in range(_MAX_DIMS)}
+    agree(info, "seqpar.gather", {"x_local.dim()": x_local.dim(), "dim": dim,
+                                  "layout": LAYOUTS.index(layout), **shape},
+          local_error, x_local.device)
+    return _Gather.apply(x_local, info, dim, layout)
+
+
+__all__ = ["LAYOUTS", "local_runs", "all_local_runs", "positions", "shard", "gather",
+           "seq_len_error", "chunks_per_rank", "check_layout"]

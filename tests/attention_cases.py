@@ -1,0 +1,152 @@
+"""One softmax-attention correctness case, run on every rank of a world, for any backend.
+
+Every rank builds the same global q, k, v, dO (and dLSE) from a seed, computes the float64
+reference (output, lse, and all gradients by autograd) on the full sequence, shards inputs
+with seqpar's own `shard`, runs the backend forward + backward, and compares *its own* output,
+lse, dq, dk and dv with the matching slice of the reference.
+
+Tolerances (relative to max(1, max |reference|)):
+* float64 inputs: 1e-10 — the algorithm must be exact up to double rounding;
+* float32 inputs: 1e-5  — single-precision rounding of sums over a few hundred terms;
+* bf16/fp16 inputs: 2 x the error of the same-precision single-device computation of the full
+  sequence (the fused kernel on one process), plus a quarter rounding unit (eps/4) of the
+  magnitude so a lucky near-zero single-device error cannot make the bound flaky: per-block
+  partial outputs are rounded to the input precision before the fp32 merge, so the error may
+  reach a small multiple of one rounding, never more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar.kernels import attention_reference, use_kernel
+from seqpar.kernels.torch_cpu import flash_fwd
+from tests.checks import assert_close, magnitude, max_error
+
+EXACT_REL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    backend: str = "ring"
+    layout: str = "zigzag"
+    causal: bool = True
+    heads_q: int = 4
+    heads_kv: int = 4
+    head_dim: int = 16
+    seq_local: int = 16
+    batch: int = 1
+    dtype: torch.dtype = torch.float32
+    scale: float | None = None
+    lse_grad: bool = True
+    kernel: str | None = None  # force a local kernel ("flash" / "chunked")
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return (f"{self.backend}/{self.layout}/{'causal' if self.causal else 'full'}/"
+                f"H{self.heads_q}:{self.heads_kv}/D{self.head_dim}/S_loc{self.seq_local}/"
+                f"B{self.batch}/{str(self.dtype).removeprefix('torch.')}")
+
+
+def global_inputs(case: AttnCase, world: int):
+    gen = torch.Generator().manual_seed(case.seed)
+    seq = case.seq_local * world
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    q = randn(case.batch, seq, case.heads_q, case.head_dim)
+    k = randn(case.batch, seq, case.heads_kv, case.head_dim)
+    v = randn(case.batch, seq, case.heads_kv, case.head_dim)
+    do = randn(case.batch, seq, case.heads_q, case.head_dim)
+    dlse = randn(case.batch, case.heads_q, seq) if case.lse_grad else torch.zeros(case.batch, case.heads_q, seq, dtype=torch.float64)
+    return q, k, v, do, dlse
+
+
+def reference(q, k, v, do, dlse, causal, scale):
+    """fp64 output, lse and input gradients of loss = <o, dO> + <lse, dLSE> (finite lse only)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o, lse = attention_reference(q, k, v, causal=causal, scale=scale)
+    loss = (o * do).sum() + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return o.detach(), lse.detach(), dq, dk, dv
+
+
+def single_device_errors(q, k, v, do, dlse, causal, scale, dtype, ref) -> dict[str, float]:
+    """Errors of the fused single-process kernel in `dtype` on the full sequence."""
+    qx, kx, vx = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qx.transpose(1, 2), kx.transpose(1, 2), vx.transpose(1, 2), is_causal=causal,
+        scale=scale, enable_gqa=True).transpose(1, 2)
+    _, lse = flash_fwd(qx.detach(), kx.detach(), vx.detach(), causal,
+                       scale if scale is not None else q.shape[-1] ** -0.5)
+    dq, dk, dv = torch.autograd.grad((o.double() * do).sum(), (qx, kx, vx))
+    # The lse-gradient term is exact in fp64 and linear: add it in fp64 so only the kernel's
+    # own rounding is measured.
+    if dlse.abs().sum() > 0:
+        qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        _, lse_ref = attention_reference(qr, kr, vr, causal=causal, scale=scale)
+        extra_q, extra_k = torch.autograd.grad(
+            (torch.where(torch.isfinite(lse_ref), lse_ref, 0) * dlse).sum(), (qr, kr))
+        dq, dk = dq.double() + extra_q, dk.double() + extra_k  # lse does not depend on v
+    names = ("o", "lse", "dq", "dk", "dv")
+    return {n: max_error(a, b) for n, a, b in zip(names, (o, lse, dq, dk, dv), ref)}
+
+
+_SAME = object()
+
+
+def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, float]:
+    """Run on every rank; assert this rank's results; return its errors (for reporting).
+
+    `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
+    reference on purpose, to show it fails.
+    """
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    q, k, v, do, dlse = global_inputs(case, world)
+    ref = reference(q, k, v, do, dlse, case.causal,
+                    case.scale if reference_scale is _SAME else reference_scale)
+
+    def local(t, dim=1):
+        return seqpar.shard(t, group, dim=dim, layout=case.layout)
+
+    q_l, k_l, v_l = (local(t).to(case.dtype).requires_grad_() for t in (q, k, v))
+    with seqpar.comm_stats() as stats:
+        if case.kernel:
+            with use_kernel(case.kernel):
+                o, lse = seqpar.attention(q_l, k_l, v_l, group, backend=case.backend,
+                                          causal=case.causal, scale=case.scale,
+                                          layout=case.layout, return_lse=True)
+        else:
+            o, lse = seqpar.attention(q_l, k_l, v_l, group, backend=case.backend,
+                                      causal=case.causal, scale=case.scale, layout=case.layout,
+                                      return_lse=True)
+        loss = (o.double() * local(do)).sum() + (
+            torch.where(torch.isfinite(lse), lse, 0).double() * local(dlse, dim=2)).sum()
+        loss.backward()
+
+    assert o.dtype == case.dtype and q_l.grad.dtype == case.dtype and k_l.grad.dtype == case.dtype
+    assert lse.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
+    expected = [local(ref[0]), local(ref[1], dim=2)] + [local(g) for g in ref[2:]]
+    actual = [o, lse, q_l.grad, k_l.grad, v_l.grad]
+    names = ("o", "lse", "dq", "dk", "dv")
+    context = f"rank {rank}/{world} {case}:"
+    errors = {}
+    if case.dtype in EXACT_REL:
+        for name, a, e in zip(names, actual, expected):
+            errors[name] = assert_close(name, a, e, EXACT_REL[case.dtype], context)
+    else:
+        single = single_device_errors(q, k, v, do, dlse, case.causal, case.scale, case.dtype, ref)
+        for name, a, e in zip(names, actual, expected):
+            err = max_error(a, e)
+            bound = 2 * single[name] + magnitude(e) * torch.finfo(case.dtype).eps / 4
+            if not err <= bound:
+                raise AssertionError(f"{context} {name}: error {err:.3e} > 2 x single-device "
+                                     f"error {single[name]:.3e} + magnitude * eps / 4")
+            errors[name] = err
+    errors["bytes_fwd"] = stats.sent(f"{case.backend}.fwd")
+    errors["bytes_bwd"] = stats.sent(f"{case.backend}.bwd")
+    return errors

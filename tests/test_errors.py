@@ -1,0 +1,110 @@
+"""Malformed calls: every rank raises a clear error (type + message), none hangs, and the
+group stays usable afterwards."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar
+
+
+def good(seq_local=8, hq=4, hkv=2, d=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, seq_local, hq, d, generator=g, dtype=dtype),
+            torch.randn(1, seq_local, hkv, d, generator=g, dtype=dtype),
+            torch.randn(1, seq_local, hkv, d, generator=g, dtype=dtype))
+
+
+def on_rank(rank, bad, fine):
+    """`bad` on one rank only, `fine` elsewhere."""
+    return bad if dist.get_rank() == rank else fine
+
+
+# name -> (call, expected type on every rank, regex each rank's message must match)
+MALFORMED = {
+    "unknown backend": (lambda: seqpar.attention(*good(), backend="flash"),
+                        ValueError, r"backend='flash' is not available; choose one of \['ring'"),
+    "unknown layout": (lambda: seqpar.attention(*good(), layout="zig-zag"),
+                       ValueError, r"layout='zig-zag' is unknown; choose one of"),
+    "3-D query": (lambda: seqpar.attention(good()[0][0], *good()[1:]),
+                  ValueError, r"q must be 4-D \[batch, seq_local, heads, head_dim\].*got shape \(8, 4, 8\)"),
+    "integer tensors": (lambda: seqpar.attention(*(t.long() for t in good())),
+                        TypeError, r"q must be a floating-point tensor, got torch.int64"),
+    "mixed dtypes": (lambda: seqpar.attention(good()[0].double(), *good()[1:]),
+                     TypeError, r"q, k, v must share one dtype.*cast them"),
+    "heads not a multiple": (lambda: seqpar.attention(*good(hq=5, hkv=2)),
+                             ValueError, r"query heads \(5\) must be a multiple of key/value heads \(2\)"),
+    "k/v shapes differ": (lambda: seqpar.attention(good()[0], good()[1], good(hkv=1)[2]),
+                          ValueError, r"k and v must have the same shape"),
+    "q/k lengths differ": (lambda: seqpar.attention(good(seq_local=6)[0], *good()[1:]),
+                           ValueError, r"q holds 6 local tokens but k/v hold 8"),
+    "head dims differ": (lambda: seqpar.attention(good(d=16)[0], *good()[1:]),
+                         ValueError, r"head dims differ: q.shape\[3\]=16, k.shape\[3\]=8"),
+    "odd zigzag shard": (lambda: seqpar.attention(*good(seq_local=7), layout="zigzag"),
+                         ValueError, r"layout='zigzag'.*local length must be even, got q.shape\[1\]=7"),
+    "negative scale": (lambda: seqpar.attention(*good(), scale=-1.0),
+                       ValueError, r"scale must be None \(1/sqrt\(head_dim\)\) or a positive finite number, got -1.0"),
+    "causal not bool": (lambda: seqpar.attention(*good(), causal="yes"),
+                        TypeError, r"causal must be a bool, got 'yes'"),
+    "s2 pattern with ring": (lambda: seqpar.attention(*good(), s2=object()),
+                             ValueError, r"s2= is only used by backend='s2'"),
+    "group not a group": (lambda: seqpar.attention(*good(), group=[0, 1]),
+                          TypeError, r"group: expected None or a torch.distributed.ProcessGroup, got list"),
+}
+
+# Bad on one rank only: that rank raises its own error, the others a ValueError naming it.
+ONE_RANK_BAD = {
+    "local lengths differ": (lambda: seqpar.attention(*good(seq_local=on_rank(1, 6, 8)), layout="contiguous"),
+                             {0: (ValueError, r"local sequence length differs across ranks \(this rank: 8, min: 6, max: 8\)"),
+                              1: (ValueError, r"local sequence length differs across ranks \(this rank: 6, min: 6, max: 8\)")}),
+    "dtype differs": (lambda: seqpar.attention(*good(dtype=on_rank(0, torch.float64, torch.float32))),
+                      {0: (ValueError, r"dtype differs across ranks"), 1: (ValueError, r"dtype differs across ranks")}),
+    "heads differ": (lambda: seqpar.attention(*good(hq=on_rank(1, 8, 4))),
+                     {0: (ValueError, r"query heads differs across ranks"), 1: (ValueError, r"query heads differs")}),
+    "bad tensor on rank 1 only": (lambda: seqpar.attention(*good(d=on_rank(1, 3, 8))[:2], good()[2]),
+                                  {0: (ValueError, r"rank 1 of the group rejected its arguments"),
+                                   1: (ValueError, r"k and v must have the same shape")}),
+    "causal differs": (lambda: seqpar.attention(*good(), causal=on_rank(0, False, True)),
+                       {0: (ValueError, r"causal differs across ranks"), 1: (ValueError, r"causal differs")}),
+}
+
+
+def raise_and_recover(name: str, table: str):
+    """Run one malformed call; return (exception type, message); then prove the group works."""
+    call = (MALFORMED if table == "all" else ONE_RANK_BAD)[name][0]
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the test inspects whatever was raised
+        caught = (type(error).__name__, str(error))
+    else:
+        caught = ("nothing raised", "")
+    q, k, v = good()
+    seqpar.attention(q, k, v)  # the group is not left desynchronised
+    return caught
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_call_raises_on_every_rank(worlds, name):
+    _, kind, pattern = MALFORMED[name]
+    for rank, (type_name, message) in enumerate(worlds(2).run(raise_and_recover, name, "all", timeout=60)):
+        assert type_name == kind.__name__, f"rank {rank}: {type_name}: {message}"
+        assert message.startswith("seqpar.attention: ") or "group:" in message, message
+        assert re.search(pattern, message), f"rank {rank}: {message!r} !~ {pattern!r}"
+
+
+@pytest.mark.parametrize("name", list(ONE_RANK_BAD))
+def test_cross_rank_mismatch_raises_on_every_rank(worlds, name):
+    expected = ONE_RANK_BAD[name][1]
+    for rank, (type_name, message) in enumerate(worlds(2).run(raise_and_recover, name, "one", timeout=60)):
+        kind, pattern = expected[rank]
+        assert type_name == kind.__name__, f"rank {rank}: {type_name}: {message}"
+        assert re.search(pattern, message), f"rank {rank}: {message!r} !~ {pattern!r}"
+
+
+def test_single_process_errors_need_no_group():
+    with pytest.raises(ValueError, match=r"seqpar.attention: backend='usp' is not available"):
+        seqpar.attention(*good(), backend="usp")

@@ -1,0 +1,83 @@
+"""The multi-process harness never hangs; the ring exchange and byte accounting behave."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar.comm.primitives import RingExchange, Traffic, resolve_group
+from tests.harness import RankFailure, World, WorldTimeout
+
+
+def fail_on_rank_one_while_rank_zero_waits():
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 broke")
+    dist.barrier()  # rank 0 would wait here forever (until the gloo timeout) without the harness
+
+
+def sleep_forever():
+    time.sleep(3600)
+
+
+def test_a_failing_rank_fails_the_test_fast():
+    world = World(2)
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match="rank 1 broke"):
+        world.run(fail_on_rank_one_while_rank_zero_waits, grace=2)
+    assert time.monotonic() - start < 30
+    assert world.broken  # killed, so nothing is left blocked in a collective
+
+
+def test_a_hanging_case_times_out():
+    world = World(2)
+    with pytest.raises(WorldTimeout, match="did not finish"):
+        world.run(sleep_forever, timeout=3)
+    assert world.broken
+
+
+def ring_exchange_behaviour():
+    info = resolve_group(None)
+    ring = RingExchange(info, Traffic.now("test"))
+    with pytest.raises(RuntimeError, match="no exchange in flight; call start"):
+        ring.wait()
+    block = torch.full((3,), float(info.rank))
+    ring.start([block])
+    with pytest.raises(RuntimeError, match="previous exchange was not waited for"):
+        ring.start([block])
+    first = ring.wait()[0]
+    seen = [first[0].item()]
+    ring.start([first])
+    second = ring.wait()[0]
+    seen.append(second[0].item())
+    ring.start([second])
+    third = ring.wait()[0]
+    seen.append(third[0].item())
+    # two alternating receive buffers, never the one being sent
+    assert first.data_ptr() != second.data_ptr() and third.data_ptr() == first.data_ptr()
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ring.start([torch.zeros(3, 2).t()])
+    return seen
+
+
+def test_ring_exchange_passes_blocks_around_and_refuses_misuse(worlds):
+    received = worlds(3).run(ring_exchange_behaviour)
+    # rank r receives the blocks of r-1, r-2, r-3 in turn
+    assert received == [[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0]]
+
+
+def nested_stats():
+    q = torch.randn(1, 4, 2, 8)
+    with seqpar.comm_stats() as outer:
+        with seqpar.comm_stats() as inner:
+            seqpar.attention(q, q, q, layout="contiguous")
+        seqpar.attention(q, q, q, layout="contiguous")
+    return outer.sent("ring.fwd"), inner.sent("ring.fwd"), outer.ops["ring.fwd"].messages
+
+
+def test_comm_stats_nest(worlds):
+    kv = 2 * 4 * 2 * 8 * 4
+    assert worlds(2).run(nested_stats) == [(2 * kv, kv, 2)] * 2

@@ -1,0 +1,162 @@
+"""Local kernels (single process): merge, mask plans, flash and chunked paths vs the reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from seqpar.kernels import KERNELS, MaskKind, Run, attention_reference, merge, merge_into
+from seqpar.kernels import plan_blocks, runs_to_positions
+from seqpar.kernels import torch_cpu
+from seqpar.kernels.mask import causal_pairs
+from seqpar.layout import LAYOUTS, local_runs
+from tests.checks import assert_close
+
+
+# ---------------------------------------------------------------- merge
+
+def test_merge_equals_attention_over_the_union():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 9, 3, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 9, 3, 4, generator=g, dtype=torch.float64)
+    o_all, lse_all = attention_reference(q, k, v, causal=False)
+    o1, lse1 = attention_reference(q, k[:, :4], v[:, :4], causal=False)
+    o2, lse2 = attention_reference(q, k[:, 4:], v[:, 4:], causal=False)
+    o, lse = merge(o1, lse1, o2, lse2)
+    assert_close("o", o, o_all, 1e-12)
+    assert_close("lse", lse, lse_all, 1e-12)
+    acc_o, acc_lse = o1.clone(), lse1.clone()
+    merge_into(acc_o, acc_lse, o2, lse2)
+    assert_close("o in place", acc_o, o_all, 1e-12)
+    assert_close("lse in place", acc_lse, lse_all, 1e-12)
+
+
+def test_merge_is_inf_safe():
+    shape_o, shape_lse = (1, 3, 2, 4), (1, 2, 3)
+    empty_o, empty_lse = torch.zeros(shape_o), torch.full(shape_lse, float("-inf"))
+    some_o, some_lse = torch.randn(shape_o), torch.randn(shape_lse)
+    o, lse = merge(empty_o, empty_lse, empty_o, empty_lse)  # nothing seen at all
+    assert torch.equal(o, empty_o) and torch.equal(lse, empty_lse)
+    o, lse = merge(empty_o, empty_lse, some_o, some_lse)
+    assert torch.equal(o, some_o) and torch.equal(lse, some_lse)
+    o, lse = merge(some_o, some_lse, empty_o, empty_lse)
+    assert torch.equal(o, some_o) and torch.equal(lse, some_lse)
+
+
+def test_merge_is_stable_for_far_apart_lse():
+    o1, o2 = torch.ones(1, 1, 1, 2), torch.full((1, 1, 1, 2), 3.0)
+    o, lse = merge(o1, torch.tensor([[[1e4]]]), o2, torch.tensor([[[-1e4]]]))
+    assert torch.equal(o, o1) and lse.item() == 1e4
+
+
+# ---------------------------------------------------------------- mask plans
+
+def dense_coverage(blocks, nq, nk) -> torch.Tensor:
+    """How many sub-blocks cover each (query, key) pair."""
+    count = torch.zeros(nq, nk, dtype=torch.int64)
+    for b in blocks:
+        n, m = b.q1 - b.q0, b.k1 - b.k0
+        if b.kind is MaskKind.FULL:
+            cover = torch.ones(n, m, dtype=torch.int64)
+        elif b.kind is MaskKind.CAUSAL:
+            cover = torch.ones(n, m, dtype=torch.int64).tril()
+        else:
+            cover = (torch.tensor(b.k_pos)[None] <= torch.tensor(b.q_pos)[:, None]).long()
+        count[b.q0:b.q1, b.k0:b.k1] += cover
+    return count
+
+
+RUN_PAIRS = [
+    ((Run(0, 8),), (Run(0, 8),)), ((Run(8, 8),), (Run(0, 8),)), ((Run(0, 8),), (Run(8, 8),)),
+    ((Run(4, 8),), (Run(0, 8),)), ((Run(0, 8),), (Run(3, 8),)), ((Run(0, 5),), (Run(2, 9),)),
+    ((Run(1, 5, 3),), (Run(2, 5, 3),)), ((Run(2, 5, 3),), (Run(1, 5, 3),)),
+    ((Run(0, 5, 3),), (Run(1, 7),)), ((Run(7, 1),), (Run(0, 3, 4),)),
+    ((Run(0, 3), Run(9, 3)), (Run(3, 3), Run(6, 3))), ((Run(0, 3), Run(9, 3)), (Run(0, 3), Run(9, 3))),
+] + [(local_runs(24, p, r, layout), local_runs(24, p, s, layout))
+     for layout in LAYOUTS for p in (2, 3, 4) for r in range(p) for s in range(p)]
+
+
+@pytest.mark.parametrize("q_runs,k_runs", RUN_PAIRS)
+def test_plan_covers_each_visible_pair_exactly_once(q_runs, k_runs):
+    qp, kp = runs_to_positions(q_runs), runs_to_positions(k_runs)
+    visible = (kp[None] <= qp[:, None]).long()
+    causal = plan_blocks(q_runs, k_runs, causal=True)
+    assert torch.equal(dense_coverage(causal, len(qp), len(kp)), visible)
+    assert causal_pairs(causal) == int(visible.sum())
+    full = plan_blocks(q_runs, k_runs, causal=False)
+    assert torch.equal(dense_coverage(full, len(qp), len(kp)), torch.ones_like(visible))
+
+
+def test_plan_uses_the_fused_op_for_every_layout():
+    """Layouts never need the slow explicit-positions mask, and zigzag steps are one call."""
+    for layout, p in itertools.product(LAYOUTS, (2, 3, 4, 8)):
+        for r, s in itertools.product(range(p), repeat=2):
+            blocks = plan_blocks(local_runs(64 * p, p, r, layout), local_runs(64 * p, p, s, layout), True)
+            assert all(b.kind is not MaskKind.POSITIONS for b in blocks)
+            if layout == "zigzag":
+                assert len(blocks) == 1, (r, s, blocks)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_zigzag_balances_causal_work_at_every_step(world):
+    seq = 16 * world
+    for step in range(world):
+        work = {causal_pairs(plan_blocks(local_runs(seq, world, r, "zigzag"),
+                                         local_runs(seq, world, (r - step) % world, "zigzag"), True))
+                for r in range(world)}
+        assert len(work) == 1, f"step {step}: per-rank work {work}"
+    contiguous = {sum(causal_pairs(plan_blocks(local_runs(seq, world, r, "contiguous"),
+                                               local_runs(seq, world, s, "contiguous"), True))
+                      for s in range(world)) for r in range(world)}
+    assert len(contiguous) == world  # the imbalance zigzag exists to fix
+
+
+# ---------------------------------------------------------------- block kernels
+
+@pytest.mark.parametrize("q_runs,k_runs", RUN_PAIRS[:12])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lse_grad", [False, True])
+def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad, monkeypatch):
+    monkeypatch.setattr(torch_cpu, "CHUNK", 4)  # exercise the chunk loops at small sizes
+    g = torch.Generator().manual_seed(1)
+    nq, nk = sum(r.length for r in q_runs), sum(r.length for r in k_runs)
+    q = torch.randn(2, nq, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, nk, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, nk, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    o_ref, lse_ref = attention_reference(q, k, v, causal=causal, scale=0.3,
+                                         q_pos=runs_to_positions(q_runs),
+                                         k_pos=runs_to_positions(k_runs))
+    do = torch.randn(o_ref.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64) if lse_grad else None
+    loss = (o_ref * do).sum()
+    if lse_grad:
+        loss = loss + (torch.where(torch.isfinite(lse_ref), lse_ref, 0) * dlse).sum()
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad(loss, (q, k, v))
+
+    blocks = plan_blocks(q_runs, k_runs, causal)
+    o = torch.zeros(o_ref.shape, dtype=torch.float64)
+    lse = torch.full(lse_ref.shape, float("-inf"), dtype=torch.float64)
+    with torch.no_grad():
+        KERNELS[kernel].fwd_into(o, lse, q, k, v, blocks, 0.3)
+        grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
+        KERNELS[kernel].bwd_into(*grads, do, q, k, v, o, lse, dlse, blocks, 0.3)
+    for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads),
+                          (o_ref, lse_ref, dq_ref, dk_ref, dv_ref)):
+        assert_close(name, a, e, 1e-12)
+
+
+def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
+    """Queries before every key (a ring step a zigzag rank never needs) produce nothing."""
+    q_runs, k_runs = (Run(0, 4),), (Run(2, 4),)
+    blocks = plan_blocks(q_runs, k_runs, causal=True)
+    q = torch.randn(1, 4, 2, 8)
+    for kernel in KERNELS.values():
+        o = torch.zeros(1, 4, 2, 8)
+        lse = torch.full((1, 2, 4), float("-inf"))
+        kernel.fwd_into(o, lse, q, q, q, blocks, 0.5)
+        assert torch.isinf(lse[:, :, :2]).all() and (o[:, :2] == 0).all()
+        assert torch.isfinite(lse[:, :, 2:]).all() and not torch.isnan(o).any()

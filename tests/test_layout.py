@@ -1,0 +1,92 @@
+"""Sharding plans: positions, shard/gather round trips, gather's gradient, divisibility errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar.kernels import runs_to_positions
+from seqpar.layout import LAYOUTS, local_runs
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_every_token_lives_on_exactly_one_rank(world, layout):
+    seq = 2 * world * 3
+    held = torch.cat([runs_to_positions(local_runs(seq, world, r, layout)) for r in range(world)])
+    assert torch.equal(held.sort().values, torch.arange(seq))
+    for r in range(world):
+        pos = runs_to_positions(local_runs(seq, world, r, layout))
+        assert len(pos) == seq // world and torch.all(pos[1:] > pos[:-1])  # increasing
+
+
+def test_layouts_hold_the_documented_tokens():
+    # S = 16, P = 4: contiguous chunks of 4, zigzag chunks r and 7-r of 2, striped t mod 4.
+    assert runs_to_positions(local_runs(16, 4, 1, "contiguous")).tolist() == [4, 5, 6, 7]
+    assert runs_to_positions(local_runs(16, 4, 1, "zigzag")).tolist() == [2, 3, 12, 13]
+    assert runs_to_positions(local_runs(16, 4, 0, "zigzag")).tolist() == [0, 1, 14, 15]
+    assert runs_to_positions(local_runs(16, 4, 3, "striped")).tolist() == [3, 7, 11, 15]
+
+
+@pytest.mark.parametrize("layout,seq,message", [
+    ("zigzag", 12, r"sequence length 12 is not divisible by 8 \(2 x 4 ranks\).*pad the sequence to 16"),
+    ("contiguous", 10, r"sequence length 10 is not divisible by 4 .*pad the sequence to 12"),
+    ("striped", 6, r"not divisible by 4 .*pad the sequence to 8"),
+])
+def test_divisibility_errors_say_what_to_change(layout, seq, message):
+    with pytest.raises(ValueError, match=message):
+        local_runs(seq, 4, 0, layout)
+
+
+def test_single_process_shard_is_identity_and_bad_args_raise():
+    x = torch.randn(2, 6, 3)
+    for layout in LAYOUTS:
+        assert torch.equal(seqpar.shard(x, layout=layout), x)
+        assert torch.equal(seqpar.gather(x, layout=layout), x)
+    with pytest.raises(ValueError, match=r"seqpar.shard: unknown layout='zig'"):
+        seqpar.shard(x, layout="zig")
+    with pytest.raises(ValueError, match=r"dim=3 is out of range"):
+        seqpar.shard(x, dim=3)
+    with pytest.raises(TypeError, match=r"expected a torch.Tensor, got list"):
+        seqpar.shard([1, 2], dim=0)
+    with pytest.raises(TypeError, match=r"group: expected None or a torch.distributed.ProcessGroup"):
+        seqpar.shard(x, group="world")
+
+
+def round_trips(seq: int, layout: str) -> list:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.arange(3 * seq * 2, dtype=torch.float64).reshape(3, seq, 2)
+    for dim, full in ((1, x), (0, x.transpose(0, 1).contiguous()), (-2, x)):
+        local = seqpar.shard(full, dim=dim, layout=layout)
+        pos = seqpar.positions(seq, layout=layout)
+        assert torch.equal(local, full.index_select(dim, pos))
+        assert torch.equal(seqpar.gather(local, dim=dim, layout=layout), full)
+    # gather's gradient is this rank's slice of the incoming gradient
+    local = seqpar.shard(x, layout=layout).requires_grad_()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (seqpar.gather(local, layout=layout) * weights).sum().backward()
+    assert torch.equal(local.grad, seqpar.shard(weights, layout=layout))
+    return seqpar.positions(seq, layout=layout).tolist()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_shard_gather_round_trip(worlds, world, layout):
+    seq = 2 * world * 2
+    held = worlds(world).run(round_trips, seq, layout)
+    assert sorted(sum(held, [])) == list(range(seq))
+
+
+def mismatched_gather() -> str:
+    local = torch.zeros(1, 4 if dist.get_rank() == 0 else 6)
+    with pytest.raises(ValueError) as info:
+        seqpar.gather(local, layout="contiguous")
+    return str(info.value)
+
+
+def test_gather_with_mismatched_shards_raises_on_every_rank(worlds):
+    messages = worlds(2).run(mismatched_gather)
+    for m in messages:
+        assert "x_local.shape[1] differs across ranks" in m and "min: 4, max: 6" in m

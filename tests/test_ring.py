@@ -1,0 +1,128 @@
+"""Ring backend vs the float64 reference on every rank: output, lse, dq, dk, dv."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar
+from seqpar.layout import LAYOUTS
+from tests.attention_cases import AttnCase, run_case
+from tests.checks import assert_close
+
+
+def ring_bytes(case: AttnCase, world: int) -> tuple[int, int]:
+    """The documented traffic formula: K/V hops forward; K/V hops + fp32 dK/dV hops backward."""
+    block = case.batch * case.seq_local * case.heads_kv * case.head_dim
+    kv = 2 * block * torch.empty(0, dtype=case.dtype).element_size()
+    dkv = 2 * block * (8 if case.dtype == torch.float64 else 4)
+    return (world - 1) * kv, (world - 1) * kv + (world * dkv if world > 1 else 0)
+
+
+def check_ring(case: AttnCase) -> dict:
+    errors = run_case(case)
+    fwd, bwd = ring_bytes(case, dist.get_world_size())
+    assert errors["bytes_fwd"] == fwd, (errors["bytes_fwd"], fwd)
+    assert errors["bytes_bwd"] == bwd, (errors["bytes_bwd"], bwd)
+    return errors
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa8:2"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_fp32(worlds, world, layout, causal, heads):
+    case = AttnCase(layout=layout, causal=causal, heads_q=heads[0], heads_kv=heads[1],
+                    seq_local=12, head_dim=16, lse_grad=(world + len(layout)) % 2 == 0)
+    worlds(world).run(check_ring, case)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ring_fp64_is_exact(worlds, world, layout):
+    """In float64 the ring must agree with the reference to ~1e-10: any algorithmic slip shows."""
+    case = AttnCase(layout=layout, dtype=torch.float64, heads_q=6, heads_kv=3, seq_local=10,
+                    head_dim=8, batch=2)
+    worlds(world).run(check_ring, case)
+
+
+@pytest.mark.parametrize("case", [
+    AttnCase(layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),   # 1-token chunks
+    AttnCase(layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),  # 1 token per rank
+    AttnCase(layout="contiguous", head_dim=40, seq_local=7, batch=3, scale=0.05),
+    AttnCase(layout="zigzag", head_dim=24, seq_local=600, heads_q=2, heads_kv=1, causal=True),
+    AttnCase(layout="striped", seq_local=9, causal=False, kernel="chunked", heads_q=8, heads_kv=2),
+    AttnCase(layout="zigzag", seq_local=14, kernel="chunked", heads_q=8, heads_kv=2),
+], ids=str)
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_odd_shapes(worlds, world, case):
+    worlds(world).run(check_ring, case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_low_precision(worlds, world, layout, dtype):
+    case = AttnCase(layout=layout, dtype=dtype, heads_q=8, heads_kv=2, seq_local=32, head_dim=32)
+    worlds(world).run(check_ring, case)
+
+
+def wrong_result_is_caught() -> bool:
+    """The comparison must fail on a slightly wrong result (5% off in scale)."""
+    case = AttnCase(layout="zigzag", seq_local=8)
+    run_case(case)  # the right one passes
+    try:
+        run_case(AttnCase(layout="zigzag", seq_local=8, scale=0.25 * 1.05), reference_scale=0.25)
+    except AssertionError:
+        return True
+    return False
+
+
+def test_comparison_rejects_a_wrong_result(worlds):
+    assert worlds(2).run(wrong_result_is_caught) == [True, True]
+
+
+def traffic_when_only_backward_is_counted() -> int:
+    q = torch.randn(1, 8, 2, 8, requires_grad=True)
+    o = seqpar.attention(q, q, q, layout="contiguous")
+    with seqpar.comm_stats() as stats:
+        o.sum().backward()
+    return stats.sent("ring.bwd")
+
+
+def test_backward_traffic_counted_where_backward_runs(worlds):
+    sent = worlds(2).run(traffic_when_only_backward_is_counted)
+    kv = 2 * 8 * 2 * 8 * 4
+    assert sent == [kv + 2 * kv] * 2  # one K/V hop + two fp32 dK/dV hops
+
+
+def check_ring_with_subgroup() -> None:
+    """A ring over a subgroup (ranks {1, 2} of 4) uses group-local ranks and global peers."""
+    sub = dist.new_group([1, 2])
+    if dist.get_rank() in (1, 2):
+        run_case(AttnCase(layout="zigzag", heads_q=4, heads_kv=2), group=sub)
+    dist.barrier()
+
+
+def test_ring_on_a_subgroup(worlds):
+    worlds(4).run(check_ring_with_subgroup)
+
+
+def check_zero_grad_outputs() -> None:
+    """Only lse used downstream: backward still runs (do is None inside) and is exact."""
+    from seqpar.kernels import attention_reference
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    qr = q.clone().requires_grad_()
+    _, lse_ref = attention_reference(qr, k, v, causal=True)
+    (dq_ref,) = torch.autograd.grad(lse_ref.sum(), qr)
+    q_l = seqpar.shard(q, layout="striped").requires_grad_()
+    _, lse = seqpar.attention(q_l, seqpar.shard(k, layout="striped"),
+                              seqpar.shard(v, layout="striped"), layout="striped", return_lse=True)
+    lse.sum().backward()
+    assert_close("dq", q_l.grad, seqpar.shard(dq_ref, layout="striped"), 1e-10)
+
+
+def test_ring_lse_only_gradient(worlds):
+    worlds(2).run(check_zero_grad_outputs)
