@@ -22,6 +22,7 @@ Writes JSON and a PNG under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import uuid
@@ -82,10 +83,10 @@ def _worker(config: dict) -> list[dict]:
         gen = torch.Generator().manual_seed(seq)
         q, k, v, do = (torch.randn(1, seq, config["heads"], config["dim"], generator=gen).to(dtype)
                        for _ in range(4))
-        first_full = None
         methods = [("seqpar ring", layout) for layout in SEQPAR_LAYOUTS]
         if config["peers"]:
             methods += [("torch ring", rotation) for rotation in TORCH_ROTATIONS]
+        steps = {}
         for name, variant in methods:
             layout = variant if name == "seqpar ring" else "zigzag"  # torch: head-tail = zigzag
             if name == "seqpar ring":
@@ -104,20 +105,26 @@ def _worker(config: dict) -> list[dict]:
                     out, _ = torch_ring_step(*local, rotation)
                     sent = torch_ring_bytes(world, local[1].numel(), local[1].element_size())
                     return out.transpose(1, 2), sent
+            steps[(name, variant)] = (layout, step)
             step()  # warm-up (first-call costs, gloo buffers for this size)
-            times, results = [], []
-            for repeat in range(config["repeats"]):
+        # Repeats go round-robin over the methods, so slow drifts of the machine hit all alike.
+        times = {m: [] for m in methods}
+        results, peaks = {}, {}
+        for repeat in range(config["repeats"]):
+            for method in methods:
                 dist.barrier()
-                with peak_memory(device) as peak:  # the first repeat's peak is reported
-                    times.append(timed(lambda: results.append(step()), device))
-                if repeat == 0:
-                    peak_bytes = peak.bytes
-            slowest = torch.tensor(times)
+                with peak_memory(device) as peak:
+                    times[method].append(timed(lambda: results.__setitem__(method, steps[method][1]()),
+                                               device))
+                peaks.setdefault(method, peak.bytes)  # the first repeat's peak is reported
+        first_full = None
+        for name, variant in methods:
+            slowest = torch.tensor(times[(name, variant)])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            out, sent = results[0]
-            full = seqpar.gather(out, layout=layout)  # global order, to compare methods
+            out, sent = results[(name, variant)]
+            full = seqpar.gather(out, layout=steps[(name, variant)][0])  # global order
             first_full = full if first_full is None else first_full
-            totals = torch.tensor([float(sent), float(peak_bytes)])
+            totals = torch.tensor([float(sent), float(peaks[(name, variant)])])
             dist.all_reduce(totals, op=dist.ReduceOp.MAX)
             rows.append({"method": f"{name} ({variant})", "P": world, "S": seq,
                          "seconds": statistics.median(slowest.tolist()), "times": slowest.tolist(),
@@ -156,7 +163,17 @@ def launch(world: int, config: dict) -> list[dict]:
                                  run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                                  rdzv_endpoint="localhost:0", max_restarts=0,
                                  monitor_interval=0.1, start_method="spawn")
-    return elastic_launch(launch_config, _worker)(config)[0]
+    # Like torchrun: one OpenMP thread pool of the rank's size (an unset OMP_NUM_THREADS lets
+    # every rank's runtime size itself to all cores, oversubscribing the machine).
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(config["threads"])
+    try:
+        return elastic_launch(launch_config, _worker)(config)[0]
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
 
 
 def plot(rows: list[dict], path) -> None:
