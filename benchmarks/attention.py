@@ -183,7 +183,7 @@ def plot(rows: list[dict], path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    worlds = sorted({r["P"] for r in rows})
+    worlds = sorted({r["P"] for r in rows if r["P"] > 1})
     fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4), squeeze=False)
     for ax, world in zip(axes[0], worlds):
         for method in sorted({r["method"] for r in rows if r["P"] == world}):

@@ -160,3 +160,35 @@ def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():
         kernel.fwd_into(o, lse, q, q, q, blocks, 0.5)
         assert torch.isinf(lse[:, :, :2]).all() and (o[:, :2] == 0).all()
         assert torch.isfinite(lse[:, :, 2:]).all() and not torch.isnan(o).any()
+
+
+# ---------------------------------------------------------------- linear-attention reference
+
+def recurrent_linear_attention(q, k, v, log_decay, scale):
+    """The recurrent form: state_t = lambda * state_{t-1} + k_t^T v_t;  o_t = scale * q_t state_t."""
+    b, s, h, dk = q.shape
+    state = torch.zeros(b, h, dk, v.shape[-1], dtype=q.dtype)
+    lam = torch.exp(-log_decay)[None, :, None, None]
+    out = []
+    for t in range(s):
+        state = lam * state + torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+        out.append(scale * torch.einsum("bhd,bhde->bhe", q[:, t], state))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("log_decay", [[0.0, 0.0], [0.05, 0.5], [3.0, 40.0]], ids=["none", "mild", "strong"])
+def test_linear_attention_reference_matches_the_recurrence(log_decay):
+    from seqpar.kernels import linear_attention_reference
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, 11, 2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 11, 2, 5, generator=g, dtype=torch.float64)  # Dk != Dv
+    decay = torch.tensor(log_decay, dtype=torch.float64)
+    expected = recurrent_linear_attention(q, k, v, decay, 0.7)
+    assert_close("causal", linear_attention_reference(q, k, v, decay=decay, scale=0.7), expected, 1e-12)
+    if not any(log_decay):
+        assert_close("decay=None", linear_attention_reference(q, k, v, scale=0.7), expected, 1e-12)
+    # non-causal: a forward and a backward recurrence, minus the double-counted diagonal
+    flipped = recurrent_linear_attention(q.flip(1), k.flip(1), v.flip(1), decay, 0.7).flip(1)
+    diagonal = 0.7 * torch.einsum("bshd,bshd->bsh", q, k)[..., None] * v
+    assert_close("non-causal", linear_attention_reference(q, k, v, decay=decay, causal=False, scale=0.7),
+                 expected + flipped - diagonal, 1e-12)
