@@ -192,3 +192,10 @@ def test_linear_attention_reference_matches_the_recurrence(log_decay):
     diagonal = 0.7 * torch.einsum("bshd,bshd->bsh", q, k)[..., None] * v
     assert_close("non-causal", linear_attention_reference(q, k, v, decay=decay, causal=False, scale=0.7),
                  expected + flipped - diagonal, 1e-12)
+
+
+def test_causal_plans_touch_only_reachable_keys():
+    """A query block against a longer key block (all-gather K/V) never spans unseen keys."""
+    blocks = plan_blocks((Run(8, 4),), (Run(0, 32),), causal=True)
+    assert max(b.k1 for b in blocks) == 12  # keys 12.. are after every query
+    assert causal_pairs(blocks) == sum(min(32, p + 1) for p in range(8, 12))

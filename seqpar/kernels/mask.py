@@ -21,7 +21,8 @@ may overlap in query rows (their partial results are merged) but never in (row, 
 Derivation for two runs with the same stride s, query run (a, n), key run (b, m):
 ``b + s*j <= a + s*i  <=>  j <= i + c`` with ``c = floor((a - b) / s)``; then
 c >= m - 1 is FULL, c <= -n is empty, c == 0 is CAUSAL, c > 0 splits into FULL keys
-[0, c) plus CAUSAL keys [c, m), and c < 0 drops query rows [0, -c) and is CAUSAL on the rest.
+[0, c) plus CAUSAL keys [c, m), and c < 0 drops query rows [0, -c) and is CAUSAL on the rest;
+causal key ranges stop at the last query's reach, key n - 1 + c.
 """
 
 from __future__ import annotations
@@ -124,12 +125,15 @@ def _pair_blocks(q: Run, q_off: int, k: Run, k_off: int) -> list[SubBlock]:
         return [SubBlock(q_off, q_off + n, k_off, k_off + m, MaskKind.FULL)]
     if c <= -n:
         return []
+    # Keys past the last query's reach (local index n - 1 + c) are never visible: trim them,
+    # so a causal query block only ever touches the key range it can see.
+    reach = min(m, n + c)
     if c > 0:
         return [SubBlock(q_off, q_off + n, k_off, k_off + c, MaskKind.FULL),
-                SubBlock(q_off, q_off + n, k_off + c, k_off + m, MaskKind.CAUSAL)]
+                SubBlock(q_off, q_off + n, k_off + c, k_off + reach, MaskKind.CAUSAL)]
     if c == 0:
-        return [SubBlock(q_off, q_off + n, k_off, k_off + m, MaskKind.CAUSAL)]
-    return [SubBlock(q_off - c, q_off + n, k_off, k_off + m, MaskKind.CAUSAL)]
+        return [SubBlock(q_off, q_off + n, k_off, k_off + reach, MaskKind.CAUSAL)]
+    return [SubBlock(q_off - c, q_off + n, k_off, k_off + reach, MaskKind.CAUSAL)]
 
 
 def _coalesce_full(blocks: list[SubBlock]) -> list[SubBlock]:
