@@ -2,21 +2,23 @@
 
     python -m benchmarks.attention                       # P in {2, 4}, S in {4K, 8K, 16K}
     python -m benchmarks.attention --worlds 4 --seqs 16384 --repeats 3
+    python -m benchmarks.attention --methods "seqpar ring (zigzag)" "torch ring (allgather)"
 
 For every (P, S): forward + backward of causal attention (B=1, H=8, D=64, fp32 by default) on
 P CPU ranks launched with torchrun's machinery (`torch.distributed.launcher.elastic_launch`),
-each rank with cores // P threads, for
+each rank with cores // P threads (and OMP_NUM_THREADS set like torchrun), for every method of
+`METHODS` (see `--list`):
 
-* seqpar ring with each layout (contiguous, zigzag, striped);
+* seqpar backends with each layout they support (`SEQPAR_RUNS`);
 * PyTorch's ring attention (`_templated_ring_attention` + its backward, with the CPU flash op
   and head-tail load balancing, both of its K/V rotation methods: all-gather and all-to-all);
 
-and the single-process fused kernel on the whole sequence with all cores. Reported per row:
-median fwd+bwd time over `--repeats` (slowest rank), efficiency = single-process time / parallel
-time, the ratio to PyTorch's ring (all-gather rotation, its default), bytes sent per rank, peak
-memory per rank, and the max difference of the gathered output from seqpar's contiguous ring
-(a check that every method computes the same thing).
-Writes JSON and a PNG under benchmarks/results/.
+and the single-process fused kernel on the whole sequence with all cores. Repeats go
+round-robin over the methods. Reported per row: median fwd+bwd time over `--repeats` (slowest
+rank), efficiency = single-process time / parallel time, the ratio to PyTorch's ring
+(all-gather rotation, its default), bytes sent per rank, peak memory per rank, and the max
+difference of the gathered output from the first method's (a check that every method computes
+the same thing). Writes JSON and a PNG under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -26,18 +28,75 @@ import os
 import statistics
 import sys
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import (header_text, machine, mib, peak_memory, table, timed,
-                               write_json)
-
-SEQPAR_LAYOUTS = ("contiguous", "zigzag", "striped")
-TORCH_ROTATIONS = ("allgather", "alltoall")
+from benchmarks.common import header_text, machine, mib, peak_memory, table, timed, write_json
 
 
-# ---------------------------------------------------------------- the peers
+@dataclass(frozen=True)
+class Inputs:
+    """This rank's view of one problem: the full tensors (same on every rank) and the config."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    world: int
+    config: dict
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to compute the attention. `prepare(inputs)` shards what it needs and returns a
+    step() doing one forward + backward and returning (local output in bshd, bytes sent by
+    this rank). `layout` says how the local output is sharded (to gather and compare)."""
+
+    name: str
+    layout: str
+    prepare: Callable[[Inputs], Callable[[], tuple[torch.Tensor, int]]]
+    comparable: bool = True  # computes softmax attention (its output is checked against others)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+# ---------------------------------------------------------------- seqpar
+
+# (backend, layout) pairs benchmarked by default; a new backend adds its rows here.
+SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped")]
+
+
+def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
+    def prepare(inputs: Inputs):
+        import seqpar
+
+        local = [seqpar.shard(t, layout=layout) for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
+
+        def step():
+            q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
+            with seqpar.comm_stats() as stats:
+                o = seqpar.attention(q_l, k_l, v_l, backend=backend, causal=True, layout=layout,
+                                     **backend_kwargs)
+                o.backward(local[3])
+            return o.detach(), stats.sent()
+        return step
+
+    return Method(f"seqpar {backend} ({layout})", layout, prepare)
+
+
+for _backend, _layout in SEQPAR_RUNS:
+    register(seqpar_method(_backend, _layout))
+
+
+# ---------------------------------------------------------------- PyTorch's ring
 
 def torch_ring_step(q, k, v, do, rotation: str):
     """PyTorch's templated ring attention fwd + bwd on bhsd shards in head-tail order."""
@@ -68,6 +127,29 @@ def torch_ring_bytes(world: int, block_elems: int, itemsize: int) -> int:
     return 2 * (world - 1) * kv + world * 2 * block_elems * 4
 
 
+def torch_ring_method(rotation: str) -> Method:
+    def prepare(inputs: Inputs):
+        import seqpar
+
+        # head-tail load balancing is seqpar's zigzag; PyTorch works on bhsd
+        local = [seqpar.shard(t, layout="zigzag").transpose(1, 2).contiguous()
+                 for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
+
+        def step():
+            out, _ = torch_ring_step(*local, rotation)
+            return out.transpose(1, 2), torch_ring_bytes(inputs.world, local[1].numel(),
+                                                         local[1].element_size())
+        return step
+
+    return Method(f"torch ring ({rotation})", "zigzag", prepare)
+
+
+for _rotation in ("allgather", "alltoall"):
+    register(torch_ring_method(_rotation))
+
+BASELINE_PEER = "torch ring (allgather)"
+
+
 # ---------------------------------------------------------------- one rank
 
 def _worker(config: dict) -> list[dict]:
@@ -78,71 +160,62 @@ def _worker(config: dict) -> list[dict]:
     torch.set_num_threads(config["threads"])
     device = torch.device("cpu")
     dtype = getattr(torch, config["dtype"])
+    names = config["methods"]
     rows = []
     for seq in config["seqs"]:
         gen = torch.Generator().manual_seed(seq)
-        q, k, v, do = (torch.randn(1, seq, config["heads"], config["dim"], generator=gen).to(dtype)
-                       for _ in range(4))
-        methods = [("seqpar ring", layout) for layout in SEQPAR_LAYOUTS]
-        if config["peers"]:
-            methods += [("torch ring", rotation) for rotation in TORCH_ROTATIONS]
+        shapes = [(1, seq, config["heads"], config["dim"]),
+                  (1, seq, config["kv_heads"], config["dim"]),
+                  (1, seq, config["kv_heads"], config["dim"]),
+                  (1, seq, config["heads"], config["dim"])]
+        q, k, v, do = (torch.randn(s, generator=gen).to(dtype) for s in shapes)
+        inputs = Inputs(q, k, v, do, world, config)
         steps = {}
-        for name, variant in methods:
-            layout = variant if name == "seqpar ring" else "zigzag"  # torch: head-tail = zigzag
-            if name == "seqpar ring":
-                local = [seqpar.shard(t, layout=layout) for t in (q, k, v, do)]
-                def step(local=local, layout=layout):
-                    q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
-                    with seqpar.comm_stats() as stats:
-                        o = seqpar.attention(q_l, k_l, v_l, backend="ring", causal=True,
-                                             layout=layout)
-                        o.backward(local[3])
-                    return o.detach(), stats.sent()
-            else:
-                local = [seqpar.shard(t, layout=layout).transpose(1, 2).contiguous()
-                         for t in (q, k, v, do)]
-                def step(local=local, rotation=variant):
-                    out, _ = torch_ring_step(*local, rotation)
-                    sent = torch_ring_bytes(world, local[1].numel(), local[1].element_size())
-                    return out.transpose(1, 2), sent
-            steps[(name, variant)] = (layout, step)
-            step()  # warm-up (first-call costs, gloo buffers for this size)
+        for name in names:
+            steps[name] = METHODS[name].prepare(inputs)
+            steps[name]()  # warm-up (first-call costs, gloo buffers for this size)
         # Repeats go round-robin over the methods, so slow drifts of the machine hit all alike.
-        times = {m: [] for m in methods}
+        times = {name: [] for name in names}
         results, peaks = {}, {}
-        for repeat in range(config["repeats"]):
-            for method in methods:
+        for _ in range(config["repeats"]):
+            for name in names:
                 dist.barrier()
                 with peak_memory(device) as peak:
-                    times[method].append(timed(lambda: results.__setitem__(method, steps[method][1]()),
-                                               device))
-                peaks.setdefault(method, peak.bytes)  # the first repeat's peak is reported
+                    times[name].append(timed(lambda: results.__setitem__(name, steps[name]()),
+                                             device))
+                peaks.setdefault(name, peak.bytes)  # the first repeat's peak is reported
         first_full = None
-        for name, variant in methods:
-            slowest = torch.tensor(times[(name, variant)])
+        for name in names:
+            slowest = torch.tensor(times[name])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            out, sent = results[(name, variant)]
-            full = seqpar.gather(out, layout=steps[(name, variant)][0])  # global order
-            first_full = full if first_full is None else first_full
-            totals = torch.tensor([float(sent), float(peaks[(name, variant)])])
+            out, sent = results[name]
+            diff = None
+            if METHODS[name].comparable:
+                full = seqpar.gather(out, layout=METHODS[name].layout)  # global order
+                first_full = full if first_full is None else first_full
+                diff = (full.float() - first_full.float()).abs().max().item()
+            totals = torch.tensor([float(sent), float(peaks[name])])
             dist.all_reduce(totals, op=dist.ReduceOp.MAX)
-            rows.append({"method": f"{name} ({variant})", "P": world, "S": seq,
+            rows.append({"method": name, "P": world, "S": seq,
                          "seconds": statistics.median(slowest.tolist()), "times": slowest.tolist(),
                          "sent_bytes": int(totals[0].item()), "peak_bytes": int(totals[1].item()),
-                         "diff": (full.float() - first_full.float()).abs().max().item()})
+                         "diff": diff})
             if rank == 0:
-                print(f"  P={world} S={seq} {name} ({variant}): "
-                      f"{rows[-1]['seconds'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+                print(f"  P={world} S={seq} {name}: {rows[-1]['seconds'] * 1e3:.0f} ms",
+                      file=sys.stderr, flush=True)
     dist.destroy_process_group()
     return rows
 
 
 # ---------------------------------------------------------------- single process
 
-def single_process(seq: int, heads: int, dim: int, dtype: torch.dtype, repeats: int, threads: int):
+def single_process(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
+                   repeats: int, threads: int):
+    """The fused CPU kernel on the whole sequence (GQA expanded by the kernel itself)."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seq)
-    q, k, v, do = (torch.randn(1, heads, seq, dim, generator=gen).to(dtype) for _ in range(4))
+    q, do = (torch.randn(1, heads, seq, dim, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, seq, dim, generator=gen).to(dtype) for _ in range(2))
     fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -204,11 +277,22 @@ def main(argv=None) -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-peers", dest="peers", action="store_false")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: all (see --list)")
+    parser.add_argument("--list", action="store_true", help="print the method names and exit")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(METHODS))
+        return
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; --list shows the known ones")
+    kv_heads = args.kv_heads or args.heads
 
     info = machine()
     cores = info["cores"] or 1
@@ -216,12 +300,13 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     baseline = {}
     for seq in args.seqs:
-        baseline[seq] = single_process(seq, args.heads, args.dim, dtype, args.repeats, cores)
+        baseline[seq] = single_process(seq, args.heads, kv_heads, args.dim, dtype, args.repeats, cores)
         print(f"  single process S={seq}: {baseline[seq][0] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     rows = []
     for world in args.worlds:
-        config = {"seqs": args.seqs, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
-                  "repeats": args.repeats, "threads": max(1, cores // world), "peers": args.peers}
+        config = {"seqs": args.seqs, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
+                  "dtype": args.dtype, "repeats": args.repeats,
+                  "threads": max(1, cores // world), "methods": methods}
         rows += launch(world, config)
     for seq in args.seqs:
         rows.append({"method": "single process", "P": 1, "S": seq, "seconds": baseline[seq][0],
@@ -229,19 +314,19 @@ def main(argv=None) -> None:
     for row in rows:
         row["efficiency"] = baseline[row["S"]][0] / row["seconds"]
         peer = [r for r in rows if r["P"] == row["P"] and r["S"] == row["S"]
-                and r["method"] == "torch ring (allgather)"]
+                and r["method"] == BASELINE_PEER]
         row["vs_torch"] = row["seconds"] / peer[0]["seconds"] if peer else None
-    rows.sort(key=lambda r: (r["P"], r["S"], r["method"]))
-    print(f"# causal attention fwd+bwd, B=1, H={args.heads}, D={args.dim}, {args.dtype}; "
-          f"{cores} cores shared by the P ranks (cores // P threads each); median of {args.repeats}")
-    for row in rows:
         row["sent_mib"], row["peak_mib"] = mib(row["sent_bytes"]), mib(row["peak_bytes"])
+    rows.sort(key=lambda r: (r["P"], r["S"], r["method"]))
+    print(f"# causal attention fwd+bwd, B=1, H={args.heads}, Hkv={kv_heads}, D={args.dim}, "
+          f"{args.dtype}; {cores} cores shared by the P ranks (cores // P threads each); "
+          f"median of {args.repeats}")
     print(table(rows, [("P", "P", "d"), ("S", "S", "d"), ("method", "method", "s"),
                        ("seconds", "fwd+bwd s", ".3f"), ("efficiency", "efficiency", ".1%"),
-                       ("vs_torch", "time / torch ring", ".2f"),
+                       ("vs_torch", f"time / {BASELINE_PEER}", ".2f"),
                        ("sent_mib", "sent MiB/rank", ".1f"), ("peak_mib", "peak MiB/rank", ".1f"),
-                       ("diff", "max |o - ring contiguous o|", ".1e")]))
-    path = write_json("attention", {"machine": info, "args": vars(args), "rows": rows})
+                       ("diff", "max |o - first o|", ".1e")]))
+    path = write_json("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out)
     plot(rows, path.with_suffix(".png"))
     print(f"# wrote {path} and {path.with_suffix('.png').name}")
 

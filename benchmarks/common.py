@@ -130,10 +130,11 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
+    folder = RESULTS if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"{name}-{socket.gethostname()}-{stamp}.json"
+    path = folder / f"{name}-{socket.gethostname()}-{stamp}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
 
