@@ -1,0 +1,356 @@
+"""Triton flash attention, forward and backward, masked by global token positions.
+
+One program handles one (batch, query head) and a tile of BLOCK_M queries (forward, dQ) or one
+(batch, key/value head) and a tile of BLOCK_N keys (dK/dV). Scores are kept in base 2 inside
+(exp2/log2 are the fast units); lse crosses the boundary in natural log, fp32.
+
+    s_ij  = scale * q_i . k_j                     (q head h reads kv head h // group: GQA
+                                                    without materialising repeated K/V)
+    visible(i, j) = kp_j <= qp_i   when causal    (kp, qp: GLOBAL positions, see MaskSpec)
+    lse_i = log sum_{visible j} exp(s_ij)         (-inf when row i sees nothing)
+    o_i   = sum_{visible j} exp(s_ij - lse_i) v_j (0 when row i sees nothing)
+
+Backward, with the FINAL (o, lse) of the whole attention so per-block gradients are exact:
+    p = exp(s - lse),  delta_i = rowsum(do_i * o_i) - dlse_i  (computed by the caller),
+    ds = p * (do v^T - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
+dK/dV programs loop over the `group` query heads of their kv head (no atomics, deterministic).
+
+Positions (`MaskSpec`): FULL (no mask); ARITHMETIC (qp_i = q_start + i * q_step, kp_j = k_start
++ j * k_step: contiguous, zigzag halves, striped and ring steps are all of this form, so tiles
+past the last visible key are never visited); EXPLICIT (position vectors in memory).
+
+Head dims 16..256, any value (padded to a power of two inside, masked loads). Inputs fp16,
+bf16 or fp32; accumulation in fp32. Addresses in int64. On CPU tensors this runs under the
+Triton interpreter (TRITON_INTERPRET=1): there bf16 is upcast to fp32 right after loading
+(the interpreter's bf16 arithmetic is wrong) and the autotuner keeps one small config.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+class MaskMode(enum.IntEnum):
+    FULL = 0
+    ARITHMETIC = 1
+    EXPLICIT = 2
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    mode: MaskMode
+    q_start: int = 0
+    q_step: int = 1
+    k_start: int = 0
+    k_step: int = 1
+    q_pos: torch.Tensor | None = None  # int64 [n_q] (EXPLICIT)
+    k_pos: torch.Tensor | None = None  # int64 [n_k] (EXPLICIT)
+
+
+FULL = MaskSpec(MaskMode.FULL)
+TOP_LEFT_CAUSAL = MaskSpec(MaskMode.ARITHMETIC)
+
+
+def _configs():
+    gpu = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+           for m, n, w, s in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4))]
+    # Last: the interpreter's config (small tiles keep the numpy emulation quick).
+    return gpu + [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """The interpreter (CPU tensors) gets exactly one config: it cannot benchmark several.
+    Wide head dims drop the biggest tiles (shared memory)."""
+    if named_args["Q"].device.type == "cpu":
+        return configs[-1:]
+    gpu = configs[:-1]
+    if kwargs.get("BLOCK_D", 0) > 128:
+        gpu = [c for c in gpu if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or gpu[-1:]
+    return gpu
+
+
+_TUNE = dict(configs=_configs(), prune_configs_by={"early_config_prune": _prune})
+
+
+@triton.jit
+def _positions(start, step, offs, POS, ok, MASK_MODE: tl.constexpr):
+    if MASK_MODE == 2:
+        return tl.load(POS + offs, mask=ok, other=-1)
+    return start + offs.to(tl.int64) * step
+
+
+@triton.jit
+def _last_key_exclusive(last_q_pos, k_start, k_step, n_k):
+    """Number of keys whose (arithmetic) position is <= last_q_pos, clipped to [0, n_k]."""
+    reach = (last_q_pos - k_start) // k_step + 1
+    reach = tl.where(last_q_pos < k_start, 0, reach)
+    return tl.minimum(reach, n_k)
+
+
+@triton.autotune(key=["n_q", "n_k", "BLOCK_D", "MASK_MODE"], **_TUNE)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS,
+                sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
+                n_q, n_k, heads_q, group, head_dim, scale_log2,
+                q_start, q_step, k_start, k_step,
+                MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = (pid_bh % heads_q).to(tl.int64)
+    kvh = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_q
+    dim_ok = dims < head_dim
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+    hi = n_k
+    if MASK_MODE == 1:
+        last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
+        hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    for start in range(0, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_k
+        tile_ok = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + dims[None, :], mask=tile_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + dims[None, :], mask=tile_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        visible = row_ok[:, None] & col_ok[None, :]
+        if MASK_MODE != 0:
+            k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+            visible = visible & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(O + b * sob + h * soh + rows[:, None].to(tl.int64) * sos + dims[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _probabilities(q, k, lse_log2, visible, scale_log2):
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    p = tl.exp2(s - lse_log2[:, None])
+    return tl.where(visible, p, 0.0)
+
+
+@triton.autotune(key=["n_q", "n_k", "BLOCK_D", "MASK_MODE"], **_TUNE)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS,
+                     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
+                     slb, slh, sdkb, sdks, sdkh,
+                     n_q, n_k, heads_kv, group, head_dim, scale, scale_log2,
+                     q_start, q_step, k_start, k_step,
+                     MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_kv).to(tl.int64)
+    kvh = (pid_bh % heads_kv).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < n_k
+    dim_ok = dims < head_dim
+    tile_ok = col_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * skb + kvh * skh + cols[:, None].to(tl.int64) * sks + dims[None, :],
+                mask=tile_ok, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + cols[:, None].to(tl.int64) * svs + dims[None, :],
+                mask=tile_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+    lo = 0
+    if MASK_MODE == 1:
+        # first query row that can see this tile's first key: q_start + i * q_step >= kp_0
+        first_key = k_start + (pid_n * BLOCK_N).to(tl.int64) * k_step
+        first_row = tl.maximum(0, (first_key - q_start + q_step - 1) // q_step)
+        lo = (first_row // BLOCK_M) * BLOCK_M
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(group):
+        h = kvh * group + g
+        for start in range(lo, n_q, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < n_q
+            row_tile_ok = row_ok[:, None] & dim_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dims[None, :],
+                        mask=row_tile_ok, other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + rows[:, None].to(tl.int64) * sdos + dims[None, :],
+                         mask=row_tile_ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+            lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            visible = row_ok[:, None] & col_ok[None, :]
+            if MASK_MODE != 0:
+                q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+                visible = visible & (k_pos[None, :] <= q_pos[:, None])
+            p = _probabilities(q, k, lse_log2, visible, scale_log2)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    out = b * sdkb + kvh * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
+    tl.store(DK + out, dk * scale, mask=tile_ok)
+    tl.store(DV + out, dv, mask=tile_ok)
+
+
+@triton.autotune(key=["n_q", "n_k", "BLOCK_D", "MASK_MODE"], **_TUNE)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS,
+                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
+                   slb, slh, sdqb, sdqs, sdqh,
+                   n_q, n_k, heads_q, group, head_dim, scale, scale_log2,
+                   q_start, q_step, k_start, k_step,
+                   MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = (pid_bh % heads_q).to(tl.int64)
+    kvh = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_q
+    dim_ok = dims < head_dim
+    row_tile_ok = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dims[None, :],
+                mask=row_tile_ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None].to(tl.int64) * sdos + dims[None, :],
+                 mask=row_tile_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+    hi = n_k
+    if MASK_MODE == 1:
+        last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
+        hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    for start in range(0, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_k
+        tile_ok = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + dims[None, :], mask=tile_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + dims[None, :], mask=tile_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        visible = row_ok[:, None] & col_ok[None, :]
+        if MASK_MODE != 0:
+            k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+            visible = visible & (k_pos[None, :] <= q_pos[:, None])
+        p = _probabilities(q, k, lse_log2, visible, scale_log2)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqs + dims[None, :],
+             dq * scale, mask=row_tile_ok)
+
+
+# ---------------------------------------------------------------- Python entry points
+
+def _block_d(head_dim: int) -> int:
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head_dim={head_dim} is not supported by the Triton kernels (1..256)")
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _mask_args(mask: MaskSpec, device):
+    dummy = torch.empty(1, dtype=torch.int64, device=device)
+    q_pos = mask.q_pos.to(device=device, dtype=torch.int64).contiguous() if mask.q_pos is not None else dummy
+    k_pos = mask.k_pos.to(device=device, dtype=torch.int64).contiguous() if mask.k_pos is not None else dummy
+    return (q_pos, k_pos), (mask.q_start, mask.q_step, mask.k_start, mask.k_step)
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              mask: MaskSpec = FULL) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (last dim contiguous) -> o like q, lse [B, Hq, Sq] fp32."""
+    batch, n_q, heads_q, head_dim = q.shape
+    n_k, heads_kv = k.shape[1], k.shape[2]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
+    (q_pos, k_pos), arith = _mask_args(mask, q.device)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
+    _fwd_kernel[grid](q, k, v, o, lse, q_pos, k_pos,
+                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                      lse.stride(0), lse.stride(1),
+                      n_q, n_k, heads_q, heads_q // heads_kv, head_dim, scale * LOG2E, *arith,
+                      MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim))
+    return o, lse
+
+
+def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              lse: torch.Tensor, delta: torch.Tensor, scale: float, mask: MaskSpec = FULL
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in fp32 for one block. lse: the FINAL lse [B, Hq, Sq] (natural log);
+    delta [B, Hq, Sq] = rowsum(do * o_final) - dlse, computed by the caller."""
+    batch, n_q, heads_q, head_dim = q.shape
+    n_k, heads_kv = k.shape[1], k.shape[2]
+    q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
+    lse = lse.to(torch.float32).contiguous()
+    delta = delta.to(torch.float32).contiguous()
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    (q_pos, k_pos), arith = _mask_args(mask, q.device)
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+              lse.stride(0), lse.stride(1))
+    group = heads_q // heads_kv
+    flags = dict(MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim))
+    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads_kv)
+    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, q_pos, k_pos, *common,
+                              dk.stride(0), dk.stride(1), dk.stride(2),
+                              n_q, n_k, heads_kv, group, head_dim, scale, scale * LOG2E, *arith,
+                              **flags)
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
+    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, q_pos, k_pos, *common,
+                           dq.stride(0), dq.stride(1), dq.stride(2),
+                           n_q, n_k, heads_q, group, head_dim, scale, scale * LOG2E, *arith,
+                           **flags)
+    return dq, dk, dv
