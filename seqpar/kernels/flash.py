@@ -68,7 +68,14 @@ def _configs():
 
 def _prune(configs, named_args, **kwargs):
     """The interpreter (CPU tensors) gets exactly one config: it cannot benchmark several.
-    Wide head dims drop the biggest tiles (shared memory)."""
+    Block-sparse runs use tiles of exactly the sparse block. Wide head dims drop the biggest
+    tiles (shared memory)."""
+    sparse_block = kwargs.get("SPARSE_BLOCK", 0)
+    if sparse_block:
+        warps = 4 if sparse_block >= 64 else 2
+        return [triton.Config({"BLOCK_M": sparse_block, "BLOCK_N": sparse_block},
+                              num_warps=1 if named_args["Q"].device.type == "cpu" else warps,
+                              num_stages=1 if named_args["Q"].device.type == "cpu" else 3)]
     if named_args["Q"].device.type == "cpu":
         return configs[-1:]
     gpu = configs[:-1]
@@ -77,7 +84,8 @@ def _prune(configs, named_args, **kwargs):
     return gpu
 
 
-_TUNE = dict(configs=_configs(), prune_configs_by={"early_config_prune": _prune})
+_TUNE = dict(configs=_configs(), prune_configs_by={"early_config_prune": _prune},
+             key=["n_q", "n_k", "BLOCK_D", "MASK_MODE", "SPARSE_BLOCK"])
 
 
 @triton.jit
@@ -95,14 +103,53 @@ def _last_key_exclusive(last_q_pos, k_start, k_step, n_k):
     return tl.minimum(reach, n_k)
 
 
-@triton.autotune(key=["n_q", "n_k", "BLOCK_D", "MASK_MODE"], **_TUNE)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS,
+def _load_tile(base, idx, stride, dims, ok, dim_ok, UPCAST: tl.constexpr):
+    """[len(idx), BLOCK_D] tile of rows `idx` (int64 addressing), zero where out of range."""
+    tile = tl.load(base + idx[:, None].to(tl.int64) * stride + dims[None, :],
+                   mask=ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE: tl.constexpr):
+    visible = row_ok[:, None] & col_ok[None, :]
+    if MASK_MODE != 0:
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    return visible
+
+
+@triton.jit
+def _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start, sks, svs, dims, dim_ok,
+              n_k, KPOS, k_start, k_step, scale_log2,
+              MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax: returns the updated (row max, row sum, output)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_k
+    k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
+    v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
+    k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.autotune(**_TUNE)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS, ROW_PTR, COL_IDX,
                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
-                n_q, n_k, heads_q, group, head_dim, scale_log2,
+                s_ptr, s_idx, n_q, n_k, heads_q, group, head_dim, scale_log2,
                 q_start, q_step, k_start, k_step,
                 MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_q).to(tl.int64)
@@ -112,42 +159,30 @@ def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS,
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < n_q
     dim_ok = dims < head_dim
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, sqs, dims, row_ok, dim_ok, UPCAST)
     q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
-    hi = n_k
-    if MASK_MODE == 1:
-        last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-        hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    for start in range(0, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_k
-        tile_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + dims[None, :], mask=tile_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + dims[None, :], mask=tile_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        visible = row_ok[:, None] & col_ok[None, :]
-        if MASK_MODE != 0:
-            k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
-            visible = visible & (k_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if SPARSE_BLOCK > 0:  # only the active key blocks of this (kv head, query block)
+        first = tl.load(ROW_PTR + kvh * s_ptr + pid_m)
+        last = tl.load(ROW_PTR + kvh * s_ptr + pid_m + 1)
+        for idx in range(first, last):
+            start = tl.load(COL_IDX + kvh * s_idx + idx) * BLOCK_N
+            m_i, l_i, acc = _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start,
+                                      sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step,
+                                      scale_log2, MASK_MODE, UPCAST, BLOCK_N)
+    else:
+        hi = n_k
+        if MASK_MODE == 1:  # tiles past the last query's reach are never visited
+            last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
+            hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
+        for start in range(0, hi, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start,
+                                      sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step,
+                                      scale_log2, MASK_MODE, UPCAST, BLOCK_N)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -158,21 +193,45 @@ def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS,
 
 
 @triton.jit
-def _probabilities(q, k, lse_log2, visible, scale_log2):
-    s = tl.dot(q, tl.trans(k)) * scale_log2
-    p = tl.exp2(s - lse_log2[:, None])
-    return tl.where(visible, p, 0.0)
+def _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok, sqb, sqs, sqh,
+              sdob, sdos, sdoh, slb, slh, UPCAST: tl.constexpr):
+    """Query-side operands of the backward: q, do, lse (base 2, -inf rows -> 0) and delta."""
+    q = _load_tile(Q + b * sqb + h * sqh, rows, sqs, dims, row_ok, dim_ok, UPCAST)
+    do = _load_tile(DO + b * sdob + h * sdoh, rows, sdos, dims, row_ok, dim_ok, UPCAST)
+    lse = tl.load(LSE + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + b * slb + h * slh + rows, mask=row_ok, other=0.0)
+    # A row that sees nothing has lse = -inf and no visible key: use 0 so p = 0, not NaN.
+    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    return q, do, lse_log2, delta
 
 
-@triton.autotune(key=["n_q", "n_k", "BLOCK_D", "MASK_MODE"], **_TUNE)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS,
+def _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start, dims, dim_ok,
+               sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q, QPOS, q_start, q_step, scale_log2,
+               MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+    q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
+                                       sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
+    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    p = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE),
+                 tl.exp2(s - lse_log2[:, None]), 0.0)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    return dk, dv
+
+
+@triton.autotune(**_TUNE)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, COL_PTR, ROW_IDX,
                      sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
-                     slb, slh, sdkb, sdks, sdkh,
+                     slb, slh, sdkb, sdks, sdkh, s_ptr, s_idx,
                      n_q, n_k, heads_kv, group, head_dim, scale, scale_log2,
                      q_start, q_step, k_start, k_step,
                      MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_kv).to(tl.int64)
@@ -181,62 +240,63 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS,
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < n_k
     dim_ok = dims < head_dim
-    tile_ok = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * skb + kvh * skh + cols[:, None].to(tl.int64) * sks + dims[None, :],
-                mask=tile_ok, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + cols[:, None].to(tl.int64) * svs + dims[None, :],
-                mask=tile_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b * skb + kvh * skh, cols, sks, dims, col_ok, dim_ok, UPCAST)
+    v = _load_tile(V + b * svb + kvh * svh, cols, svs, dims, col_ok, dim_ok, UPCAST)
     k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
     if MASK_MODE == 1:
         # first query row that can see this tile's first key: q_start + i * q_step >= kp_0
         first_key = k_start + (pid_n * BLOCK_N).to(tl.int64) * k_step
         first_row = tl.maximum(0, (first_key - q_start + q_step - 1) // q_step)
         lo = (first_row // BLOCK_M) * BLOCK_M
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(group):
+    for g in range(group):  # every query head reading this kv head (GQA, no atomics)
         h = kvh * group + g
-        for start in range(lo, n_q, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < n_q
-            row_tile_ok = row_ok[:, None] & dim_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dims[None, :],
-                        mask=row_tile_ok, other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + rows[:, None].to(tl.int64) * sdos + dims[None, :],
-                         mask=row_tile_ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + b * slb + h * slh + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + b * slb + h * slh + rows, mask=row_ok, other=0.0)
-            lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-            visible = row_ok[:, None] & col_ok[None, :]
-            if MASK_MODE != 0:
-                q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
-                visible = visible & (k_pos[None, :] <= q_pos[:, None])
-            p = _probabilities(q, k, lse_log2, visible, scale_log2)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        if SPARSE_BLOCK > 0:  # only the query blocks that attend this key block
+            first = tl.load(COL_PTR + kvh * s_ptr + pid_n)
+            last = tl.load(COL_PTR + kvh * s_ptr + pid_n + 1)
+            for idx in range(first, last):
+                start = tl.load(ROW_IDX + kvh * s_idx + idx) * BLOCK_M
+                dk, dv = _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start,
+                                    dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q,
+                                    QPOS, q_start, q_step, scale_log2, MASK_MODE, UPCAST, BLOCK_M)
+        else:
+            for start in range(lo, n_q, BLOCK_M):
+                dk, dv = _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start,
+                                    dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q,
+                                    QPOS, q_start, q_step, scale_log2, MASK_MODE, UPCAST, BLOCK_M)
     out = b * sdkb + kvh * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
+    tile_ok = col_ok[:, None] & dim_ok[None, :]
     tl.store(DK + out, dk * scale, mask=tile_ok)
     tl.store(DV + out, dv, mask=tile_ok)
 
 
-@triton.autotune(key=["n_q", "n_k", "BLOCK_D", "MASK_MODE"], **_TUNE)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS,
+def _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks, svs, dims,
+             dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
+             MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_k
+    k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
+    v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
+    k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    p = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE),
+                 tl.exp2(s - lse_log2[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.autotune(**_TUNE)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, ROW_PTR, COL_IDX,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
-                   slb, slh, sdqb, sdqs, sdqh,
+                   slb, slh, sdqb, sdqs, sdqh, s_ptr, s_idx,
                    n_q, n_k, heads_q, group, head_dim, scale, scale_log2,
                    q_start, q_step, k_start, k_step,
                    MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_q).to(tl.int64)
@@ -246,44 +306,31 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS,
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < n_q
     dim_ok = dims < head_dim
-    row_tile_ok = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dims[None, :],
-                mask=row_tile_ok, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None].to(tl.int64) * sdos + dims[None, :],
-                 mask=row_tile_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + b * slb + h * slh + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + b * slb + h * slh + rows, mask=row_ok, other=0.0)
-    lse_log2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
+                                       sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
     q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
-    hi = n_k
-    if MASK_MODE == 1:
-        last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-        hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    for start in range(0, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_k
-        tile_ok = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + dims[None, :], mask=tile_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + dims[None, :], mask=tile_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        visible = row_ok[:, None] & col_ok[None, :]
-        if MASK_MODE != 0:
-            k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
-            visible = visible & (k_pos[None, :] <= q_pos[:, None])
-        p = _probabilities(q, k, lse_log2, visible, scale_log2)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+    if SPARSE_BLOCK > 0:
+        first = tl.load(ROW_PTR + kvh * s_ptr + pid_m)
+        last = tl.load(ROW_PTR + kvh * s_ptr + pid_m + 1)
+        for idx in range(first, last):
+            start = tl.load(COL_IDX + kvh * s_idx + idx) * BLOCK_N
+            dq = _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks,
+                          svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
+                          MASK_MODE, UPCAST, BLOCK_N)
+    else:
+        hi = n_k
+        if MASK_MODE == 1:
+            last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
+            hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
+        for start in range(0, hi, BLOCK_N):
+            dq = _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks,
+                          svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
+                          MASK_MODE, UPCAST, BLOCK_N)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqs + dims[None, :],
-             dq * scale, mask=row_tile_ok)
+             dq * scale, mask=row_ok[:, None] & dim_ok[None, :])
 
 
 # ---------------------------------------------------------------- Python entry points
@@ -305,27 +352,56 @@ def _upcast(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
+@dataclass(frozen=True)
+class SparseBlocks:
+    """Block-sparse structure for one call: tiles of `block_size`; per local kv head a CSR of
+    active key blocks per query block (row_ptr [Hkv, nb+1], col_idx [Hkv, nnz]) and its
+    transpose (col_ptr, row_idx) for the dK/dV pass. Built by kernels.s2.BlockLists."""
+
+    block_size: int
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    col_ptr: torch.Tensor
+    row_idx: torch.Tensor
+
+
+def _sparse_args(sparse: SparseBlocks | None, device, transpose: bool = False):
+    if sparse is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        return (dummy, dummy), (0, 0), 0
+    ptr, idx = (sparse.col_ptr, sparse.row_idx) if transpose else (sparse.row_ptr, sparse.col_idx)
+    if sparse.block_size < 16:
+        raise ValueError(f"block-sparse Triton kernels need block_size >= 16, got {sparse.block_size}")
+    return (ptr, idx), (ptr.stride(0), idx.stride(0)), sparse.block_size
+
+
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              mask: MaskSpec = FULL) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (last dim contiguous) -> o like q, lse [B, Hq, Sq] fp32."""
+              mask: MaskSpec = FULL, sparse: SparseBlocks | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (last dim contiguous) -> o like q, lse [B, Hq, Sq]
+    fp32. With `sparse`, only the listed key blocks of each query block are visited (the mask
+    still applies inside them)."""
     batch, n_q, heads_q, head_dim = q.shape
     n_k, heads_kv = k.shape[1], k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
     (q_pos, k_pos), arith = _mask_args(mask, q.device)
+    (ptr, idx), sparse_strides, sparse_block = _sparse_args(sparse, q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
-    _fwd_kernel[grid](q, k, v, o, lse, q_pos, k_pos,
+    _fwd_kernel[grid](q, k, v, o, lse, q_pos, k_pos, ptr, idx,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                      lse.stride(0), lse.stride(1),
+                      lse.stride(0), lse.stride(1), *sparse_strides,
                       n_q, n_k, heads_q, heads_q // heads_kv, head_dim, scale * LOG2E, *arith,
-                      MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim))
+                      MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim),
+                      SPARSE_BLOCK=sparse_block)
     return o, lse
 
 
 def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              lse: torch.Tensor, delta: torch.Tensor, scale: float, mask: MaskSpec = FULL
+              lse: torch.Tensor, delta: torch.Tensor, scale: float, mask: MaskSpec = FULL,
+              sparse: SparseBlocks | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in fp32 for one block. lse: the FINAL lse [B, Hq, Sq] (natural log);
     delta [B, Hq, Sq] = rowsum(do * o_final) - dlse, computed by the caller."""
@@ -343,14 +419,16 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               lse.stride(0), lse.stride(1))
     group = heads_q // heads_kv
     flags = dict(MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim))
+    (ptr, idx), strides, sparse_block = _sparse_args(sparse, q.device, transpose=True)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads_kv)
-    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, q_pos, k_pos, *common,
-                              dk.stride(0), dk.stride(1), dk.stride(2),
+    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, q_pos, k_pos, ptr, idx, *common,
+                              dk.stride(0), dk.stride(1), dk.stride(2), *strides,
                               n_q, n_k, heads_kv, group, head_dim, scale, scale * LOG2E, *arith,
-                              **flags)
+                              SPARSE_BLOCK=sparse_block, **flags)
+    (ptr, idx), strides, sparse_block = _sparse_args(sparse, q.device)
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
-    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, q_pos, k_pos, *common,
-                           dq.stride(0), dq.stride(1), dq.stride(2),
+    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, q_pos, k_pos, ptr, idx, *common,
+                           dq.stride(0), dq.stride(1), dq.stride(2), *strides,
                            n_q, n_k, heads_q, group, head_dim, scale, scale * LOG2E, *arith,
-                           **flags)
+                           SPARSE_BLOCK=sparse_block, **flags)
     return dq, dk, dv

@@ -29,13 +29,14 @@ def _default_scale(head_dim: int, scale: float | None) -> float:
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                         causal: bool, scale: float | None = None,
-                        q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
+                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; returns o [B, Sq, Hq, D]
     (q's dtype) and lse [B, Hq, Sq] (q's dtype, natural log).
 
     q_pos / k_pos: global positions of the query / key tokens (default: 0..S-1), used by the
-    causal mask ``kp[j] <= qp[i]``. Differentiable (autograd through plain ops).
+    causal mask ``kp[j] <= qp[i]``. `mask`: an extra boolean visibility mask broadcastable to
+    [B, Hq, Sq, Sk] (e.g. a sparse pattern), and-ed with the causal one. Differentiable.
     """
     batch, sq, hq, dim = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -51,6 +52,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         kp = torch.arange(sk, device=q.device) if k_pos is None else k_pos.to(q.device)
         visible = kp[None, :] <= qp[:, None]
         scores = scores.masked_fill(~visible, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # Rows that see nothing: lse = -inf; subtract 0 there so exp(-inf) = 0 instead of NaN.
     probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
