@@ -120,7 +120,10 @@ def test_zigzag_balances_causal_work_at_every_step(world):
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lse_grad", [False, True])
-def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad, monkeypatch):
+@pytest.mark.parametrize("given", ["output", "delta"])
+def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad, given,
+                                        monkeypatch):
+    """Forward, and backward from the final output (+ dlse) or from delta alone (TokenRing)."""
     monkeypatch.setattr(torch_cpu, "CHUNK", 4)  # exercise the chunk loops at small sizes
     g = torch.Generator().manual_seed(1)
     nq, nk = sum(r.length for r in q_runs), sum(r.length for r in k_runs)
@@ -143,10 +146,41 @@ def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad
     with torch.no_grad():
         KERNELS[kernel].fwd_into(o, lse, q, k, v, blocks, 0.3)
         grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
-        KERNELS[kernel].bwd_into(*grads, do, q, k, v, o, lse, dlse, blocks, 0.3)
+        if given == "output":
+            KERNELS[kernel].bwd_into(*grads, do, q, k, v, o, lse, dlse, blocks, 0.3)
+        else:
+            KERNELS[kernel].bwd_into(*grads, do, q, k, v, None, lse, None, blocks, 0.3,
+                                     delta=torch_cpu.softmax_delta(do, o, dlse))
     for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads),
                           (o_ref, lse_ref, dq_ref, dk_ref, dv_ref)):
         assert_close(name, a, e, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_backward_from_delta_keeps_low_precision_accuracy(dtype):
+    """A delta given in fp32 reaches the fused op as hi + lo in the input precision, so the
+    gradients match those computed from o itself to one rounding of their magnitude. Values
+    off zero make delta large next to the ds = p (dp - delta) it cancels in: a delta rounded
+    to the input precision alone (no lo) misses that bound by 2.5x (bf16) to 3.6x (fp16)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(1, 48, 4, 16, generator=g) for _ in range(4))
+    q, k, v, do = (t.to(dtype) for t in (q, k, v + 3, do + 2))
+    o, lse = torch_cpu.flash_fwd(q, k, v, True, 0.25)
+    from_output = torch_cpu.flash_bwd(do, q, k, v, o, lse, True, 0.25)
+    from_delta = torch_cpu.flash_bwd(do, q, k, v, None, lse, True, 0.25,
+                                     delta=torch_cpu.softmax_delta(do, o))
+    for name, a, e in zip(("dq", "dk", "dv"), from_delta, from_output):
+        assert_close(name, a, e, torch.finfo(dtype).eps)
+
+
+def test_backward_needs_the_output_or_delta_not_both():
+    q = torch.randn(1, 4, 2, 8)
+    lse = torch.zeros(1, 2, 4)
+    blocks = plan_blocks((Run(0, 4),), (Run(0, 4),), causal=True)
+    grads = [torch.zeros_like(q) for _ in range(3)]
+    for o, dlse, delta in ((None, None, None), (q, None, lse), (None, lse, lse)):
+        with pytest.raises(ValueError, match="pass the final o \\(and dlse\\), or delta alone"):
+            KERNELS["chunked"].bwd_into(*grads, q, q, q, q, o, lse, dlse, blocks, 1.0, delta=delta)
 
 
 def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():

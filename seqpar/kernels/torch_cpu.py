@@ -16,9 +16,11 @@ Two implementations of one sub-block, same contract:
 Backward of a sub-block uses the *final* (o, lse) of the whole attention, so the per-block
 gradients sum to the exact gradient:  p = exp(s - lse),  delta = rowsum(do * o) - dlse,
 ds = p * (do v^T - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
-`dlse` (gradient flowing into a returned lse) enters only through delta; the flash op computes
-delta itself, so a non-zero dlse is folded in by padding the head dim by one (see
-`_flash_bwd_with_dlse`).
+The output o and `dlse` (gradient flowing into a returned lse) enter only through delta, so a
+backward can be given delta (`softmax_delta`) instead of o and dlse: a rank that computes the
+gradient of visiting queries (TokenRing) receives their delta, never their output. The flash
+op computes delta itself from o; a given delta is fed to it by padding the head dim by two
+columns (see `_flash_bwd_with_delta`).
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], o like q, lse [B, Hq, Sq].
 """
@@ -53,28 +55,45 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     return out.transpose(1, 2), lse
 
 
-def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None):
-    if dlse is not None:
-        return _flash_bwd_with_dlse(do, q, k, v, o, lse, causal, scale, dlse)
-    grads = _flash_cpu_backward(do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
-                                v.transpose(1, 2), o.transpose(1, 2), lse.contiguous(), 0.0,
-                                causal, scale=scale)
-    return tuple(g.transpose(1, 2) for g in grads)
+def softmax_delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """delta = rowsum(do * o) - dlse, [B, H, S] in the accumulator dtype: all a backward needs
+    of the output o and of the gradient on lse."""
+    acc_dtype = accumulator_dtype(do.dtype)
+    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1).transpose(1, 2)
+    return delta if dlse is None else delta - dlse.to(acc_dtype)
 
 
-def _flash_bwd_with_dlse(do, q, k, v, o, lse, causal, scale, dlse):
-    """Fold a gradient on lse into the fused backward.
+def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=None):
+    """(dq, dk, dv) of one sub-block. Give o (and dlse, if lse has a gradient), or delta alone."""
+    if delta is None and dlse is None:
+        grads = _flash_cpu_backward(do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
+                                    v.transpose(1, 2), o.transpose(1, 2), lse.contiguous(), 0.0,
+                                    causal, scale=scale)
+        return tuple(g.transpose(1, 2) for g in grads)
+    if delta is None:
+        delta = softmax_delta(do, o, dlse)
+    return _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale)
 
-    The op computes delta = rowsum(do * o) itself. Appending one head-dim column -- zeros to
-    q, k, v (scores and dp unchanged), ones to o and -dlse to do -- makes its delta equal
-    rowsum(do * o) - dlse, which is exactly the lse term. The extra column is dropped after.
+
+def _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale):
+    """Run the fused backward with a given delta in place of the output.
+
+    The op computes delta = rowsum(do * o) itself and uses o for nothing else. Appending two
+    head-dim columns -- zeros to q, k, v (scores and do v^T unchanged), zeros to o except
+    ones in the new columns, and to do the two numbers hi + lo = delta (hi: delta rounded to
+    the input precision, lo: the remainder, so a bf16 delta keeps ~16 bits) -- makes its
+    delta equal to the given one. The extra columns are dropped after.
     """
     pad = torch.nn.functional.pad
-    o_aug = torch.cat([o, torch.ones_like(o[..., :1])], dim=-1)
-    do_aug = torch.cat([do, -dlse.transpose(1, 2).unsqueeze(-1).to(do.dtype)], dim=-1)
-    dq, dk, dv = flash_bwd(do_aug, pad(q, (0, 1)), pad(k, (0, 1)), pad(v, (0, 1)), o_aug, lse,
+    hi = delta.to(do.dtype)
+    lo = (delta - hi.to(delta.dtype)).to(do.dtype)
+    columns = torch.stack([hi, lo], dim=-1).transpose(1, 2)  # [B, S, H, 2]
+    do_aug = torch.cat([do, columns], dim=-1)
+    o_aug = torch.cat([torch.zeros_like(do), torch.ones_like(columns)], dim=-1)
+    dq, dk, dv = flash_bwd(do_aug, pad(q, (0, 2)), pad(k, (0, 2)), pad(v, (0, 2)), o_aug, lse,
                            causal, scale)
-    return dq[..., :-1], dk[..., :-1], dv[..., :-1]
+    return dq[..., :-2], dk[..., :-2], dv[..., :-2]
 
 
 # ---------------------------------------------------------------- chunked (any device)
@@ -153,15 +172,14 @@ def chunked_fwd(q, k, v, block: SubBlock, scale: float) -> tuple[torch.Tensor, t
     return o, lse
 
 
-def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None):
-    """(dq, dk, dv) of one sub-block in the accumulator dtype, from the final o and lse."""
+def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None, delta=None):
+    """(dq, dk, dv) of one sub-block in the accumulator dtype, from the final lse and either
+    the final o (and dlse) or delta."""
     acc_dtype = accumulator_dtype(q.dtype)
     b, n, hq, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1).transpose(1, 2)  # [B, Hq, n]
-    if dlse is not None:
-        delta = delta - dlse.to(acc_dtype)
+    delta = softmax_delta(do, o, dlse) if delta is None else delta.to(acc_dtype)  # [B, Hq, n]
     lse = lse.to(acc_dtype)
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     dq = torch.zeros(b, n, hkv, g, d, dtype=acc_dtype, device=q.device)
@@ -220,16 +238,25 @@ class TorchBlockKernel:
             merge_into(acc_o[:, block.q0:block.q1], acc_lse[:, :, block.q0:block.q1], o_blk, lse_blk)
 
     def bwd_into(self, dq, dk, dv, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...],
-                 scale: float) -> None:
-        """Add each sub-block's (dq, dk, dv) into the accumulators. o/lse are the final ones."""
+                 scale: float, delta=None) -> None:
+        """Add each sub-block's (dq, dk, dv) into the accumulators. o/lse are the final ones.
+
+        Where the output is not at hand, pass o=None, dlse=None and `delta` [B, Hq, Sq]
+        (`softmax_delta` of the final output, computed where it lives).
+        """
+        if (delta is None) == (o is None) or (delta is not None and dlse is not None):
+            raise ValueError("bwd_into: pass the final o (and dlse), or delta alone")
         for block in blocks:
             rows, keys = slice(block.q0, block.q1), slice(block.k0, block.k1)
             dlse_blk = None if dlse is None else dlse[:, :, rows]
-            args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o[:, rows], lse[:, :, rows])
+            delta_blk = None if delta is None else delta[:, :, rows]
+            o_blk = None if o is None else o[:, rows]
+            args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o_blk, lse[:, :, rows])
             if self._use_flash(block, q.dtype):
-                dq_blk, dk_blk, dv_blk = flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale, dlse_blk)
+                dq_blk, dk_blk, dv_blk = flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale,
+                                                   dlse_blk, delta_blk)
             else:
-                dq_blk, dk_blk, dv_blk = chunked_bwd(*args, block, scale, dlse_blk)
+                dq_blk, dk_blk, dv_blk = chunked_bwd(*args, block, scale, dlse_blk, delta_blk)
             dq[:, rows] += dq_blk
             dk[:, keys] += dk_blk
             dv[:, keys] += dv_blk
