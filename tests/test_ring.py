@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import AttnCase, run_case
+from tests.attention_cases import ODD_SHAPES, AttnCase, run_case
 from tests.checks import assert_close
 
 
@@ -47,14 +47,7 @@ def test_ring_fp64_is_exact(worlds, world, layout):
     worlds(world).run(check_ring, case)
 
 
-@pytest.mark.parametrize("case", [
-    AttnCase(layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),   # 1-token chunks
-    AttnCase(layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),  # 1 token per rank
-    AttnCase(layout="contiguous", head_dim=40, seq_local=7, batch=3, scale=0.05),
-    AttnCase(layout="zigzag", head_dim=24, seq_local=600, heads_q=2, heads_kv=1, causal=True),
-    AttnCase(layout="striped", seq_local=9, causal=False, kernel="chunked", heads_q=8, heads_kv=2),
-    AttnCase(layout="zigzag", seq_local=14, kernel="chunked", heads_q=8, heads_kv=2),
-], ids=str)
+@pytest.mark.parametrize("case", ODD_SHAPES, ids=str)
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_odd_shapes(worlds, world, case):
     worlds(world).run(check_ring, case)
