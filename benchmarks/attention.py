@@ -71,7 +71,8 @@ def register(method: Method) -> None:
 # ---------------------------------------------------------------- seqpar
 
 # (backend, layout) pairs benchmarked by default; a new backend adds its rows here.
-SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped")]
+SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"),
+               ("tokenring", "contiguous"), ("tokenring", "zigzag"), ("tokenring", "striped")]
 
 
 def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
@@ -229,7 +230,9 @@ def single_process(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.d
     return statistics.median(times), peak.bytes
 
 
-def launch(world: int, config: dict) -> list[dict]:
+def launch(world: int, config: dict, worker: Callable[[dict], list[dict]] | None = None
+           ) -> list[dict]:
+    """Run `worker(config)` (default: this benchmark's) on `world` ranks; rank 0's rows."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
@@ -241,7 +244,7 @@ def launch(world: int, config: dict) -> list[dict]:
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(config["threads"])
     try:
-        return elastic_launch(launch_config, _worker)(config)[0]
+        return elastic_launch(launch_config, worker or _worker)(config)[0]
     finally:
         if previous is None:
             os.environ.pop("OMP_NUM_THREADS")

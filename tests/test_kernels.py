@@ -158,19 +158,40 @@ def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_backward_from_delta_keeps_low_precision_accuracy(dtype):
-    """A delta given in fp32 reaches the fused op as hi + lo in the input precision, so the
-    gradients match those computed from o itself to one rounding of their magnitude. Values
-    off zero make delta large next to the ds = p (dp - delta) it cancels in: a delta rounded
-    to the input precision alone (no lo) misses that bound by 2.5x (bf16) to 3.6x (fp16)."""
+    """A delta given in fp32 reaches the fused op as two input-precision numbers (hi + lo, or
+    the two columns of the stand-in output), so the gradients match those computed from o
+    itself to one rounding of their magnitude. Values off zero make delta large next to the
+    ds = p (dp - delta) it cancels in: a delta rounded to the input precision alone misses
+    that bound by 2.5x (bf16) to 3.6x (fp16). Both ways of feeding delta are checked."""
     g = torch.Generator().manual_seed(4)
     q, k, v, do = (torch.randn(1, 48, 4, 16, generator=g) for _ in range(4))
     q, k, v, do = (t.to(dtype) for t in (q, k, v + 3, do + 2))
     o, lse = torch_cpu.flash_fwd(q, k, v, True, 0.25)
     from_output = torch_cpu.flash_bwd(do, q, k, v, o, lse, True, 0.25)
-    from_delta = torch_cpu.flash_bwd(do, q, k, v, None, lse, True, 0.25,
-                                     delta=torch_cpu.softmax_delta(do, o))
-    for name, a, e in zip(("dq", "dk", "dv"), from_delta, from_output):
-        assert_close(name, a, e, torch.finfo(dtype).eps)
+    delta = torch_cpu.softmax_delta(do, o)
+    stand_in = torch_cpu.flash_bwd(do, q, k, v, None, lse, True, 0.25, delta=delta)
+    padded = torch_cpu._flash_bwd_with_delta(do, q, k, v, delta, lse, True, 0.25)
+    for way, from_delta in (("stand-in output", stand_in), ("padded columns", padded)):
+        for name, a, e in zip(("dq", "dk", "dv"), from_delta, from_output):
+            assert_close(name, a, e, torch.finfo(dtype).eps, way)
+
+
+def test_backward_from_delta_where_do_has_zero_rows():
+    """Rows with dO = 0 (only lse used there) leave no stand-in output: the padded path runs."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 12, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(1, 12, 2, 6, generator=g, dtype=torch.float64)
+    do[:, 3:7] = 0
+    dlse = torch.randn(1, 2, 12, generator=g, dtype=torch.float64)
+    o, lse = attention_reference(q, k, v, causal=True, scale=0.3)
+    expected = torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), (q, k, v))
+    delta = torch_cpu.softmax_delta(do, o.detach(), dlse)
+    assert torch_cpu._output_for_delta(do, delta) is None
+    grads = torch_cpu.flash_bwd(do, q.detach(), k.detach(), v.detach(), None, lse.detach(), True,
+                                0.3, delta=delta)
+    for name, a, e in zip(("dq", "dk", "dv"), grads, expected):
+        assert_close(name, a, e, 1e-12)
 
 
 def test_backward_needs_the_output_or_delta_not_both():

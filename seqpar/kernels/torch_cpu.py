@@ -19,8 +19,8 @@ ds = p * (do v^T - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
 The output o and `dlse` (gradient flowing into a returned lse) enter only through delta, so a
 backward can be given delta (`softmax_delta`) instead of o and dlse: a rank that computes the
 gradient of visiting queries (TokenRing) receives their delta, never their output. The flash
-op computes delta itself from o; a given delta is fed to it by padding the head dim by two
-columns (see `_flash_bwd_with_delta`).
+op computes delta itself from o; a given delta is fed to it through a stand-in output
+(`_output_for_delta`), or by padding the head dim by two columns (`_flash_bwd_with_delta`).
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], o like q, lse [B, Hq, Sq].
 """
@@ -65,7 +65,12 @@ def softmax_delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None =
 
 
 def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=None):
-    """(dq, dk, dv) of one sub-block. Give o (and dlse, if lse has a gradient), or delta alone."""
+    """(dq, dk, dv) of one sub-block. Give o (and dlse, if lse has a gradient), or delta alone.
+
+    The op computes delta = rowsum(do * o) itself and uses o for nothing else, so a given
+    delta is fed to it through a stand-in output (`_output_for_delta`), or where none exists
+    through two extra head-dim columns (`_flash_bwd_with_delta`).
+    """
     if delta is None and dlse is None:
         grads = _flash_cpu_backward(do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
                                     v.transpose(1, 2), o.transpose(1, 2), lse.contiguous(), 0.0,
@@ -73,17 +78,45 @@ def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=
         return tuple(g.transpose(1, 2) for g in grads)
     if delta is None:
         delta = softmax_delta(do, o, dlse)
-    return _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale)
+    stand_in = _output_for_delta(do, delta)
+    if stand_in is None:
+        return _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale)
+    return flash_bwd(do, q, k, v, stand_in, lse, causal, scale)
+
+
+def _output_for_delta(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | None:
+    """An output o' in do's dtype with rowsum(do * o') = delta, or None if a row has none.
+
+    o' is zero except in the two columns where |do| is largest: the first carries
+    delta / do_j1 rounded to the input precision, the second the remainder / do_j2, so delta
+    keeps about twice the input precision (bf16: ~16 bits), as products of two input-precision
+    numbers summed in fp32 inside the op. The head dim stays as it is: a padded column costs
+    the CPU kernel a whole extra vector (~25% slower at D = 64). A row of do that is zero, or
+    a ratio that overflows, leaves no such o' (None: the caller pads instead).
+    """
+    if do.shape[-1] < 2:
+        return None
+    acc_dtype = delta.dtype
+    target = delta.transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    do_acc = do.to(acc_dtype)
+    columns = do_acc.abs().topk(2, dim=-1).indices
+    first, second = do_acc.gather(-1, columns[..., :1]), do_acc.gather(-1, columns[..., 1:])
+    first_value = (target / first).to(do.dtype)
+    remainder = target - first * first_value.to(acc_dtype)
+    second_value = torch.where(second != 0, remainder / second, 0).to(do.dtype)
+    values = torch.cat([first_value, second_value], dim=-1)
+    if not torch.isfinite(values).all():
+        return None
+    return torch.zeros_like(do).scatter_(-1, columns, values)
 
 
 def _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale):
-    """Run the fused backward with a given delta in place of the output.
+    """Run the fused backward with a given delta in place of the output, for any do.
 
-    The op computes delta = rowsum(do * o) itself and uses o for nothing else. Appending two
-    head-dim columns -- zeros to q, k, v (scores and do v^T unchanged), zeros to o except
-    ones in the new columns, and to do the two numbers hi + lo = delta (hi: delta rounded to
-    the input precision, lo: the remainder, so a bf16 delta keeps ~16 bits) -- makes its
-    delta equal to the given one. The extra columns are dropped after.
+    Appending two head-dim columns -- zeros to q, k, v (scores and do v^T unchanged), zeros
+    to o except ones in the new columns, and to do the two numbers hi + lo = delta (hi: delta
+    rounded to the input precision, lo: the remainder, so a bf16 delta keeps ~16 bits) --
+    makes the op's delta equal to the given one. The extra columns are dropped after.
     """
     pad = torch.nn.functional.pad
     hi = delta.to(do.dtype)
