@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import header_text, machine, mib, peak_memory, table, timed, write_json
+from benchmarks.common import header_text, machine, mib, peak_memory, table, timed, write_results
 
 
 @dataclass(frozen=True)
@@ -329,9 +329,7 @@ def main(argv=None) -> None:
                        ("vs_torch", f"time / {BASELINE_PEER}", ".2f"),
                        ("sent_mib", "sent MiB/rank", ".1f"), ("peak_mib", "peak MiB/rank", ".1f"),
                        ("diff", "max |o - first o|", ".1e")]))
-    path = write_json("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out)
-    plot(rows, path.with_suffix(".png"))
-    print(f"# wrote {path} and {path.with_suffix('.png').name}")
+    write_results("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out, plot)
 
 
 if __name__ == "__main__":

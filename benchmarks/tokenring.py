@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.attention import launch
-from benchmarks.common import header_text, machine, mib, table, write_json
+from benchmarks.common import header_text, machine, mib, table, write_results
 
 BACKENDS = ("ring", "tokenring")
 
@@ -175,9 +175,7 @@ def main(argv=None) -> None:
                        ("comm_ms", "one step's messages alone ms", ".2f"),
                        ("fwd_mib", "fwd MiB/rank", ".2f"), ("bwd_mib", "bwd MiB/rank", ".2f"),
                        ("bytes_vs_ring", "bytes / ring", ".2f")]))
-    path = write_json("tokenring", {"machine": info, "args": vars(args), "rows": rows}, args.out)
-    plot(rows, path.with_suffix(".png"))
-    print(f"# wrote {path} and {path.with_suffix('.png').name}")
+    write_results("tokenring", {"machine": info, "args": vars(args), "rows": rows}, args.out, plot)
 
 
 if __name__ == "__main__":

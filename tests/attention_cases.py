@@ -17,14 +17,17 @@ Tolerances (relative to max(1, max |reference|)):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import seqpar
 from seqpar.kernels import attention_reference, use_kernel
 from seqpar.kernels.torch_cpu import flash_fwd
+from seqpar.layout import LAYOUTS
 from tests.checks import assert_close, magnitude, max_error
 
 EXACT_REL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -159,7 +162,35 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     return errors
 
 
-# Odd but legal shapes every softmax backend runs (tests swap in their backend).
+# ---------------------------------------------------------------- the grids every backend runs
+# Each grid is a list of pytest params (world, case) for `@pytest.mark.parametrize("world,case", ...)`.
+
+def fp32_grid(backend: str, worlds=(1, 2, 3, 4)) -> list:
+    """P x layout x causal / not x (MHA 4:4, GQA 8:2) in fp32; the lse gradient on for half."""
+    return [pytest.param(world, AttnCase(backend=backend, layout=layout, causal=causal,
+                                         heads_q=hq, heads_kv=hkv, seq_local=12, head_dim=16,
+                                         lse_grad=(world + len(layout)) % 2 == 0),
+                         id=f"{world}-{layout}-{'causal' if causal else 'full'}-{name}")
+            for world in worlds for layout in LAYOUTS for causal in (True, False)
+            for name, (hq, hkv) in (("mha", (4, 4)), ("gqa8:2", (8, 2)))]
+
+
+def low_precision_grid(backend: str, worlds=(2, 4)) -> list:
+    """bf16 and fp16, every layout, GQA 8:2."""
+    return [pytest.param(world, AttnCase(backend=backend, layout=layout, dtype=dtype, heads_q=8,
+                                         heads_kv=2, seq_local=32, head_dim=32),
+                         id=f"{world}-{layout}-{name}")
+            for world in worlds for layout in LAYOUTS
+            for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
+
+
+def odd_shape_grid(backend: str, worlds=(2, 4), extra: tuple[AttnCase, ...] = ()) -> list:
+    """`ODD_SHAPES` (and a backend's `extra` cases) on each world size."""
+    cases = [dataclasses.replace(c, backend=backend) for c in ODD_SHAPES + extra]
+    return [pytest.param(world, case, id=f"{world}-{case}") for world in worlds for case in cases]
+
+
+# Odd but legal shapes every softmax backend runs.
 ODD_SHAPES = (
     AttnCase(layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),   # 1-token chunks
     AttnCase(layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),  # 1 token per rank

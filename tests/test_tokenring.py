@@ -12,7 +12,8 @@ import torch.distributed as dist
 import seqpar
 from seqpar.kernels import torch_cpu
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import ODD_SHAPES, AttnCase, run_case
+from tests.attention_cases import (AttnCase, fp32_grid, low_precision_grid, odd_shape_grid,
+                                   run_case)
 
 # Rows of rank x's queries that see a key of rank y != x, for a causal layout where x < y
 # (x > y or non-causal: every row). Independent of the plan code: read off the layouts.
@@ -53,13 +54,8 @@ def check_tokenring(case: AttnCase, group=None) -> dict:
     return errors
 
 
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa8:2"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_tokenring_fp32(worlds, world, layout, causal, heads):
-    case = AttnCase(layout=layout, causal=causal, heads_q=heads[0], heads_kv=heads[1],
-                    seq_local=12, head_dim=16, lse_grad=(world + len(layout)) % 2 == 0)
+@pytest.mark.parametrize("world,case", fp32_grid("tokenring"))
+def test_tokenring_fp32(worlds, world, case):
     worlds(world).run(check_tokenring, case)
 
 
@@ -73,20 +69,16 @@ def test_tokenring_fp64_is_exact(worlds, world, layout, causal):
     worlds(world).run(check_tokenring, case)
 
 
-@pytest.mark.parametrize("case", [dataclasses.replace(c, backend="tokenring") for c in ODD_SHAPES + (
+@pytest.mark.parametrize("world,case", odd_shape_grid("tokenring", extra=(
     AttnCase(layout="striped", seq_local=5, heads_q=4, heads_kv=2, output_grad=False),
     AttnCase(layout="contiguous", seq_local=6, causal=False, output_grad=False),
-)], ids=str)
-@pytest.mark.parametrize("world", [2, 4])
+)))
 def test_tokenring_odd_shapes(worlds, world, case):
     worlds(world).run(check_tokenring, case)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("world", [2, 4])
-def test_tokenring_low_precision(worlds, world, layout, dtype):
-    case = AttnCase(layout=layout, dtype=dtype, heads_q=8, heads_kv=2, seq_local=32, head_dim=32)
+@pytest.mark.parametrize("world,case", low_precision_grid("tokenring"))
+def test_tokenring_low_precision(worlds, world, case):
     worlds(world).run(check_tokenring, case)
 
 

@@ -67,6 +67,7 @@ from ..kernels.mask import Runs, SubBlock, plan_blocks
 from ..kernels.merge import merge_into
 from ..kernels.torch_cpu import TorchBlockKernel, accumulator_dtype, softmax_delta
 from .primitives import CommStats, DirectMessages, GroupInfo, RingExchange, Traffic
+from .ring import finish_forward, run_backward
 
 RowSpan = tuple[int, int]  # local query rows [lo, hi)
 
@@ -132,14 +133,19 @@ class TokenRingPlan:
                    returns=tuple(span(rank, rank + step)[0] if step else None
                                  for step in range(world)))
 
-    def direct(self, step: int, outgoing: torch.Tensor | None,
-               incoming: torch.Tensor | None) -> DirectMessages:
-        """The partials of a step: ours of step - 1 home, and the one for our queries in."""
+    def start_step(self, ring: RingExchange, step: int, queries: torch.Tensor,
+                   outgoing: torch.Tensor | None, incoming: torch.Tensor | None) -> None:
+        """Post the messages of `step` in one batch: `queries` (the visiting block, or our own
+        as the shape of the next) on to r + 1 and the next block in from r - 1, where
+        needed; `outgoing` (our partial of step - 1) home to r - step + 1, and `incoming` (the
+        partial of our queries from rank r + step - 1) in."""
         rank, world = self.info.rank, self.info.world
-        return DirectMessages(send=[] if outgoing is None else [outgoing],
-                              to=(rank - step + 1) % world,
-                              receive=[] if incoming is None else [incoming],
-                              source=(rank + step - 1) % world)
+        ring.start([queries], send=step < world and self.forward[step],
+                   receive=step < world and self.arrives[step],
+                   direct=DirectMessages(send=[] if outgoing is None else [outgoing],
+                                         to=(rank - step + 1) % world,
+                                         receive=[] if incoming is None else [incoming],
+                                         source=(rank + step - 1) % world))
 
     def incoming_rows(self, step: int) -> RowSpan | None:
         """Rows of our queries whose partial arrives during `step` (computed at step - 1)."""
@@ -196,10 +202,7 @@ def tokenring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Token
     for step in range(world + 1):  # step == world: the last partial goes home
         back = plan.incoming_rows(step)
         incoming = None if back is None else _empty_message(_partial_layout(q, back), q.device)
-        ring.start([q if visiting is None else visiting],
-                   send=step < world and plan.forward[step],
-                   receive=step < world and plan.arrives[step],
-                   direct=plan.direct(step, outgoing, incoming))
+        plan.start_step(ring, step, q if visiting is None else visiting, outgoing, incoming)
         partial = None
         if step == 0:
             plan.kernel.fwd_into(o, lse, q, k, v, plan.blocks[0], plan.scale)
@@ -243,10 +246,7 @@ def tokenring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         back = plan.incoming_rows(step)
         incoming = None if back is None else torch.empty(
             (batch, back[1] - back[0], heads, dim), dtype=acc_dtype, device=q.device)
-        ring.start([own if visiting is None else visiting],
-                   send=step < world and plan.forward[step],
-                   receive=step < world and plan.arrives[step],
-                   direct=plan.direct(step, outgoing, incoming))
+        plan.start_step(ring, step, own if visiting is None else visiting, outgoing, incoming)
         partial = None
         if step == 0:
             plan.kernel.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, plan.blocks[0],
@@ -271,18 +271,8 @@ class TokenRingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan: TokenRingPlan):
-        o, lse = tokenring_fwd(q, k, v, plan)
-        o = o.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan = plan
-        ctx.set_materialize_grads(False)
-        return o, lse
+        return finish_forward(ctx, q, k, v, plan, *tokenring_fwd(q, k, v, plan))
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None:  # only lse was used downstream
-            do = torch.zeros_like(o)
-        # Traffic is recorded by the comm_stats blocks active now and those of the forward.
-        dq, dk, dv = tokenring_bwd(do, q, k, v, o, lse, dlse, ctx.plan)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return run_backward(ctx, do, dlse, tokenring_bwd)
