@@ -13,8 +13,9 @@ point-to-point operations before that compute, and waited for after it:
 
 The owner merges its own block (step 0) and every partial as it arrives into fp32
 accumulators (`merge_into`); the partial of the last step goes home after the loop. A partial
-leaves one step after it is computed because it is only complete then: steps 0 and 1 carry
-queries alone, steps 2 .. P-1 carry queries one way and partials the other.
+leaves one step after it is computed because it is only complete then: queries move during
+steps 0 .. P-2, partials during steps 2 .. P-1 and one last exchange, so steps 2 .. P-2 carry
+both (queries one way, partials the other; at step 2 to and from the two ring neighbours).
 
 Backward, same schedule, with the final (o, lse). The visiting queries travel with dO, lse
 and delta = rowsum(dO * O) - dLSE (one fp32 number per row instead of O; `softmax_delta`);
@@ -158,27 +159,27 @@ def _pack(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
 
 
-Layout = Sequence[tuple[tuple[int, ...], torch.dtype]]  # (shape, dtype) of each packed part
+Parts = Sequence[tuple[tuple[int, ...], torch.dtype]]  # (shape, dtype) of each packed part
 
 
 def _part_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
 
 
-def _unpack(buffer: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    parts, offset = [], 0
-    for shape, dtype in layout:
+def _unpack(buffer: torch.Tensor, parts: Parts) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for shape, dtype in parts:
         size = _part_bytes(shape, dtype)
-        parts.append(buffer[offset:offset + size].view(dtype).view(shape))
+        views.append(buffer[offset:offset + size].view(dtype).view(shape))
         offset += size
-    return parts
+    return views
 
 
-def _empty_message(layout: Layout, device: torch.device) -> torch.Tensor:
-    return torch.empty(sum(_part_bytes(*part) for part in layout), dtype=torch.uint8, device=device)
+def _empty_message(parts: Parts, device: torch.device) -> torch.Tensor:
+    return torch.empty(sum(_part_bytes(*part) for part in parts), dtype=torch.uint8, device=device)
 
 
-def _partial_layout(q: torch.Tensor, rows: RowSpan) -> Layout:
+def _partial_parts(q: torch.Tensor, rows: RowSpan) -> Parts:
     """A forward partial on the wire: lse [B, Hq, rows] (accumulator dtype), o [B, rows, Hq, D]
     in the input dtype (rounded once, like the ring's per-block outputs before their merge)."""
     batch, _, heads, dim = q.shape
@@ -201,7 +202,7 @@ def tokenring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Token
     visiting, outgoing = q.contiguous(), None
     for step in range(world + 1):  # step == world: the last partial goes home
         back = plan.incoming_rows(step)
-        incoming = None if back is None else _empty_message(_partial_layout(q, back), q.device)
+        incoming = None if back is None else _empty_message(_partial_parts(q, back), q.device)
         plan.start_step(ring, step, q if visiting is None else visiting, outgoing, incoming)
         partial = None
         if step == 0:
@@ -217,7 +218,7 @@ def tokenring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Token
         arrived = ring.wait()
         if incoming is not None:
             lo, hi = back
-            back_lse, back_o = _unpack(incoming, _partial_layout(q, back))
+            back_lse, back_o = _unpack(incoming, _partial_parts(q, back))
             merge_into(o[:, lo:hi], lse[:, :, lo:hi], back_o, back_lse)
         visiting = arrived[0] if arrived else None
         outgoing = partial
@@ -238,7 +239,7 @@ def tokenring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         plan.kernel.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, plan.blocks[0], plan.scale)
         return dq, dk, dv
     # What travels with the queries: lse and delta (accumulator dtype) first, then q and dO.
-    layout = [((batch, heads, seq), acc_dtype)] * 2 + [(tuple(q.shape), q.dtype)] * 2
+    travelling = [((batch, heads, seq), acc_dtype)] * 2 + [(tuple(q.shape), q.dtype)] * 2
     own = _pack(lse.to(acc_dtype), softmax_delta(do, o, dlse), q, do)
     ring = RingExchange(plan.info, Traffic.now("tokenring.bwd", plan.recorders))
     visiting, outgoing = own, None
@@ -253,7 +254,7 @@ def tokenring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                                  plan.scale)
         elif step < world and plan.rows[step] is not None:
             lo, hi = plan.rows[step]
-            lse_v, delta_v, q_v, do_v = _unpack(visiting, layout)
+            lse_v, delta_v, q_v, do_v = _unpack(visiting, travelling)
             partial = torch.zeros((batch, hi - lo, heads, dim), dtype=acc_dtype, device=q.device)
             plan.kernel.bwd_into(partial, dk, dv, do_v[:, lo:hi], q_v[:, lo:hi], k, v, None,
                                  lse_v[:, :, lo:hi], None, plan.blocks[step], plan.scale,
