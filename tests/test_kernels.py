@@ -151,8 +151,10 @@ def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad
         else:
             KERNELS[kernel].bwd_into(*grads, do, q, k, v, None, lse, None, blocks, 0.3,
                                      delta=torch_cpu.softmax_delta(do, o, dlse))
-    for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads),
-                          (o_ref, lse_ref, dq_ref, dk_ref, dv_ref)):
+        o_sent, lse_sent = KERNELS[kernel].fwd(q, k, v, blocks, 0.3)
+    for name, a, e in zip(("o", "lse", "dq", "dk", "dv", "o of fwd", "lse of fwd"),
+                          (o, lse, *grads, o_sent, lse_sent),
+                          (o_ref, lse_ref, dq_ref, dk_ref, dv_ref, o_ref, lse_ref)):
         assert_close(name, a, e, 1e-12)
 
 
@@ -176,18 +178,20 @@ def test_flash_backward_from_delta_keeps_low_precision_accuracy(dtype):
             assert_close(name, a, e, torch.finfo(dtype).eps, way)
 
 
-def test_backward_from_delta_where_do_has_zero_rows():
-    """Rows with dO = 0 (only lse used there) leave no stand-in output: the padded path runs."""
+@pytest.mark.parametrize("lse_grad", [False, True])
+def test_backward_from_delta_where_do_has_zero_rows(lse_grad):
+    """Rows with dO = 0 (masked tokens): with no lse gradient there delta is 0 and the stand-in
+    output still exists; with one (only lse used there) it cannot, and the padded path runs."""
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 12, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     do = torch.randn(1, 12, 2, 6, generator=g, dtype=torch.float64)
     do[:, 3:7] = 0
-    dlse = torch.randn(1, 2, 12, generator=g, dtype=torch.float64)
+    dlse = torch.randn(1, 2, 12, generator=g, dtype=torch.float64) * lse_grad
     o, lse = attention_reference(q, k, v, causal=True, scale=0.3)
     expected = torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), (q, k, v))
     delta = torch_cpu.softmax_delta(do, o.detach(), dlse)
-    assert torch_cpu._output_for_delta(do, delta) is None
+    assert (torch_cpu._output_for_delta(do, delta) is None) == lse_grad
     grads = torch_cpu.flash_bwd(do, q.detach(), k.detach(), v.detach(), None, lse.detach(), True,
                                 0.3, delta=delta)
     for name, a, e in zip(("dq", "dk", "dv"), grads, expected):

@@ -191,7 +191,7 @@ def tokenring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Token
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) in the accumulator dtype (fp32; fp64 for fp64 inputs)."""
     acc_dtype = accumulator_dtype(q.dtype)
-    batch, seq, heads, dim = q.shape
+    batch, seq, heads, _ = q.shape
     o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
     world = plan.info.world
@@ -209,11 +209,8 @@ def tokenring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Token
             plan.kernel.fwd_into(o, lse, q, k, v, plan.blocks[0], plan.scale)
         elif step < world and plan.rows[step] is not None:
             lo, hi = plan.rows[step]
-            part_o = torch.zeros((batch, hi - lo, heads, dim), dtype=acc_dtype, device=q.device)
-            part_lse = torch.full((batch, heads, hi - lo), float("-inf"), dtype=acc_dtype,
-                                  device=q.device)
-            plan.kernel.fwd_into(part_o, part_lse, visiting[:, lo:hi], k, v, plan.blocks[step],
-                                 plan.scale)
+            part_o, part_lse = plan.kernel.fwd(visiting[:, lo:hi], k, v, plan.blocks[step],
+                                               plan.scale)
             partial = _pack(part_lse, part_o.to(q.dtype))
         arrived = ring.wait()
         if incoming is not None:

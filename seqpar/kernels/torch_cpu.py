@@ -91,23 +91,27 @@ def _output_for_delta(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | N
     delta / do_j1 rounded to the input precision, the second the remainder / do_j2, so delta
     keeps about twice the input precision (bf16: ~16 bits), as products of two input-precision
     numbers summed in fp32 inside the op. The head dim stays as it is: a padded column costs
-    the CPU kernel a whole extra vector (~25% slower at D = 64). A row of do that is zero, or
-    a ratio that overflows, leaves no such o' (None: the caller pads instead).
+    the CPU kernel a whole extra vector (~25% slower at D = 64). A zero row of do fits only a
+    zero delta; a row where that fails, or a ratio that overflows, leaves no such o' (None:
+    the caller pads instead).
     """
     if do.shape[-1] < 2:
         return None
     acc_dtype = delta.dtype
     target = delta.transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
     do_acc = do.to(acc_dtype)
-    columns = do_acc.abs().topk(2, dim=-1).indices
-    first, second = do_acc.gather(-1, columns[..., :1]), do_acc.gather(-1, columns[..., 1:])
-    first_value = (target / first).to(do.dtype)
+    size = do_acc.abs()
+    first_size, first_column = size.max(dim=-1, keepdim=True)
+    second_size, second_column = size.scatter(-1, first_column, -1.0).max(dim=-1, keepdim=True)
+    first, second = do_acc.gather(-1, first_column), do_acc.gather(-1, second_column)
+    first_value = torch.where(target != 0, target / first, 0).to(do.dtype)
     remainder = target - first * first_value.to(acc_dtype)
-    second_value = torch.where(second != 0, remainder / second, 0).to(do.dtype)
+    second_value = torch.where(second_size > 0, remainder / second, 0).to(do.dtype)
     values = torch.cat([first_value, second_value], dim=-1)
     if not torch.isfinite(values).all():
         return None
-    return torch.zeros_like(do).scatter_(-1, columns, values)
+    return torch.zeros_like(do).scatter_(-1, torch.cat([first_column, second_column], dim=-1),
+                                         values)
 
 
 def _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale):
@@ -259,16 +263,36 @@ class TorchBlockKernel:
     def _use_flash(self, block: SubBlock, dtype: torch.dtype) -> bool:
         return self.flash and block.kind is not MaskKind.POSITIONS and dtype in FLASH_DTYPES
 
+    def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
+        q_blk = q[:, block.q0:block.q1]
+        k_blk, v_blk = k[:, block.k0:block.k1], v[:, block.k0:block.k1]
+        if self._use_flash(block, q.dtype):
+            return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
+        return chunked_fwd(q_blk, k_blk, v_blk, block, scale)
+
     def fwd_into(self, acc_o, acc_lse, q, k, v, blocks: tuple[SubBlock, ...], scale: float) -> None:
         """Attend q to each sub-block's keys and merge the partials into (acc_o, acc_lse)."""
         for block in blocks:
-            q_blk = q[:, block.q0:block.q1]
-            k_blk, v_blk = k[:, block.k0:block.k1], v[:, block.k0:block.k1]
-            if self._use_flash(block, q.dtype):
-                o_blk, lse_blk = flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
-            else:
-                o_blk, lse_blk = chunked_fwd(q_blk, k_blk, v_blk, block, scale)
+            o_blk, lse_blk = self._block_fwd(q, k, v, block, scale)
             merge_into(acc_o[:, block.q0:block.q1], acc_lse[:, :, block.q0:block.q1], o_blk, lse_blk)
+
+    def fwd(self, q, k, v, blocks: tuple[SubBlock, ...], scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o, lse) of q against a plan, for a partial that is sent on rather than merged here.
+
+        A plan of one sub-block over every query row is the block kernel's own result (flash:
+        o in the input dtype; no accumulator, no merge); otherwise fp32 accumulators as in
+        `fwd_into`. lse [B, Hq, Sq] in the accumulator dtype, o in either.
+        """
+        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1]):
+            o, lse = self._block_fwd(q, k, v, blocks[0], scale)
+            return o, lse.to(accumulator_dtype(q.dtype))
+        acc_dtype = accumulator_dtype(q.dtype)
+        batch, seq, heads, dim = q.shape
+        o = torch.zeros((batch, seq, heads, dim), dtype=acc_dtype, device=q.device)
+        lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
+        self.fwd_into(o, lse, q, k, v, blocks, scale)
+        return o, lse
 
     def bwd_into(self, dq, dk, dv, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...],
                  scale: float, delta=None) -> None:
