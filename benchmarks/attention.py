@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import header_text, machine, mib, peak_memory, table, timed, write_json
+from benchmarks.common import header_text, machine, mib, peak_memory, table, timed, write_results
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def register(method: Method) -> None:
 # ---------------------------------------------------------------- seqpar
 
 # (backend, layout) pairs benchmarked by default; a new backend adds its rows here.
-SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped")]
+SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"),
+               ("tokenring", "contiguous"), ("tokenring", "zigzag"), ("tokenring", "striped")]
 
 
 def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
@@ -229,7 +230,9 @@ def single_process(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.d
     return statistics.median(times), peak.bytes
 
 
-def launch(world: int, config: dict) -> list[dict]:
+def launch(world: int, config: dict, worker: Callable[[dict], list[dict]] | None = None
+           ) -> list[dict]:
+    """Run `worker(config)` (default: this benchmark's) on `world` ranks; rank 0's rows."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
@@ -241,7 +244,7 @@ def launch(world: int, config: dict) -> list[dict]:
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(config["threads"])
     try:
-        return elastic_launch(launch_config, _worker)(config)[0]
+        return elastic_launch(launch_config, worker or _worker)(config)[0]
     finally:
         if previous is None:
             os.environ.pop("OMP_NUM_THREADS")
@@ -326,9 +329,7 @@ def main(argv=None) -> None:
                        ("vs_torch", f"time / {BASELINE_PEER}", ".2f"),
                        ("sent_mib", "sent MiB/rank", ".1f"), ("peak_mib", "peak MiB/rank", ".1f"),
                        ("diff", "max |o - first o|", ".1e")]))
-    path = write_json("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out)
-    plot(rows, path.with_suffix(".png"))
-    print(f"# wrote {path} and {path.with_suffix('.png').name}")
+    write_results("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -139,5 +139,14 @@ def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
     return path
 
 
+def write_results(name: str, payload: dict, folder, plot) -> Path:
+    """Write the JSON (`write_json`) and, next to it, the PNG `plot(payload["rows"], path)`
+    draws; say where."""
+    path = write_json(name, payload, folder)
+    plot(payload["rows"], path.with_suffix(".png"))
+    print(f"# wrote {path} and {path.with_suffix('.png').name}")
+    return path
+
+
 def mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20

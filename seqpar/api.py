@@ -17,6 +17,7 @@ import torch
 
 from .comm.primitives import GroupInfo, active_recorders, agree, resolve_group
 from .comm.ring import RingAttention, RingPlan
+from .comm.tokenring import TokenRingAttention, TokenRingPlan
 from .kernels.dispatch import select_kernel
 from .layout import LAYOUTS, all_local_runs, local_runs
 
@@ -32,6 +33,15 @@ def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
 
 
 BACKENDS["ring"] = _ring
+
+
+def _tokenring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
+    plan = TokenRingPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
+                               causal, scale, select_kernel(q.device, q.dtype), active_recorders())
+    return TokenRingAttention.apply(q, k, v, plan)
+
+
+BACKENDS["tokenring"] = _tokenring
 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 

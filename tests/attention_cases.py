@@ -17,14 +17,17 @@ Tolerances (relative to max(1, max |reference|)):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import seqpar
 from seqpar.kernels import attention_reference, use_kernel
 from seqpar.kernels.torch_cpu import flash_fwd
+from seqpar.layout import LAYOUTS
 from tests.checks import assert_close, magnitude, max_error
 
 EXACT_REL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -43,13 +46,15 @@ class AttnCase:
     dtype: torch.dtype = torch.float32
     scale: float | None = None
     lse_grad: bool = True
+    output_grad: bool = True  # False: only lse is used downstream (backward gets dO = None)
     kernel: str | None = None  # force a local kernel ("flash" / "chunked")
     seed: int = 0
 
     def __str__(self) -> str:
         return (f"{self.backend}/{self.layout}/{'causal' if self.causal else 'full'}/"
                 f"H{self.heads_q}:{self.heads_kv}/D{self.head_dim}/S_loc{self.seq_local}/"
-                f"B{self.batch}/{str(self.dtype).removeprefix('torch.')}")
+                f"B{self.batch}/{str(self.dtype).removeprefix('torch.')}"
+                + ("" if self.output_grad else "/lse-only"))
 
 
 def global_inputs(case: AttnCase, world: int):
@@ -61,6 +66,8 @@ def global_inputs(case: AttnCase, world: int):
     k = randn(case.batch, seq, case.heads_kv, case.head_dim)
     v = randn(case.batch, seq, case.heads_kv, case.head_dim)
     do = randn(case.batch, seq, case.heads_q, case.head_dim)
+    if not case.output_grad:
+        do = torch.zeros_like(do)
     dlse = randn(case.batch, case.heads_q, seq) if case.lse_grad else torch.zeros(case.batch, case.heads_q, seq, dtype=torch.float64)
     return q, k, v, do, dlse
 
@@ -124,8 +131,9 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
             o, lse = seqpar.attention(q_l, k_l, v_l, group, backend=case.backend,
                                       causal=case.causal, scale=case.scale, layout=case.layout,
                                       return_lse=True)
-        loss = (o.double() * local(do)).sum() + (
-            torch.where(torch.isfinite(lse), lse, 0).double() * local(dlse, dim=2)).sum()
+        loss = (torch.where(torch.isfinite(lse), lse, 0).double() * local(dlse, dim=2)).sum()
+        if case.output_grad:
+            loss = loss + (o.double() * local(do)).sum()
         loss.backward()
 
     assert o.dtype == case.dtype and q_l.grad.dtype == case.dtype and k_l.grad.dtype == case.dtype
@@ -147,6 +155,47 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
                 raise AssertionError(f"{context} {name}: error {err:.3e} > 2 x single-device "
                                      f"error {single[name]:.3e} + magnitude * eps / 4")
             errors[name] = err
-    errors["bytes_fwd"] = stats.sent(f"{case.backend}.fwd")
-    errors["bytes_bwd"] = stats.sent(f"{case.backend}.bwd")
+    for direction in ("fwd", "bwd"):
+        op = stats.ops.get(f"{case.backend}.{direction}")
+        errors[f"bytes_{direction}"] = stats.sent(f"{case.backend}.{direction}")
+        errors[f"messages_{direction}"] = op.messages if op else 0
     return errors
+
+
+# ---------------------------------------------------------------- the grids every backend runs
+# Each grid is a list of pytest params (world, case) for `@pytest.mark.parametrize("world,case", ...)`.
+
+def fp32_grid(backend: str, worlds=(1, 2, 3, 4)) -> list:
+    """P x layout x causal / not x (MHA 4:4, GQA 8:2) in fp32; the lse gradient on for half."""
+    return [pytest.param(world, AttnCase(backend=backend, layout=layout, causal=causal,
+                                         heads_q=hq, heads_kv=hkv, seq_local=12, head_dim=16,
+                                         lse_grad=(world + len(layout)) % 2 == 0),
+                         id=f"{world}-{layout}-{'causal' if causal else 'full'}-{name}")
+            for world in worlds for layout in LAYOUTS for causal in (True, False)
+            for name, (hq, hkv) in (("mha", (4, 4)), ("gqa8:2", (8, 2)))]
+
+
+def low_precision_grid(backend: str, worlds=(2, 4)) -> list:
+    """bf16 and fp16, every layout, GQA 8:2."""
+    return [pytest.param(world, AttnCase(backend=backend, layout=layout, dtype=dtype, heads_q=8,
+                                         heads_kv=2, seq_local=32, head_dim=32),
+                         id=f"{world}-{layout}-{name}")
+            for world in worlds for layout in LAYOUTS
+            for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
+
+
+def odd_shape_grid(backend: str, worlds=(2, 4), extra: tuple[AttnCase, ...] = ()) -> list:
+    """`ODD_SHAPES` (and a backend's `extra` cases) on each world size."""
+    cases = [dataclasses.replace(c, backend=backend) for c in ODD_SHAPES + extra]
+    return [pytest.param(world, case, id=f"{world}-{case}") for world in worlds for case in cases]
+
+
+# Odd but legal shapes every softmax backend runs.
+ODD_SHAPES = (
+    AttnCase(layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),   # 1-token chunks
+    AttnCase(layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),  # 1 token per rank
+    AttnCase(layout="contiguous", head_dim=40, seq_local=7, batch=3, scale=0.05),
+    AttnCase(layout="zigzag", head_dim=24, seq_local=600, heads_q=2, heads_kv=1, causal=True),
+    AttnCase(layout="striped", seq_local=9, causal=False, kernel="chunked", heads_q=8, heads_kv=2),
+    AttnCase(layout="zigzag", seq_local=14, kernel="chunked", heads_q=8, heads_kv=2),
+)

@@ -18,3 +18,16 @@ def test_attention_benchmark_runs_and_methods_agree(tmp_path, capsys):
             assert row["diff"] < 1e-5, row  # every method computes the same attention
     assert (tmp_path / result.name.replace(".json", ".png")).exists()
     assert "efficiency" in capsys.readouterr().out
+
+
+def test_tokenring_benchmark_runs(tmp_path, capsys):
+    from benchmarks import tokenring
+    tokenring.main(["--worlds", "2", "--seqs", "256", "--heads", "4", "--kv-heads", "4", "1",
+                    "--dim", "16", "--repeats", "1", "--comm-repeats", "2", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("tokenring-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert {(r["Hkv"], r["backend"]) for r in rows} == {(h, b) for h in (4, 1) for b in tokenring.BACKENDS}
+    ratio = {r["Hkv"]: r["bytes_vs_ring"] for r in rows if r["backend"] == "tokenring"}
+    assert ratio[4] < 1 < ratio[1], ratio  # MHA: fewer bytes than the ring; GQA 4:1: more
+    assert (tmp_path / result.name.replace(".json", ".png")).exists()
+    assert "ms/step" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
-from seqpar.comm.primitives import RingExchange, Traffic, resolve_group
+from seqpar.comm.primitives import DirectMessages, RingExchange, Traffic, resolve_group
 from tests.harness import RankFailure, World, WorldTimeout
 
 
@@ -67,6 +67,34 @@ def test_ring_exchange_passes_blocks_around_and_refuses_misuse(worlds):
     received = worlds(3).run(ring_exchange_behaviour)
     # rank r receives the blocks of r-1, r-2, r-3 in turn
     assert received == [[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0]]
+
+
+def direct_messages_behaviour():
+    """A ring step that also sends to / receives from non-neighbours, and one with only those."""
+    info = resolve_group(None)
+    r, p = info.rank, info.world
+    with seqpar.comm_stats() as stats:
+        ring = RingExchange(info, Traffic.now("test"))
+        reply = torch.empty(3)
+        ring.start([torch.full((2,), float(r))],
+                   direct=DirectMessages(send=[torch.full((3,), 10.0 + r)], to=(r + 2) % p,
+                                         receive=[reply], source=(r - 2) % p))
+        ring_block = ring.wait()[0]
+        alone = torch.empty(1)
+        ring.start([ring_block], send=False, receive=False,
+                   direct=DirectMessages(send=[torch.ones(1) * r], to=(r - 2) % p,
+                                         receive=[alone], source=(r + 2) % p))
+        assert ring.wait() == []
+    with pytest.raises(ValueError, match="direct send needs another rank of the group as its peer"):
+        ring.start([ring_block], direct=DirectMessages(send=[reply], to=r))
+    return ring_block[0].item(), reply[0].item(), alone.item(), stats.sent("test"), stats.ops["test"].messages
+
+
+def test_ring_exchange_carries_direct_messages(worlds):
+    # 4 ranks: ring from r - 1, direct from r - 2, then direct alone from r + 2
+    results = worlds(4).run(direct_messages_behaviour)
+    assert results == [((r - 1) % 4, 10.0 + (r - 2) % 4, (r + 2) % 4, 4 * (2 + 3 + 1), 3)
+                       for r in range(4)]
 
 
 def nested_stats():

@@ -120,7 +120,10 @@ def test_zigzag_balances_causal_work_at_every_step(world):
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lse_grad", [False, True])
-def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad, monkeypatch):
+@pytest.mark.parametrize("given", ["output", "delta"])
+def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad, given,
+                                        monkeypatch):
+    """Forward, and backward from the final output (+ dlse) or from delta alone (TokenRing)."""
     monkeypatch.setattr(torch_cpu, "CHUNK", 4)  # exercise the chunk loops at small sizes
     g = torch.Generator().manual_seed(1)
     nq, nk = sum(r.length for r in q_runs), sum(r.length for r in k_runs)
@@ -143,10 +146,66 @@ def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad
     with torch.no_grad():
         KERNELS[kernel].fwd_into(o, lse, q, k, v, blocks, 0.3)
         grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
-        KERNELS[kernel].bwd_into(*grads, do, q, k, v, o, lse, dlse, blocks, 0.3)
-    for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads),
-                          (o_ref, lse_ref, dq_ref, dk_ref, dv_ref)):
+        if given == "output":
+            KERNELS[kernel].bwd_into(*grads, do, q, k, v, o, lse, dlse, blocks, 0.3)
+        else:
+            KERNELS[kernel].bwd_into(*grads, do, q, k, v, None, lse, None, blocks, 0.3,
+                                     delta=torch_cpu.softmax_delta(do, o, dlse))
+        o_sent, lse_sent = KERNELS[kernel].fwd(q, k, v, blocks, 0.3)
+    for name, a, e in zip(("o", "lse", "dq", "dk", "dv", "o of fwd", "lse of fwd"),
+                          (o, lse, *grads, o_sent, lse_sent),
+                          (o_ref, lse_ref, dq_ref, dk_ref, dv_ref, o_ref, lse_ref)):
         assert_close(name, a, e, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_backward_from_delta_keeps_low_precision_accuracy(dtype):
+    """A delta given in fp32 reaches the fused op as two input-precision numbers (hi + lo, or
+    the two columns of the stand-in output), so the gradients match those computed from o
+    itself to one rounding of their magnitude. Values off zero make delta large next to the
+    ds = p (dp - delta) it cancels in: a delta rounded to the input precision alone misses
+    that bound by 2.5x (bf16) to 3.6x (fp16). Both ways of feeding delta are checked."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(1, 48, 4, 16, generator=g) for _ in range(4))
+    q, k, v, do = (t.to(dtype) for t in (q, k, v + 3, do + 2))
+    o, lse = torch_cpu.flash_fwd(q, k, v, True, 0.25)
+    from_output = torch_cpu.flash_bwd(do, q, k, v, o, lse, True, 0.25)
+    delta = torch_cpu.softmax_delta(do, o)
+    stand_in = torch_cpu.flash_bwd(do, q, k, v, None, lse, True, 0.25, delta=delta)
+    padded = torch_cpu._flash_bwd_with_delta(do, q, k, v, delta, lse, True, 0.25)
+    for way, from_delta in (("stand-in output", stand_in), ("padded columns", padded)):
+        for name, a, e in zip(("dq", "dk", "dv"), from_delta, from_output):
+            assert_close(name, a, e, torch.finfo(dtype).eps, way)
+
+
+@pytest.mark.parametrize("lse_grad", [False, True])
+def test_backward_from_delta_where_do_has_zero_rows(lse_grad):
+    """Rows with dO = 0 (masked tokens): with no lse gradient there delta is 0 and the stand-in
+    output still exists; with one (only lse used there) it cannot, and the padded path runs."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 12, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(1, 12, 2, 6, generator=g, dtype=torch.float64)
+    do[:, 3:7] = 0
+    dlse = torch.randn(1, 2, 12, generator=g, dtype=torch.float64) * lse_grad
+    o, lse = attention_reference(q, k, v, causal=True, scale=0.3)
+    expected = torch.autograd.grad((o * do).sum() + (lse * dlse).sum(), (q, k, v))
+    delta = torch_cpu.softmax_delta(do, o.detach(), dlse)
+    assert (torch_cpu._output_for_delta(do, delta) is None) == lse_grad
+    grads = torch_cpu.flash_bwd(do, q.detach(), k.detach(), v.detach(), None, lse.detach(), True,
+                                0.3, delta=delta)
+    for name, a, e in zip(("dq", "dk", "dv"), grads, expected):
+        assert_close(name, a, e, 1e-12)
+
+
+def test_backward_needs_the_output_or_delta_not_both():
+    q = torch.randn(1, 4, 2, 8)
+    lse = torch.zeros(1, 2, 4)
+    blocks = plan_blocks((Run(0, 4),), (Run(0, 4),), causal=True)
+    grads = [torch.zeros_like(q) for _ in range(3)]
+    for o, dlse, delta in ((None, None, None), (q, None, lse), (None, lse, lse)):
+        with pytest.raises(ValueError, match="pass the final o \\(and dlse\\), or delta alone"):
+            KERNELS["chunked"].bwd_into(*grads, q, q, q, q, o, lse, dlse, blocks, 1.0, delta=delta)
 
 
 def test_fully_masked_rows_give_zero_output_and_minus_inf_lse():

@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import AttnCase, run_case
+from tests.attention_cases import (AttnCase, fp32_grid, low_precision_grid, odd_shape_grid,
+                                   run_case)
 from tests.checks import assert_close
 
 
@@ -28,13 +29,8 @@ def check_ring(case: AttnCase) -> dict:
     return errors
 
 
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa8:2"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_ring_fp32(worlds, world, layout, causal, heads):
-    case = AttnCase(layout=layout, causal=causal, heads_q=heads[0], heads_kv=heads[1],
-                    seq_local=12, head_dim=16, lse_grad=(world + len(layout)) % 2 == 0)
+@pytest.mark.parametrize("world,case", fp32_grid("ring"))
+def test_ring_fp32(worlds, world, case):
     worlds(world).run(check_ring, case)
 
 
@@ -47,24 +43,13 @@ def test_ring_fp64_is_exact(worlds, world, layout):
     worlds(world).run(check_ring, case)
 
 
-@pytest.mark.parametrize("case", [
-    AttnCase(layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),   # 1-token chunks
-    AttnCase(layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),  # 1 token per rank
-    AttnCase(layout="contiguous", head_dim=40, seq_local=7, batch=3, scale=0.05),
-    AttnCase(layout="zigzag", head_dim=24, seq_local=600, heads_q=2, heads_kv=1, causal=True),
-    AttnCase(layout="striped", seq_local=9, causal=False, kernel="chunked", heads_q=8, heads_kv=2),
-    AttnCase(layout="zigzag", seq_local=14, kernel="chunked", heads_q=8, heads_kv=2),
-], ids=str)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world,case", odd_shape_grid("ring"))
 def test_ring_odd_shapes(worlds, world, case):
     worlds(world).run(check_ring, case)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("world", [2, 4])
-def test_ring_low_precision(worlds, world, layout, dtype):
-    case = AttnCase(layout=layout, dtype=dtype, heads_q=8, heads_kv=2, seq_local=32, head_dim=32)
+@pytest.mark.parametrize("world,case", low_precision_grid("ring"))
+def test_ring_low_precision(worlds, world, case):
     worlds(world).run(check_ring, case)
 
 

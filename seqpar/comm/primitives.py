@@ -8,7 +8,9 @@
   (all-gather: (P-1) shards sent and received; all-reduce: 2 (P-1) / P of the buffer).
 * `RingExchange`: send to the next rank / receive from the previous one, asynchronously and
   double-buffered (the block being sent and computed on is never the one being received into),
-  refusing misuse (wait before start, start twice).
+  refusing misuse (wait before start, start twice). A step may also carry `DirectMessages` to
+  and from any other rank, posted in the same batch before any wait: the bidirectional ring
+  (TokenRing sends queries forward and partial results straight back to their owners).
 * `agree`: one tiny all-reduce that makes every rank see the same verdict on its arguments, so
   a rank with bad input, or ranks with mismatched shapes, raise on *every* rank instead of
   leaving the others blocked in the next collective.
@@ -146,6 +148,20 @@ def nbytes(tensors: Sequence[torch.Tensor]) -> int:
 
 # ---------------------------------------------------------------- ring exchange
 
+@dataclass(frozen=True)
+class DirectMessages:
+    """Messages a ring step also posts, to and from ranks other than its ring neighbours.
+
+    `send` goes to group rank `to`, `receive` (buffers the caller owns, filled once the step's
+    `wait()` returns) comes from group rank `source`; either side may be empty.
+    """
+
+    send: Sequence[torch.Tensor] = ()
+    to: int | None = None
+    receive: Sequence[torch.Tensor] = ()
+    source: int | None = None
+
+
 class RingExchange:
     """Point-to-point ring step: send to rank (r + shift) mod P, receive from (r - shift) mod P.
 
@@ -157,6 +173,12 @@ class RingExchange:
 
     Receive buffers are two alternating sets allocated on first use, so the set being sent
     (and computed on) is never received into. Peers are resolved to global ranks once.
+
+    Bidirectional use: `start(tensors, direct=DirectMessages(...))` posts the ring send and
+    receive *and* the direct messages in one `batch_isend_irecv`, so both directions of the
+    links are busy during the compute that follows. `send=False` / `receive=False` leave out
+    the ring send / receive of a step (`tensors` then only give the receive buffers' shapes):
+    a block nobody further along needs is not forwarded.
     """
 
     def __init__(self, info: GroupInfo, traffic: Traffic, shift: int = 1):
@@ -182,23 +204,48 @@ class RingExchange:
                 return buffers
         raise RuntimeError("RingExchange: both receive buffers are being sent")
 
-    def start(self, tensors: Sequence[torch.Tensor]) -> None:
+    def _direct_ops(self, direct: DirectMessages) -> list:
+        for name, tensors, peer in (("send", direct.send, direct.to),
+                                    ("receive", direct.receive, direct.source)):
+            if tensors and not (isinstance(peer, int) and 0 <= peer < self.info.world
+                                and peer != self.info.rank):
+                raise ValueError(f"RingExchange.start: direct {name} needs another rank of the "
+                                 f"group as its peer, got {peer!r}")
+            if any(not t.is_contiguous() for t in tensors):
+                raise ValueError("RingExchange.start: tensors must be contiguous")
+        group = self.info.group
+        ops = [dist.P2POp(dist.isend, t, self.info.global_rank(direct.to), group)
+               for t in direct.send]
+        ops += [dist.P2POp(dist.irecv, b, self.info.global_rank(direct.source), group)
+                for b in direct.receive]
+        return ops
+
+    def start(self, tensors: Sequence[torch.Tensor], *, send: bool = True, receive: bool = True,
+              direct: DirectMessages | None = None) -> None:
         if self._pending is not None:
             raise RuntimeError("RingExchange.start: the previous exchange was not waited for; "
                                "call wait() once per start()")
         tensors = list(tensors)
         for t in tensors:
-            if not t.is_contiguous():
+            if send and not t.is_contiguous():
                 raise ValueError("RingExchange.start: tensors must be contiguous")
-        receive = self._free_buffer_set(tensors)
+        direct = direct or DirectMessages()
+        direct_ops = self._direct_ops(direct)
         group = self.info.group
-        ops = [dist.P2POp(dist.isend, t, self.send_peer, group) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, b, self.recv_peer, group) for b in receive]
-        requests = dist.batch_isend_irecv(ops)
-        self.traffic.add(nbytes(tensors), nbytes(receive), len(tensors))
-        self._pending = (requests, receive)
+        sent = tensors if send else []
+        receive_into = self._free_buffer_set(tensors) if receive else []
+        # One batch: both directions are posted before anything is waited for.
+        ops = ([dist.P2POp(dist.isend, t, self.send_peer, group) for t in sent]
+               + [dist.P2POp(dist.irecv, b, self.recv_peer, group) for b in receive_into]
+               + direct_ops)
+        requests = dist.batch_isend_irecv(ops) if ops else []
+        self.traffic.add(nbytes(sent) + nbytes(direct.send),
+                         nbytes(receive_into) + nbytes(direct.receive),
+                         len(sent) + len(direct.send))
+        self._pending = (requests, receive_into)
 
     def wait(self) -> list[torch.Tensor]:
+        """The ring receive buffers (empty with receive=False); direct receives are filled too."""
         if self._pending is None:
             raise RuntimeError("RingExchange.wait: no exchange in flight; call start() first")
         requests, receive = self._pending

@@ -26,6 +26,7 @@ Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,23 +121,35 @@ def ring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return dq, dkv_home[0], dkv_home[1]
 
 
+def finish_forward(ctx, q, k, v, plan, o: torch.Tensor, lse: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common end of an attention Function's forward: o in the input dtype, lse as
+    accumulated; keeps what the backward needs (inputs, final o and lse, the plan)."""
+    o = o.to(q.dtype)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.plan = plan
+    ctx.set_materialize_grads(False)
+    return o, lse
+
+
+def run_backward(ctx, do, dlse, backward: Callable) -> tuple:
+    """The common backward of an attention Function: `backward(do, q, k, v, o, lse, dlse,
+    plan)` gives (dq, dk, dv) in the accumulator dtype; they return in the input dtypes."""
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None:  # only lse was used downstream
+        do = torch.zeros_like(o)
+    # Traffic is recorded by the comm_stats blocks active now and those of the forward.
+    dq, dk, dv = backward(do, q, k, v, o, lse, dlse, ctx.plan)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
 class RingAttention(torch.autograd.Function):
     """Autograd wrapper: forward `ring_fwd`, backward `ring_bwd`; returns (o, lse)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan):
-        o, lse = ring_fwd(q, k, v, plan)
-        o = o.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan = plan
-        ctx.set_materialize_grads(False)
-        return o, lse
+        return finish_forward(ctx, q, k, v, plan, *ring_fwd(q, k, v, plan))
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None:  # only lse was used downstream
-            do = torch.zeros_like(o)
-        # Traffic is recorded by the comm_stats blocks active now and those of the forward.
-        dq, dk, dv = ring_bwd(do, q, k, v, o, lse, dlse, ctx.plan)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return run_backward(ctx, do, dlse, ring_bwd)

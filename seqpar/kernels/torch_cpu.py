@@ -16,9 +16,11 @@ Two implementations of one sub-block, same contract:
 Backward of a sub-block uses the *final* (o, lse) of the whole attention, so the per-block
 gradients sum to the exact gradient:  p = exp(s - lse),  delta = rowsum(do * o) - dlse,
 ds = p * (do v^T - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
-`dlse` (gradient flowing into a returned lse) enters only through delta; the flash op computes
-delta itself, so a non-zero dlse is folded in by padding the head dim by one (see
-`_flash_bwd_with_dlse`).
+The output o and `dlse` (gradient flowing into a returned lse) enter only through delta, so a
+backward can be given delta (`softmax_delta`) instead of o and dlse: a rank that computes the
+gradient of visiting queries (TokenRing) receives their delta, never their output. The flash
+op computes delta itself from o; a given delta is fed to it through a stand-in output
+(`_output_for_delta`), or by padding the head dim by two columns (`_flash_bwd_with_delta`).
 
 Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], o like q, lse [B, Hq, Sq].
 """
@@ -53,28 +55,82 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     return out.transpose(1, 2), lse
 
 
-def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None):
-    if dlse is not None:
-        return _flash_bwd_with_dlse(do, q, k, v, o, lse, causal, scale, dlse)
-    grads = _flash_cpu_backward(do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
-                                v.transpose(1, 2), o.transpose(1, 2), lse.contiguous(), 0.0,
-                                causal, scale=scale)
-    return tuple(g.transpose(1, 2) for g in grads)
+def softmax_delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """delta = rowsum(do * o) - dlse, [B, H, S] in the accumulator dtype: all a backward needs
+    of the output o and of the gradient on lse."""
+    acc_dtype = accumulator_dtype(do.dtype)
+    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1).transpose(1, 2)
+    return delta if dlse is None else delta - dlse.to(acc_dtype)
 
 
-def _flash_bwd_with_dlse(do, q, k, v, o, lse, causal, scale, dlse):
-    """Fold a gradient on lse into the fused backward.
+def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=None):
+    """(dq, dk, dv) of one sub-block. Give o (and dlse, if lse has a gradient), or delta alone.
 
-    The op computes delta = rowsum(do * o) itself. Appending one head-dim column -- zeros to
-    q, k, v (scores and dp unchanged), ones to o and -dlse to do -- makes its delta equal
-    rowsum(do * o) - dlse, which is exactly the lse term. The extra column is dropped after.
+    The op computes delta = rowsum(do * o) itself and uses o for nothing else, so a given
+    delta is fed to it through a stand-in output (`_output_for_delta`), or where none exists
+    through two extra head-dim columns (`_flash_bwd_with_delta`).
+    """
+    if delta is None and dlse is None:
+        grads = _flash_cpu_backward(do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
+                                    v.transpose(1, 2), o.transpose(1, 2), lse.contiguous(), 0.0,
+                                    causal, scale=scale)
+        return tuple(g.transpose(1, 2) for g in grads)
+    if delta is None:
+        delta = softmax_delta(do, o, dlse)
+    stand_in = _output_for_delta(do, delta)
+    if stand_in is None:
+        return _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale)
+    return flash_bwd(do, q, k, v, stand_in, lse, causal, scale)
+
+
+def _output_for_delta(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | None:
+    """An output o' in do's dtype with rowsum(do * o') = delta, or None if a row has none.
+
+    o' is zero except in the two columns where |do| is largest: the first carries
+    delta / do_j1 rounded to the input precision, the second the remainder / do_j2, so delta
+    keeps about twice the input precision (bf16: ~16 bits), as products of two input-precision
+    numbers summed in fp32 inside the op. The head dim stays as it is: a padded column costs
+    the CPU kernel a whole extra vector (~25% slower at D = 64). A zero row of do fits only a
+    zero delta; a row where that fails, or a ratio that overflows, leaves no such o' (None:
+    the caller pads instead).
+    """
+    if do.shape[-1] < 2:
+        return None
+    acc_dtype = delta.dtype
+    target = delta.transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    do_acc = do.to(acc_dtype)
+    size = do_acc.abs()
+    first_size, first_column = size.max(dim=-1, keepdim=True)
+    second_size, second_column = size.scatter(-1, first_column, -1.0).max(dim=-1, keepdim=True)
+    first, second = do_acc.gather(-1, first_column), do_acc.gather(-1, second_column)
+    first_value = torch.where(target != 0, target / first, 0).to(do.dtype)
+    remainder = target - first * first_value.to(acc_dtype)
+    second_value = torch.where(second_size > 0, remainder / second, 0).to(do.dtype)
+    values = torch.cat([first_value, second_value], dim=-1)
+    if not torch.isfinite(values).all():
+        return None
+    return torch.zeros_like(do).scatter_(-1, torch.cat([first_column, second_column], dim=-1),
+                                         values)
+
+
+def _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale):
+    """Run the fused backward with a given delta in place of the output, for any do.
+
+    Appending two head-dim columns -- zeros to q, k, v (scores and do v^T unchanged), zeros
+    to o except ones in the new columns, and to do the two numbers hi + lo = delta (hi: delta
+    rounded to the input precision, lo: the remainder, so a bf16 delta keeps ~16 bits) --
+    makes the op's delta equal to the given one. The extra columns are dropped after.
     """
     pad = torch.nn.functional.pad
-    o_aug = torch.cat([o, torch.ones_like(o[..., :1])], dim=-1)
-    do_aug = torch.cat([do, -dlse.transpose(1, 2).unsqueeze(-1).to(do.dtype)], dim=-1)
-    dq, dk, dv = flash_bwd(do_aug, pad(q, (0, 1)), pad(k, (0, 1)), pad(v, (0, 1)), o_aug, lse,
+    hi = delta.to(do.dtype)
+    lo = (delta - hi.to(delta.dtype)).to(do.dtype)
+    columns = torch.stack([hi, lo], dim=-1).transpose(1, 2)  # [B, S, H, 2]
+    do_aug = torch.cat([do, columns], dim=-1)
+    o_aug = torch.cat([torch.zeros_like(do), torch.ones_like(columns)], dim=-1)
+    dq, dk, dv = flash_bwd(do_aug, pad(q, (0, 2)), pad(k, (0, 2)), pad(v, (0, 2)), o_aug, lse,
                            causal, scale)
-    return dq[..., :-1], dk[..., :-1], dv[..., :-1]
+    return dq[..., :-2], dk[..., :-2], dv[..., :-2]
 
 
 # ---------------------------------------------------------------- chunked (any device)
@@ -153,15 +209,14 @@ def chunked_fwd(q, k, v, block: SubBlock, scale: float) -> tuple[torch.Tensor, t
     return o, lse
 
 
-def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None):
-    """(dq, dk, dv) of one sub-block in the accumulator dtype, from the final o and lse."""
+def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None, delta=None):
+    """(dq, dk, dv) of one sub-block in the accumulator dtype, from the final lse and either
+    the final o (and dlse) or delta."""
     acc_dtype = accumulator_dtype(q.dtype)
     b, n, hq, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1).transpose(1, 2)  # [B, Hq, n]
-    if dlse is not None:
-        delta = delta - dlse.to(acc_dtype)
+    delta = softmax_delta(do, o, dlse) if delta is None else delta.to(acc_dtype)  # [B, Hq, n]
     lse = lse.to(acc_dtype)
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     dq = torch.zeros(b, n, hkv, g, d, dtype=acc_dtype, device=q.device)
@@ -208,28 +263,57 @@ class TorchBlockKernel:
     def _use_flash(self, block: SubBlock, dtype: torch.dtype) -> bool:
         return self.flash and block.kind is not MaskKind.POSITIONS and dtype in FLASH_DTYPES
 
+    def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
+        q_blk = q[:, block.q0:block.q1]
+        k_blk, v_blk = k[:, block.k0:block.k1], v[:, block.k0:block.k1]
+        if self._use_flash(block, q.dtype):
+            return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
+        return chunked_fwd(q_blk, k_blk, v_blk, block, scale)
+
     def fwd_into(self, acc_o, acc_lse, q, k, v, blocks: tuple[SubBlock, ...], scale: float) -> None:
         """Attend q to each sub-block's keys and merge the partials into (acc_o, acc_lse)."""
         for block in blocks:
-            q_blk = q[:, block.q0:block.q1]
-            k_blk, v_blk = k[:, block.k0:block.k1], v[:, block.k0:block.k1]
-            if self._use_flash(block, q.dtype):
-                o_blk, lse_blk = flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
-            else:
-                o_blk, lse_blk = chunked_fwd(q_blk, k_blk, v_blk, block, scale)
+            o_blk, lse_blk = self._block_fwd(q, k, v, block, scale)
             merge_into(acc_o[:, block.q0:block.q1], acc_lse[:, :, block.q0:block.q1], o_blk, lse_blk)
 
+    def fwd(self, q, k, v, blocks: tuple[SubBlock, ...], scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o, lse) of q against a plan, for a partial that is sent on rather than merged here.
+
+        A plan of one sub-block over every query row is the block kernel's own result (flash:
+        o in the input dtype; no accumulator, no merge); otherwise fp32 accumulators as in
+        `fwd_into`. lse [B, Hq, Sq] in the accumulator dtype, o in either.
+        """
+        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1]):
+            o, lse = self._block_fwd(q, k, v, blocks[0], scale)
+            return o, lse.to(accumulator_dtype(q.dtype))
+        acc_dtype = accumulator_dtype(q.dtype)
+        batch, seq, heads, dim = q.shape
+        o = torch.zeros((batch, seq, heads, dim), dtype=acc_dtype, device=q.device)
+        lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
+        self.fwd_into(o, lse, q, k, v, blocks, scale)
+        return o, lse
+
     def bwd_into(self, dq, dk, dv, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...],
-                 scale: float) -> None:
-        """Add each sub-block's (dq, dk, dv) into the accumulators. o/lse are the final ones."""
+                 scale: float, delta=None) -> None:
+        """Add each sub-block's (dq, dk, dv) into the accumulators. o/lse are the final ones.
+
+        Where the output is not at hand, pass o=None, dlse=None and `delta` [B, Hq, Sq]
+        (`softmax_delta` of the final output, computed where it lives).
+        """
+        if (delta is None) == (o is None) or (delta is not None and dlse is not None):
+            raise ValueError("bwd_into: pass the final o (and dlse), or delta alone")
         for block in blocks:
             rows, keys = slice(block.q0, block.q1), slice(block.k0, block.k1)
             dlse_blk = None if dlse is None else dlse[:, :, rows]
-            args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o[:, rows], lse[:, :, rows])
+            delta_blk = None if delta is None else delta[:, :, rows]
+            o_blk = None if o is None else o[:, rows]
+            args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o_blk, lse[:, :, rows])
             if self._use_flash(block, q.dtype):
-                dq_blk, dk_blk, dv_blk = flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale, dlse_blk)
+                dq_blk, dk_blk, dv_blk = flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale,
+                                                   dlse_blk, delta_blk)
             else:
-                dq_blk, dk_blk, dv_blk = chunked_bwd(*args, block, scale, dlse_blk)
+                dq_blk, dk_blk, dv_blk = chunked_bwd(*args, block, scale, dlse_blk, delta_blk)
             dq[:, rows] += dq_blk
             dk[:, keys] += dk_blk
             dv[:, keys] += dv_blk
