@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.kernels import ChunkedLinearKernel, linear_attention_reference, use_linear_kernel
+from seqpar.kernels.torch_cpu import accumulator_dtype
 from tests.attention_cases import EXACT_REL
 from tests.checks import assert_close, magnitude, max_error
 
@@ -155,3 +156,114 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict
     errors["bytes_fwd"] = stats.sent("lasp2.fwd")
     errors["bytes_bwd"] = stats.sent("lasp2.bwd")
     return errors
+
+
+# ---------------------------------------------------------------- kernel level (one process)
+
+def kernel_by_name(name: str, block: int):
+    """A local kernel with small blocks, so short sequences cross several (ragged) blocks."""
+    if name == "lightning":
+        from seqpar.kernels.lightning import LightningKernel  # needs TRITON_INTERPRET=1 on CPU
+        return LightningKernel(block=block)
+    return ChunkedLinearKernel(block=block, span_blocks=2)
+
+
+class _KernelWithState(torch.autograd.Function):
+    """kernel.fwd / kernel.bwd with an initial state in and the final state out, as autograd
+    sees them, so a chain of calls can be differentiated end to end."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, initial_state, kernel, log_decay, scale):
+        o, final = kernel.fwd(q, k, v, log_decay, scale, initial_state, final_state=True)
+        ctx.save_for_backward(q, k, v, initial_state)
+        ctx.args = (kernel, log_decay, scale)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, initial_state = ctx.saved_tensors
+        kernel, log_decay, scale = ctx.args
+        dq, dk, dv, dinitial = kernel.bwd(do, q, k, v, log_decay, scale, initial_state, dfinal,
+                                          dinitial_state=initial_state is not None)
+        return dq, dk, dv, dinitial, None, None, None
+
+
+def final_state_reference(k, v, decay):
+    """F = sum_j lambda^(S - j) k_j^T v_j over the whole sequence (fp64, dense)."""
+    seq, heads = k.shape[1], k.shape[2]
+    s = torch.zeros(heads, dtype=k.dtype) if decay is None else decay.to(k.dtype)
+    weights = torch.exp(-s[None, :] * (seq - torch.arange(seq, dtype=k.dtype))[:, None])
+    return torch.einsum("bnhd,bnhe->bhde", k * weights[None, :, :, None], v)
+
+
+def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype):
+    """o, final state and dq, dk, dv of <o, dO> + <F, dF> through a chain of kernel calls."""
+    acc = accumulator_dtype(dtype)
+    s = torch.zeros(q.shape[2], dtype=acc) if decay is None else decay.to(acc)
+    q_x, k_x, v_x = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    outputs, state, start = [], None, 0
+    for length in parts:
+        rows = slice(start, start + length)
+        o, state = _KernelWithState.apply(q_x[:, rows], k_x[:, rows], v_x[:, rows], state,
+                                          kernel, s, scale)
+        outputs.append(o)
+        start += length
+    o = torch.cat(outputs, dim=1)
+    grads = torch.autograd.grad((o.double() * do).sum() + (state.double() * dfinal).sum(),
+                                (q_x, k_x, v_x))
+    return (o, state, *grads)
+
+
+def check_kernel_chain(kernel_name: str, dtype: torch.dtype, decay_name: str,
+                       parts=(13, 16, 8), block: int = 16) -> dict[str, float]:
+    """A causal sequence cut in `parts`, each part one kernel call taking the previous part's
+    final state as its initial state, equals the reference on the whole sequence: o, the final
+    state, and dq, dk, dv of <o, dO> + <F, dF> — so state in, state out and both their
+    gradients are checked (the first part has no initial state, as LASP-2 calls it).
+    Half inputs: within 2 x the error of the chunked kernel on the same rounded inputs (the
+    same-precision single-device computation) + eps/4 of the magnitude."""
+    case = LinearCase(decay=decay_name, heads=2, key_dim=5, value_dim=7, batch=2)
+    q, k, v, do = global_inputs(case, sum(parts))
+    dfinal = torch.randn(case.batch, case.heads, case.key_dim, case.value_dim,
+                         generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    decay, scale = case.log_decay(), 0.3
+    q_r, k_r, v_r = (t.clone().requires_grad_() for t in (q, k, v))
+    o_ref = linear_attention_reference(q_r, k_r, v_r, decay=decay, scale=scale)
+    final_ref = final_state_reference(k_r, v_r, decay)
+    ref_grads = torch.autograd.grad((o_ref * do).sum() + (final_ref * dfinal).sum(), (q_r, k_r, v_r))
+    expected = (o_ref.detach(), final_ref.detach(), *ref_grads)
+
+    inputs = (parts, q, k, v, do, dfinal, decay, scale, dtype)
+    actual = _chained(kernel_by_name(kernel_name, block), *inputs)
+    names = ("o", "final_state", "dq", "dk", "dv")
+    context = f"{kernel_name} {dtype} decay-{decay_name}"
+    if dtype in EXACT_REL:
+        return {name: assert_close(name, a, e, EXACT_REL[dtype], context)
+                for name, a, e in zip(names, actual, expected)}
+    single = _chained(kernel_by_name("chunked", block), *inputs)
+    errors = {}
+    for name, a, e, b in zip(names, actual, expected, single):
+        err, bound = max_error(a, e), 2 * max_error(b, e) + magnitude(e) * torch.finfo(dtype).eps / 4
+        assert err <= bound, f"{context} {name}: error {err:.3e} > bound {bound:.3e}"
+        errors[name] = err
+    return errors
+
+
+def check_kernel_intra(kernel_name: str, dtype: torch.dtype, decay_name: str, causal: bool,
+                       seq: int = 37, block: int = 16) -> dict[str, float]:
+    """The zero-state chunk pass LASP-2 overlaps with its all-gather (causal, or bidirectional
+    from two causal passes) vs the reference: o, dq, dk, dv (fp32 or fp64 inputs)."""
+    kernel = kernel_by_name(kernel_name, block)
+    case = LinearCase(decay=decay_name, heads=2, key_dim=5, value_dim=7, batch=2)
+    q, k, v, do = global_inputs(case, seq)
+    decay, scale = case.log_decay(), 0.3
+    expected = reference(q, k, v, do, decay, causal, scale)
+    acc = accumulator_dtype(dtype)
+    s = torch.zeros(case.heads, dtype=acc) if decay is None else decay.to(acc)
+    x = [t.to(dtype) for t in (q, k, v, do)]
+    actual = (kernel.intra_fwd(*x[:3], s, scale, causal), *kernel.intra_bwd(x[3], *x[:3], s, scale, causal))
+    context = f"{kernel_name} {dtype} decay-{decay_name} causal={causal}"
+    for a in actual:
+        assert a.dtype == acc, (context, a.dtype)
+    return {name: assert_close(name, a, e, EXACT_REL[dtype], context)
+            for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected)}
