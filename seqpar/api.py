@@ -233,8 +233,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=No
         "heads": q.shape[2] if ok else -1,
         "key dim": q.shape[3] if ok else -1,
         "value dim": v.shape[3] if ok else -1,
-        "decay given": int(decay is not None),
-        "decay values": _decay_checksum(decay) if ok and decay is not None else 0,
+        "decay (None or a tensor)": int(decay is not None),
+        "decay": _decay_checksum(decay) if ok and decay is not None else 0,
     }, problem, device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     seq_len = q.shape[1] * info.world
