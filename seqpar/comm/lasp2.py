@@ -129,7 +129,7 @@ def lasp2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torc
     gathered = pending.wait()
     states = tuple(_incoming(gathered[:, d], s, plan, reverse=d == 1) for d in range(plan.directions))
     for (from_start, _), state in zip(weights, states):
-        o += plan.scale * times_state(qc, state, from_start)
+        o += times_state(qc, state, from_start * plan.scale)
     return o.reshape(*q.shape[:3], v.shape[3]), states
 
 
@@ -151,7 +151,7 @@ def lasp2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     pending = start_all_gather(outgoing.unflatten(1, (q.shape[0], -1)), plan.info, traffic)
     dq, dk, dv = plan.kernel.intra_bwd(doc, qc, kc, vc, s, plan.scale, plan.causal)
     for (from_start, _), state in zip(weights, states):
-        dq += plan.scale * times_state(doc, state.transpose(-1, -2), from_start)
+        dq += times_state(doc, state.transpose(-1, -2), from_start * plan.scale)
     gathered = pending.wait()
     for d, (_, to_end) in enumerate(weights):
         # The prefix states flowed forward, so their gradients come from later chunks.

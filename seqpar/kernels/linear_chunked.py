@@ -11,7 +11,9 @@ block the output is a small masked product; across blocks a state carries the pa
 (q is pre-multiplied by `scale`; t is the index inside the block.) Blocks are processed a span
 of `span_blocks` at a time — batched matrix products over the span's blocks and one direct scan
 of its block states (`linear_state.scan_states`) — while a running state crosses from span to
-span, so memory stays O(n) and no S x S (or even span x span) matrix is ever formed.
+span. Only the span being computed is converted to the accumulator dtype and the [B, H, n, D]
+layout, so the full-length buffers are just the results: memory O(n), and no S x S (or even
+span x span) matrix is ever formed.
 
 Backward, per block (G_b: gradient flowing into M_b, the reverse scan of D_b):
 
@@ -40,13 +42,23 @@ from .linear_state import LinearKernel, chunk_weights, outer_sum, scan_states, t
 from .torch_cpu import accumulator_dtype
 
 
-def _blocked(t: torch.Tensor, acc: torch.dtype, padded: int, factor: float = 1.0) -> torch.Tensor:
-    """bshd -> [B, H, padded, D] in `acc`, zero-padded at the end, times `factor`."""
-    out = t.to(acc).transpose(1, 2)
-    out = out * factor if factor != 1.0 else out
-    if padded > t.shape[1]:
-        out = torch.nn.functional.pad(out, (0, 0, 0, padded - t.shape[1]))
-    return out.contiguous()
+def _span_blocks(t: torch.Tensor, start: int, end: int, block: int, acc: torch.dtype,
+                 factor: float = 1.0) -> torch.Tensor:
+    """Tokens [start, end) of a bshd tensor as blocks [B, H, nb, T, D] in `acc` (a copy of the
+    span only), times `factor`, zero-padded at the end when the sequence stops inside it."""
+    part = t[:, start:end].to(acc).transpose(1, 2)
+    part = part * factor if factor != 1.0 else part
+    padded = -(-(end - start) // block) * block
+    if padded > part.shape[2]:
+        part = torch.nn.functional.pad(part, (0, 0, 0, padded - part.shape[2]))
+    b, h, _, d = part.shape
+    return part.contiguous().view(b, h, padded // block, block, d)
+
+
+def _put_span(out: torch.Tensor, start: int, blocks: torch.Tensor) -> None:
+    """Write span blocks [B, H, nb, T, D] into tokens [start, ...) of the bshd `out`."""
+    rows = min(out.shape[1] - start, blocks.shape[2] * blocks.shape[3])
+    out[:, start:start + rows] = blocks.flatten(2, 3)[:, :, :rows].transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -77,42 +89,35 @@ class ChunkedLinearKernel(LinearKernel):
     span_blocks: int = 16
     name: str = "chunked"
 
-    def _spans(self, padded: int):
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        """Token ranges of `span_blocks` blocks each (the last may end inside a block)."""
         step = self.block * self.span_blocks
-        return [(start, min(start + step, padded)) for start in range(0, padded, step)]
-
-    def _view(self, t: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """[B, H, padded, D] -> the span's blocks [B, H, nb, T, D] (a view)."""
-        b, h, _, d = t.shape
-        return t[:, :, start:end].view(b, h, (end - start) // self.block, self.block, d)
+        return [(start, min(start + step, n)) for start in range(0, n, step)]
 
     def fwd(self, q, k, v, log_decay, scale, initial_state=None, final_state=False):
         acc = accumulator_dtype(q.dtype)
         batch, n, heads, dk = q.shape
         dv = v.shape[-1]
         s = log_decay.to(acc)
-        padded = -(-n // self.block) * self.block
-        qb, kb, vb = _blocked(q, acc, padded, scale), _blocked(k, acc, padded), _blocked(v, acc, padded)
         decays = _BlockDecays.build(s, self.block)
-        o = torch.empty(batch, heads, padded, dv, dtype=acc, device=q.device)
+        o = torch.empty(batch, n, heads, dv, dtype=acc, device=q.device)
         state = (torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
                  if initial_state is None else initial_state.to(acc))
-        for start, end in self._spans(padded):
-            q_s, k_s, v_s = (self._view(t, start, end) for t in (qb, kb, vb))
+        for start, end in self._spans(n):
+            q_s = _span_blocks(q, start, end, self.block, acc, scale)
+            k_s, v_s = (_span_blocks(t, start, end, self.block, acc) for t in (k, v))
             scores = (q_s @ k_s.transpose(-1, -2)) * decays.intra
             block_states = (k_s * decays.to_end).transpose(-1, -2) @ v_s
             entering = scan_states(block_states, s, self.block, initial=state)
-            o_s = scores @ v_s + (q_s * decays.from_start) @ entering
-            o[:, :, start:end] = o_s.flatten(2, 3)
+            _put_span(o, start, scores @ v_s + (q_s * decays.from_start) @ entering)
             state = decays.across * entering[:, :, -1] + block_states[:, :, -1]
-        out = o[:, :, :n].transpose(1, 2).contiguous()
         if not final_state:
-            return out, None
+            return o, None
         _, to_end = chunk_weights(s, n)
         final = outer_sum(k, v, to_end)
         if initial_state is not None:
             final = final + torch.exp(-s * n)[None, :, None, None] * initial_state.to(acc)
-        return out, final
+        return o, final
 
     def bwd(self, do, q, k, v, log_decay, scale, initial_state=None, dfinal_state=None,
             dinitial_state=False):
@@ -120,11 +125,8 @@ class ChunkedLinearKernel(LinearKernel):
         batch, n, heads, dk = q.shape
         dv = v.shape[-1]
         s = log_decay.to(acc)
-        padded = -(-n // self.block) * self.block
-        qb, kb, vb = _blocked(q, acc, padded, scale), _blocked(k, acc, padded), _blocked(v, acc, padded)
-        dob = _blocked(do, acc, padded)
         decays = _BlockDecays.build(s, self.block)
-        spans = self._spans(padded)
+        spans = self._spans(n)
 
         # Pass 1: the state entering each span.
         state = (torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
@@ -133,35 +135,32 @@ class ChunkedLinearKernel(LinearKernel):
         for start, end in spans:
             span_entry.append(state)
             _, to_end = chunk_weights(s, end - start)
-            span_k, span_v = kb[:, :, start:end].transpose(1, 2), vb[:, :, start:end].transpose(1, 2)
-            state = torch.exp(-s * (end - start))[None, :, None, None] * state + outer_sum(span_k, span_v, to_end)
+            state = (torch.exp(-s * (end - start))[None, :, None, None] * state
+                     + outer_sum(k[:, start:end], v[:, start:end], to_end))
 
         # Pass 2, in reverse: gradients, with the running gradient of the state at the span end.
-        dq, dk_, dv_ = (torch.empty(batch, heads, padded, d, dtype=acc, device=q.device)
-                        for d in (dk, dk, dv))
+        dq = torch.empty(q.shape, dtype=acc, device=q.device)
+        dk_, dv_ = torch.empty(k.shape, dtype=acc, device=q.device), torch.empty(v.shape, dtype=acc, device=q.device)
         state_grad = torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
         for (start, end), entry in zip(reversed(spans), reversed(span_entry)):
-            q_s, k_s, v_s, do_s = (self._view(t, start, end) for t in (qb, kb, vb, dob))
+            q_s = _span_blocks(q, start, end, self.block, acc, scale)
+            k_s, v_s, do_s = (_span_blocks(t, start, end, self.block, acc) for t in (k, v, do))
             dp = (do_s @ v_s.transpose(-1, -2)) * decays.intra
             scores = (q_s @ k_s.transpose(-1, -2)) * decays.intra
             k_out = k_s * decays.to_end
-            block_states = k_out.transpose(-1, -2) @ v_s
-            entering = scan_states(block_states, s, self.block, initial=entry)
+            entering = scan_states(k_out.transpose(-1, -2) @ v_s, s, self.block, initial=entry)
             block_grads = (q_s * decays.from_start).transpose(-1, -2) @ do_s
             leaving = scan_states(block_grads, s, self.block, reverse=True, initial=state_grad)
-            dq[:, :, start:end] = (dp @ k_s + (do_s @ entering.transpose(-1, -2)) * decays.from_start).flatten(2, 3)
-            dk_[:, :, start:end] = (dp.transpose(-1, -2) @ q_s
-                                    + (v_s @ leaving.transpose(-1, -2)) * decays.to_end).flatten(2, 3)
-            dv_[:, :, start:end] = (scores.transpose(-1, -2) @ do_s + k_out @ leaving).flatten(2, 3)
+            _put_span(dq, start, (dp @ k_s + (do_s @ entering.transpose(-1, -2)) * decays.from_start) * scale)
+            _put_span(dk_, start, dp.transpose(-1, -2) @ q_s + (v_s @ leaving.transpose(-1, -2)) * decays.to_end)
+            _put_span(dv_, start, scores.transpose(-1, -2) @ do_s + k_out @ leaving)
             state_grad = decays.across * leaving[:, :, 0] + block_grads[:, :, 0]
 
-        dq, dk_, dv_ = (t[:, :, :n].transpose(1, 2).contiguous() for t in (dq, dk_, dv_))
-        dq = dq * scale
         if dfinal_state is not None:
             _, to_end = chunk_weights(s, n)
             dfinal = dfinal_state.to(acc)
-            dk_ = dk_ + times_state(v, dfinal.transpose(-1, -2), to_end)
-            dv_ = dv_ + times_state(k, dfinal, to_end)
+            dk_ += times_state(v, dfinal.transpose(-1, -2), to_end)
+            dv_ += times_state(k, dfinal, to_end)
             state_grad = state_grad + torch.exp(-s * n)[None, :, None, None] * dfinal
         return dq, dk_, dv_, (state_grad if dinitial_state else None)
 
