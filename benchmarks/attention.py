@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import (header_text, launch, machine, mib, peak_memory, table, timed,
-                               write_json)
+from benchmarks.common import (header_text, launch, machine, mib, peak_memory, start_rank, table,
+                               timed, write_json)
 
 
 @dataclass(frozen=True)
@@ -181,11 +181,7 @@ BASELINE_PEER = "torch ring (allgather)"
 def _worker(config: dict) -> list[dict]:
     import seqpar
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(config["threads"])
-    device = torch.device("cpu")
-    dtype = getattr(torch, config["dtype"])
+    rank, world, device, dtype = start_rank(config)
     names = config["methods"]
     rows = []
     for seq in config["seqs"]:

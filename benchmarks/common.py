@@ -145,6 +145,17 @@ def mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20
 
 
+def start_rank(config: dict) -> tuple[int, int, torch.device, torch.dtype]:
+    """Inside a launched rank: join the gloo group, take `config["threads"]` threads; returns
+    (rank, world, device, dtype of config["dtype"])."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(config["threads"])
+    dtype = getattr(torch, config["dtype"])
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu"), dtype
+
+
 def launch(world: int, worker: Callable[[dict], list[dict]], config: dict) -> list[dict]:
     """Run `worker(config)` on `world` CPU ranks with torchrun's machinery (elastic_launch);
     returns rank 0's result. `config["threads"]` is each rank's thread count."""

@@ -34,7 +34,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import header_text, launch, machine, mib, peak_memory, table, timed, write_json
+from benchmarks.common import (header_text, launch, machine, mib, peak_memory, start_rank, table,
+                               timed, write_json)
 
 DEFAULT_SEQS = [65536 * 2 ** i for i in range(5)]  # 64K .. 1,048,576
 
@@ -49,11 +50,7 @@ def _worker(config: dict) -> list[dict]:
     import seqpar
     from tqdm import tqdm
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(config["threads"])
-    device = torch.device("cpu")
-    dtype = getattr(torch, config["dtype"])
+    rank, world, device, dtype = start_rank(config)
     decay = head_decays(config["heads"])
 
     def run(seq: int, seed: int) -> tuple[float, int, int]:

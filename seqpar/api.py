@@ -81,6 +81,19 @@ def _check_length_and_flags(q, causal, scale, layout) -> Exception | None:
     return None
 
 
+def _agreed_call_values(q, causal, scale, layout, ok: bool) -> dict[str, int]:
+    """The values every rank of one call must share, as integers for `agree` (placeholders
+    where this rank's arguments are bad: its own error is raised instead)."""
+    return {
+        "layout": LAYOUTS.index(layout) if layout in LAYOUTS else -1,
+        "causal": int(bool(causal)) if isinstance(causal, bool) else -1,
+        "scale": _float_bits(float(scale)) if ok and scale is not None else 0,
+        "dtype": _DTYPE_CODES[q.dtype] if ok else -1,
+        "batch size": q.shape[0] if ok else -1,
+        "local sequence length": q.shape[1] if ok else -1,
+    }
+
+
 def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2
                           ) -> Exception | None:
     """This rank's verdict on its arguments: the exception to raise, or None."""
@@ -133,12 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     agree(info, "seqpar.attention", {
         "backend": sorted(BACKENDS).index(backend) if backend in BACKENDS else -1,
-        "layout": LAYOUTS.index(layout) if layout in LAYOUTS else -1,
-        "causal": int(bool(causal)) if isinstance(causal, bool) else -1,
-        "scale": _float_bits(float(scale)) if shapes_ok and scale is not None else 0,
-        "dtype": _DTYPE_CODES[q.dtype] if shapes_ok else -1,
-        "batch size": q.shape[0] if shapes_ok else -1,
-        "local sequence length": q.shape[1] if shapes_ok else -1,
+        **_agreed_call_values(q, causal, scale, layout, shapes_ok),
         "query heads": q.shape[2] if shapes_ok else -1,
         "key/value heads": k.shape[2] if shapes_ok else -1,
         "head dim": q.shape[3] if shapes_ok else -1,
@@ -224,12 +232,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=No
     ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     agree(info, "seqpar.linear_attention", {
-        "layout": LAYOUTS.index(layout) if layout in LAYOUTS else -1,
-        "causal": int(bool(causal)) if isinstance(causal, bool) else -1,
-        "scale": _float_bits(float(scale)) if ok and scale is not None else 0,
-        "dtype": _DTYPE_CODES[q.dtype] if ok else -1,
-        "batch size": q.shape[0] if ok else -1,
-        "local sequence length": q.shape[1] if ok else -1,
+        **_agreed_call_values(q, causal, scale, layout, ok),
         "heads": q.shape[2] if ok else -1,
         "key dim": q.shape[3] if ok else -1,
         "value dim": v.shape[3] if ok else -1,
@@ -239,7 +242,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=No
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     seq_len = q.shape[1] * info.world
     plan = Lasp2Plan.build(info, all_local_runs(seq_len, info.world, layout), causal,
-                           decay is not None, scale, select_linear_kernel(q.device, q.dtype),
+                           decay is not None, scale,
+                           select_linear_kernel(q.device, q.dtype, max(q.shape[3], v.shape[3])),
                            active_recorders())
     log_decay = None
     if not plan.summed:

@@ -44,6 +44,12 @@ def test_lightning_state_chain_matches_reference(interpreted, dtype, decay):
     interpreted.run(check_kernel_chain, "lightning", dtype, decay)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lightning_auto_block_at_head_dim_128(interpreted, dtype):
+    """The block the kernel picks for itself at the largest head dims it takes (Dk=128, Dv=96)."""
+    interpreted.run(check_kernel_chain, "lightning", dtype, "mild", (13, 40), None, (128, 96))
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("decay", ["none", "strong"])
 def test_lightning_intra_matches_reference(interpreted, decay, causal):
@@ -65,3 +71,45 @@ def test_lasp2_on_the_lightning_kernel(interpreted, causal):
     case = LinearCase(layout="zigzag", causal=causal, decay="mild", seq_local=20,
                       dtype=torch.float32, kernel="lightning")
     interpreted.run(check_lasp2_on_lightning, case)
+
+
+SM80_SHARED_BYTES = 163 * 1024  # the most shared memory one program may use on an A100 (sm_80)
+
+
+def compile_for_sm80(dtype: torch.dtype, head_dim: int) -> list[int]:
+    """Compile the three kernels ahead of time for sm_80 (no GPU needed: triton ships ptxas)
+    with the block `auto_block` picks; return each one's shared memory in bytes."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from seqpar.kernels import lightning
+    block = lightning.auto_block(head_dim, head_dim, dtype)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    used = []
+    for kernel, flags in ((lightning._lightning_fwd, ("HAS_STATE_IN", "HAS_STATE_OUT")),
+                          (lightning._lightning_bwd_dq, ("HAS_STATE_IN",)),
+                          (lightning._lightning_bwd_dkv, ("HAS_DSTATE_OUT", "HAS_DSTATE_IN"))):
+        constants = dict(HEADS=4, DK=head_dim, DV=head_dim, DK_PAD=head_dim, DV_PAD=head_dim,
+                         BLOCK=block, PRECISION=precision, **{flag: True for flag in flags})
+        names = list(inspect.signature(kernel.fn).parameters)
+        # Upper-case parameters are tensors (inputs in `dtype`, results and states fp32).
+        signature = {n: "constexpr" if n in constants else
+                     f"*{element if n in ('Q', 'K', 'V', 'DO') else 'fp32'}" if n.isupper() else
+                     "fp32" if n == "scale" else "i32" for n in names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(n),): value for n, value in constants.items()})
+        used.append(triton.compile(source, target=GPUTarget("cuda", 80, 32)).metadata.shared)
+    return used
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.float32, 128)],
+                         ids=["fp32-D64", "fp32-D128"])
+def test_kernels_compile_for_a_gpu_within_shared_memory(dtype, head_dim):
+    """The real (not interpreted) compiler accepts the kernels, and with the blocks auto_block
+    picks they fit the smallest shared memory we target (these are the tightest cases)."""
+    used = compile_for_sm80(dtype, head_dim)
+    assert max(used) <= SM80_SHARED_BYTES, used

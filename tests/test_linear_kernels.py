@@ -72,7 +72,8 @@ def test_linear_kernel_selection():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert select_linear_kernel(cpu, torch.float32).name == "chunked"
     assert select_linear_kernel(cuda, torch.float64).name == "chunked"  # Triton is fp16/bf16/fp32
-    assert select_linear_kernel(cuda, torch.bfloat16).name == "lightning"
+    assert select_linear_kernel(cuda, torch.bfloat16, 128).name == "lightning"
+    assert select_linear_kernel(cuda, torch.float32, 256).name == "chunked"  # state too big on chip
     with use_linear_kernel("chunked"):
         assert select_linear_kernel(cuda, torch.float32).name == "chunked"
     with use_linear_kernel("lightning"):
@@ -81,3 +82,15 @@ def test_linear_kernel_selection():
     with pytest.raises(ValueError, match=r"use_linear_kernel: unknown kernel 'flash'; choose one of"):
         with use_linear_kernel("flash"):
             pass
+
+
+def test_lightning_refuses_what_it_cannot_hold():
+    """Checked before any launch, so no GPU (or interpreter) is needed to see the errors."""
+    pytest.importorskip("triton")
+    from seqpar.kernels.lightning import LightningKernel
+    x = torch.randn(1, 4, 1, 8)
+    with pytest.raises(TypeError, match=r"lightning kernel: dtype torch.float64 is not supported"):
+        LightningKernel().fwd(x.double(), x.double(), x.double(), torch.zeros(1), 1.0)
+    wide = torch.randn(1, 4, 1, 200)
+    with pytest.raises(ValueError, match=r"head dims Dk=8, Dv=200; at most 128 fit"):
+        LightningKernel().fwd(x, x, wide, torch.zeros(1), 1.0)

@@ -77,7 +77,8 @@ class Lasp2Plan:
         ids = [run.start // chunk_len for runs in all_runs for run in runs]
         gathered_index = tuple(sorted(range(len(ids)), key=ids.__getitem__))
         local = tuple(run.start // chunk_len for run in all_runs[info.rank])
-        return cls(info, chunk_len, local, gathered_index, causal, decayed, scale, kernel, recorders)
+        return cls(info, chunk_len, local, gathered_index, causal, decayed, scale, kernel,
+                   recorders)
 
     @property
     def summed(self) -> bool:
@@ -127,7 +128,8 @@ def lasp2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torc
     pending = start_all_gather(outgoing.unflatten(1, (q.shape[0], -1)), plan.info, traffic)
     o = plan.kernel.intra_fwd(qc, kc, vc, s, plan.scale, plan.causal)  # while states travel
     gathered = pending.wait()
-    states = tuple(_incoming(gathered[:, d], s, plan, reverse=d == 1) for d in range(plan.directions))
+    states = tuple(_incoming(gathered[:, d], s, plan, reverse=d == 1)
+                   for d in range(plan.directions))
     for (from_start, _), state in zip(weights, states):
         o += times_state(qc, state, from_start * plan.scale)
     return o.reshape(*q.shape[:3], v.shape[3]), states
@@ -147,7 +149,8 @@ def lasp2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     s = log_decay.to(accumulator_dtype(q.dtype))
     qc, kc, vc, doc = (_chunks(t, plan) for t in (q, k, v, do))
     weights = _weights(s, plan)
-    outgoing = torch.stack([plan.scale * outer_sum(qc, doc, from_start) for from_start, _ in weights])
+    outgoing = torch.stack([plan.scale * outer_sum(qc, doc, from_start)
+                            for from_start, _ in weights])
     pending = start_all_gather(outgoing.unflatten(1, (q.shape[0], -1)), plan.info, traffic)
     dq, dk, dv = plan.kernel.intra_bwd(doc, qc, kc, vc, s, plan.scale, plan.causal)
     for (from_start, _), state in zip(weights, states):

@@ -1,9 +1,9 @@
 """Pick the local kernel for a (device, dtype).
 
 Softmax blocks: CPU -> the fused CPU flash op (`torch_cpu.TorchBlockKernel(flash=True)`); any
-other device -> the chunked PyTorch path. Linear attention: CUDA with fp16/bf16/fp32 -> the
-Triton Lightning kernel (`lightning.LightningKernel`, imported only then: triton is optional);
-otherwise -> the chunked PyTorch kernel (`linear_chunked.ChunkedLinearKernel`).
+other device -> the chunked PyTorch path. Linear attention: CUDA with fp16/bf16/fp32 and head dims
+up to 128 -> the Triton Lightning kernel (`lightning.LightningKernel`, imported only then: triton
+is optional); otherwise -> the chunked PyTorch kernel (`linear_chunked.ChunkedLinearKernel`).
 
 A path can be forced for comparisons with the `use_kernel(...)` / `use_linear_kernel(...)`
 context managers (context variables, not environment switches); backends resolve the kernel
@@ -53,6 +53,8 @@ def select_kernel(device: torch.device, dtype: torch.dtype) -> TorchBlockKernel:
 
 LINEAR_KERNELS = ("chunked", "lightning")
 LIGHTNING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The Triton kernel holds a [Dk, Dv] fp32 state and a block's tiles in one SM's shared memory.
+LIGHTNING_MAX_HEAD_DIM = 128
 
 _forced_linear: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "seqpar_forced_linear_kernel", default=None)
@@ -78,11 +80,13 @@ def _lightning() -> LinearKernel:
     return LightningKernel()
 
 
-def select_linear_kernel(device: torch.device, dtype: torch.dtype) -> LinearKernel:
+def select_linear_kernel(device: torch.device, dtype: torch.dtype, head_dim: int = 0
+                         ) -> LinearKernel:
+    """head_dim: the larger of Dk and Dv (the Triton kernel holds a Dk x Dv state on chip)."""
     forced = _forced_linear.get()
     if forced is not None:
         return _lightning() if forced == "lightning" else ChunkedLinearKernel()
-    if device.type == "cuda" and dtype in LIGHTNING_DTYPES:
+    if device.type == "cuda" and dtype in LIGHTNING_DTYPES and head_dim <= LIGHTNING_MAX_HEAD_DIM:
         try:
             return _lightning()
         except ImportError:  # triton is an optional dependency; the chunked path is exact too

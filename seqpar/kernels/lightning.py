@@ -34,19 +34,47 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import LIGHTNING_DTYPES, LIGHTNING_MAX_HEAD_DIM
 from .linear_state import LinearKernel
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _block_decays(s, BLOCK: tl.constexpr):
-    """Lambda [BLOCK, BLOCK] and lambda^t [BLOCK] of one block."""
+def _program(LOG_DECAY, HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+             DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's batch and head, its log-decay s, the head-dim columns and their masks,
+    Lambda [BLOCK, BLOCK] and lambda^t [BLOCK] of a block, and where its [Dk, Dv] state lives
+    in a contiguous [B, H, Dk, Dv] buffer."""
+    pid = tl.program_id(0)
+    s = tl.load(LOG_DECAY + pid % HEADS).to(tl.float32)
     t = tl.arange(0, BLOCK)
     gap = (t[:, None] - t[None, :]).to(tl.float32)
     intra = tl.where(gap >= 0, tl.exp(-s * tl.maximum(gap, 0.0)), 0.0)
     from_start = tl.exp(-s * t.to(tl.float32))
-    return intra, from_start
+    d = tl.arange(0, DK_PAD)
+    e = tl.arange(0, DV_PAD)
+    d_ok = d < DK
+    e_ok = e < DV
+    state_at = pid * DK * DV + d[:, None] * DV + e[None, :]
+    state_ok = d_ok[:, None] & e_ok[None, :]
+    return pid // HEADS, pid % HEADS, s, d, e, d_ok, e_ok, intra, from_start, state_at, state_ok
+
+
+@triton.jit
+def _head_offsets(b, h, stride_qb, stride_qh, stride_vb, stride_vh):
+    """Where (batch b, head h) starts in a q/k-shaped and in a v-shaped bshd tensor."""
+    return b * stride_qb + h * stride_qh, b * stride_vb + h * stride_vh
+
+
+@triton.jit
+def _load_state(STATE, state_at, state_ok, PRESENT: tl.constexpr, DK_PAD: tl.constexpr,
+                DV_PAD: tl.constexpr):
+    """The fp32 [DK_PAD, DV_PAD] state (or state gradient) passed in, or zeros when none was."""
+    if PRESENT:
+        state = tl.load(STATE + state_at, mask=state_ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((DK_PAD, DV_PAD), dtype=tl.float32)
+    return state
 
 
 @triton.jit
@@ -54,6 +82,13 @@ def _load_rows(base, rows, row_ok, stride_n, cols, cols_ok):
     """[BLOCK, D_PAD] rows of one (batch, head), masked, as fp32."""
     ptrs = base + rows[:, None] * stride_n + cols[None, :]
     return tl.load(ptrs, mask=row_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(base, rows, row_ok, stride_n, cols, cols_ok, value):
+    """Store [BLOCK, D_PAD] fp32 rows of one (batch, head), masked."""
+    tl.store(base + rows[:, None] * stride_n + cols[None, :], value,
+             mask=row_ok[:, None] & cols_ok[None, :])
 
 
 @triton.jit
@@ -72,41 +107,25 @@ def _lightning_fwd(Q, K, V, O, LOG_DECAY, STATE_IN, STATE_OUT, scale, seq_len,
                    DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
                    HAS_STATE_IN: tl.constexpr, HAS_STATE_OUT: tl.constexpr,
                    PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // HEADS
-    h = pid % HEADS
-    s = tl.load(LOG_DECAY + h).to(tl.float32)
+    b, h, s, d, e, d_ok, e_ok, intra, from_start, state_at, state_ok = _program(
+        LOG_DECAY, HEADS, DK, DV, DK_PAD, DV_PAD, BLOCK)
     t = tl.arange(0, BLOCK)
-    d = tl.arange(0, DK_PAD)
-    e = tl.arange(0, DV_PAD)
-    d_ok = d < DK
-    e_ok = e < DV
-    intra, from_start = _block_decays(s, BLOCK)
-    state_ptrs = pid * DK * DV + d[:, None] * DV + e[None, :]
-    state_ok = d_ok[:, None] & e_ok[None, :]
-    if HAS_STATE_IN:
-        state = tl.load(STATE_IN + state_ptrs, mask=state_ok, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((DK_PAD, DV_PAD), dtype=tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_qb + h * stride_qh
-    v_base = V + b * stride_vb + h * stride_vh
-    o_base = O + b * stride_vb + h * stride_vh
+    state = _load_state(STATE_IN, state_at, state_ok, HAS_STATE_IN, DK_PAD, DV_PAD)
+    qk_at, v_at = _head_offsets(b, h, stride_qb, stride_qh, stride_vb, stride_vh)
     for start in range(0, seq_len, BLOCK):
         rows = start + t
         row_ok = rows < seq_len
-        q = _load_rows(q_base, rows, row_ok, stride_qn, d, d_ok) * scale
-        k = _load_rows(k_base, rows, row_ok, stride_qn, d, d_ok)
-        v = _load_rows(v_base, rows, row_ok, stride_vn, e, e_ok)
+        q = _load_rows(Q + qk_at, rows, row_ok, stride_qn, d, d_ok) * scale
+        k = _load_rows(K + qk_at, rows, row_ok, stride_qn, d, d_ok)
+        v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra
         o = tl.dot(scores, v, input_precision=PRECISION)
         o += tl.dot(q * from_start[:, None], state, input_precision=PRECISION)
-        tl.store(o_base + rows[:, None] * stride_vn + e[None, :], o,
-                 mask=row_ok[:, None] & e_ok[None, :])
+        _store_rows(O + v_at, rows, row_ok, stride_vn, e, e_ok, o)
         to_end, across = _block_tail(s, row_ok, BLOCK)
         state = state * across + tl.dot(tl.trans(k * to_end[:, None]), v, input_precision=PRECISION)
     if HAS_STATE_OUT:
-        tl.store(STATE_OUT + state_ptrs, state, mask=state_ok)
+        tl.store(STATE_OUT + state_at, state, mask=state_ok)
 
 
 @triton.jit
@@ -115,38 +134,21 @@ def _lightning_bwd_dq(Q, K, V, DO, DQ, LOG_DECAY, STATE_IN, scale, seq_len,
                       HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
                       HAS_STATE_IN: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // HEADS
-    h = pid % HEADS
-    s = tl.load(LOG_DECAY + h).to(tl.float32)
+    b, h, s, d, e, d_ok, e_ok, intra, from_start, state_at, state_ok = _program(
+        LOG_DECAY, HEADS, DK, DV, DK_PAD, DV_PAD, BLOCK)
     t = tl.arange(0, BLOCK)
-    d = tl.arange(0, DK_PAD)
-    e = tl.arange(0, DV_PAD)
-    d_ok = d < DK
-    e_ok = e < DV
-    intra, from_start = _block_decays(s, BLOCK)
-    state_ok = d_ok[:, None] & e_ok[None, :]
-    if HAS_STATE_IN:
-        state = tl.load(STATE_IN + pid * DK * DV + d[:, None] * DV + e[None, :], mask=state_ok,
-                        other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((DK_PAD, DV_PAD), dtype=tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_qb + h * stride_qh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_vb + h * stride_vh
-    dq_base = DQ + b * stride_qb + h * stride_qh
+    state = _load_state(STATE_IN, state_at, state_ok, HAS_STATE_IN, DK_PAD, DV_PAD)
+    qk_at, v_at = _head_offsets(b, h, stride_qb, stride_qh, stride_vb, stride_vh)
     for start in range(0, seq_len, BLOCK):
         rows = start + t
         row_ok = rows < seq_len
-        k = _load_rows(k_base, rows, row_ok, stride_qn, d, d_ok)
-        v = _load_rows(v_base, rows, row_ok, stride_vn, e, e_ok)
-        do = _load_rows(do_base, rows, row_ok, stride_vn, e, e_ok)
+        k = _load_rows(K + qk_at, rows, row_ok, stride_qn, d, d_ok)
+        v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
+        do = _load_rows(DO + v_at, rows, row_ok, stride_vn, e, e_ok)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * intra
         dq = tl.dot(dp, k, input_precision=PRECISION)
         dq += tl.dot(do, tl.trans(state), input_precision=PRECISION) * from_start[:, None]
-        tl.store(dq_base + rows[:, None] * stride_qn + d[None, :], dq * scale,
-                 mask=row_ok[:, None] & d_ok[None, :])
+        _store_rows(DQ + qk_at, rows, row_ok, stride_qn, d, d_ok, dq * scale)
         to_end, across = _block_tail(s, row_ok, BLOCK)
         state = state * across + tl.dot(tl.trans(k * to_end[:, None]), v, input_precision=PRECISION)
 
@@ -159,35 +161,18 @@ def _lightning_bwd_dkv(Q, K, V, DO, DK_OUT, DV_OUT, LOG_DECAY, DSTATE_OUT, DSTAT
                        DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
                        HAS_DSTATE_OUT: tl.constexpr, HAS_DSTATE_IN: tl.constexpr,
                        PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // HEADS
-    h = pid % HEADS
-    s = tl.load(LOG_DECAY + h).to(tl.float32)
+    b, h, s, d, e, d_ok, e_ok, intra, from_start, state_at, state_ok = _program(
+        LOG_DECAY, HEADS, DK, DV, DK_PAD, DV_PAD, BLOCK)
     t = tl.arange(0, BLOCK)
-    d = tl.arange(0, DK_PAD)
-    e = tl.arange(0, DV_PAD)
-    d_ok = d < DK
-    e_ok = e < DV
-    intra, from_start = _block_decays(s, BLOCK)
-    state_ptrs = pid * DK * DV + d[:, None] * DV + e[None, :]
-    state_ok = d_ok[:, None] & e_ok[None, :]
-    if HAS_DSTATE_OUT:
-        grad = tl.load(DSTATE_OUT + state_ptrs, mask=state_ok, other=0.0).to(tl.float32)
-    else:
-        grad = tl.zeros((DK_PAD, DV_PAD), dtype=tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_qb + h * stride_qh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_vb + h * stride_vh
-    dk_base = DK_OUT + b * stride_qb + h * stride_qh
-    dv_base = DV_OUT + b * stride_vb + h * stride_vh
+    grad = _load_state(DSTATE_OUT, state_at, state_ok, HAS_DSTATE_OUT, DK_PAD, DV_PAD)
+    qk_at, v_at = _head_offsets(b, h, stride_qb, stride_qh, stride_vb, stride_vh)
     for i in range(0, n_blocks):
         rows = (n_blocks - 1 - i) * BLOCK + t
         row_ok = rows < seq_len
-        q = _load_rows(q_base, rows, row_ok, stride_qn, d, d_ok) * scale
-        k = _load_rows(k_base, rows, row_ok, stride_qn, d, d_ok)
-        v = _load_rows(v_base, rows, row_ok, stride_vn, e, e_ok)
-        do = _load_rows(do_base, rows, row_ok, stride_vn, e, e_ok)
+        q = _load_rows(Q + qk_at, rows, row_ok, stride_qn, d, d_ok) * scale
+        k = _load_rows(K + qk_at, rows, row_ok, stride_qn, d, d_ok)
+        v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
+        do = _load_rows(DO + v_at, rows, row_ok, stride_vn, e, e_ok)
         to_end, across = _block_tail(s, row_ok, BLOCK)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * intra
         dk = tl.dot(tl.trans(dp), q, input_precision=PRECISION)
@@ -195,32 +180,47 @@ def _lightning_bwd_dkv(Q, K, V, DO, DK_OUT, DV_OUT, LOG_DECAY, DSTATE_OUT, DSTAT
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra
         dv = tl.dot(tl.trans(scores), do, input_precision=PRECISION)
         dv += tl.dot(k * to_end[:, None], grad, input_precision=PRECISION)
-        tl.store(dk_base + rows[:, None] * stride_qn + d[None, :], dk,
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(dv_base + rows[:, None] * stride_vn + e[None, :], dv,
-                 mask=row_ok[:, None] & e_ok[None, :])
-        grad = grad * across + tl.dot(tl.trans(q * from_start[:, None]), do, input_precision=PRECISION)
+        _store_rows(DK_OUT + qk_at, rows, row_ok, stride_qn, d, d_ok, dk)
+        _store_rows(DV_OUT + v_at, rows, row_ok, stride_vn, e, e_ok, dv)
+        q_in = q * from_start[:, None]
+        grad = grad * across + tl.dot(tl.trans(q_in), do, input_precision=PRECISION)
     if HAS_DSTATE_IN:
-        tl.store(DSTATE_IN + state_ptrs, grad, mask=state_ok)
+        tl.store(DSTATE_IN + state_at, grad, mask=state_ok)
 
 
 def _padded(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
+def auto_block(key_dim: int, value_dim: int, dtype: torch.dtype) -> int:
+    """Tokens per block, so one program's tiles and state fit an SM's shared memory (227 KiB on
+    sm_90, 163 KiB on sm_80). Measured by compiling ahead of time for those targets (largest of
+    the three kernels): head dims <= 64, 64-token blocks: fp32 160 KiB, fp16/bf16 112 KiB; head
+    dims 128: 64-token blocks need 256-352 KiB (too much), 32-token ones fp32 208 KiB (too much
+    for sm_80), fp16/bf16 80 KiB; 16-token ones fp32 136 KiB."""
+    if max(_padded(key_dim), _padded(value_dim)) <= 64:
+        return 64
+    return 16 if dtype == torch.float32 else 32
+
+
 @dataclass(frozen=True)
 class LightningKernel(LinearKernel):
-    """The Triton kernels behind the `LinearKernel` contract; blocks of `block` tokens."""
+    """The Triton kernels behind the `LinearKernel` contract; blocks of `block` tokens (None:
+    `auto_block` from the head dims)."""
 
-    block: int = 64
+    block: int | None = None
     name: str = "lightning"
 
     def _meta(self, q: torch.Tensor, v: torch.Tensor) -> dict:
-        if q.dtype not in SUPPORTED_DTYPES:
+        if q.dtype not in LIGHTNING_DTYPES:
             raise TypeError(f"lightning kernel: dtype {q.dtype} is not supported; use one of "
-                            f"{[str(d) for d in SUPPORTED_DTYPES]} (fp64 runs the chunked kernel)")
+                            f"{[str(d) for d in LIGHTNING_DTYPES]} (fp64 runs the chunked kernel)")
+        if max(q.shape[3], v.shape[3]) > LIGHTNING_MAX_HEAD_DIM:
+            raise ValueError(f"lightning kernel: head dims Dk={q.shape[3]}, Dv={v.shape[3]}; at "
+                             f"most {LIGHTNING_MAX_HEAD_DIM} fit (larger ones run the chunked kernel)")
+        block = self.block or auto_block(q.shape[3], v.shape[3], q.dtype)
         return dict(HEADS=q.shape[2], DK=q.shape[3], DV=v.shape[3], DK_PAD=_padded(q.shape[3]),
-                    DV_PAD=_padded(v.shape[3]), BLOCK=self.block,
+                    DV_PAD=_padded(v.shape[3]), BLOCK=block,
                     # fp32 inputs keep fp32 products; half inputs are exact in tf32.
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -260,7 +260,7 @@ class LightningKernel(LinearKernel):
         _lightning_bwd_dq[grid](q, k, v, do, dq, decay, self._state(initial_state, dq), float(scale),
                                 n, *strides, **meta, HAS_STATE_IN=initial_state is not None)
         _lightning_bwd_dkv[grid](q, k, v, do, dk_, dv, decay, self._state(dfinal_state, dq),
-                                 dstate_in, float(scale), n, triton.cdiv(n, self.block), *strides,
+                                 dstate_in, float(scale), n, triton.cdiv(n, meta["BLOCK"]), *strides,
                                  **meta, HAS_DSTATE_OUT=dfinal_state is not None,
                                  HAS_DSTATE_IN=dinitial_state)
         return dq, dk_, dv, (dstate_in if dinitial_state else None)

@@ -74,7 +74,8 @@ class _BlockDecays:
     def build(cls, log_decay: torch.Tensor, block: int) -> "_BlockDecays":
         pos = torch.arange(block, device=log_decay.device)
         gap = pos[:, None] - pos[None, :]
-        intra = torch.exp(-log_decay[:, None, None] * gap.clamp(min=0).to(log_decay.dtype)) * (gap >= 0)
+        distance = gap.clamp(min=0).to(log_decay.dtype)
+        intra = torch.exp(-log_decay[:, None, None] * distance) * (gap >= 0)
         from_start, to_end = chunk_weights(log_decay, block)
         across = torch.exp(-log_decay * block)
         return cls(intra[None, :, None], from_start.T[None, :, None, :, None],
@@ -140,7 +141,8 @@ class ChunkedLinearKernel(LinearKernel):
 
         # Pass 2, in reverse: gradients, with the running gradient of the state at the span end.
         dq = torch.empty(q.shape, dtype=acc, device=q.device)
-        dk_, dv_ = torch.empty(k.shape, dtype=acc, device=q.device), torch.empty(v.shape, dtype=acc, device=q.device)
+        dk_ = torch.empty(k.shape, dtype=acc, device=q.device)
+        dv_ = torch.empty(v.shape, dtype=acc, device=q.device)
         state_grad = torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
         for (start, end), entry in zip(reversed(spans), reversed(span_entry)):
             q_s = _span_blocks(q, start, end, self.block, acc, scale)
@@ -151,8 +153,10 @@ class ChunkedLinearKernel(LinearKernel):
             entering = scan_states(k_out.transpose(-1, -2) @ v_s, s, self.block, initial=entry)
             block_grads = (q_s * decays.from_start).transpose(-1, -2) @ do_s
             leaving = scan_states(block_grads, s, self.block, reverse=True, initial=state_grad)
-            _put_span(dq, start, (dp @ k_s + (do_s @ entering.transpose(-1, -2)) * decays.from_start) * scale)
-            _put_span(dk_, start, dp.transpose(-1, -2) @ q_s + (v_s @ leaving.transpose(-1, -2)) * decays.to_end)
+            inter_dq = (do_s @ entering.transpose(-1, -2)) * decays.from_start
+            _put_span(dq, start, (dp @ k_s + inter_dq) * scale)
+            inter_dk = (v_s @ leaving.transpose(-1, -2)) * decays.to_end
+            _put_span(dk_, start, dp.transpose(-1, -2) @ q_s + inter_dk)
             _put_span(dv_, start, scores.transpose(-1, -2) @ do_s + k_out @ leaving)
             state_grad = decays.across * leaving[:, :, 0] + block_grads[:, :, 0]
 
