@@ -105,3 +105,45 @@ def check_lasp2_on_a_subgroup() -> None:
 
 def test_lasp2_on_a_subgroup(worlds):
     worlds(4).run(check_lasp2_on_a_subgroup)
+
+
+def test_states_travel_while_the_local_kernel_runs(monkeypatch):
+    """Forward and backward each post exactly one collective before the intra-chunk kernel
+    runs and wait for it only afterwards (the overlap), on the plain lasp2_fwd / lasp2_bwd."""
+    from seqpar.comm import lasp2
+    from seqpar.comm.primitives import GroupInfo, PendingCollective
+    from seqpar.kernels import ChunkedLinearKernel
+    from seqpar.layout import all_local_runs
+
+    events = []
+
+    class RecordingKernel(ChunkedLinearKernel):
+        def intra_fwd(self, *args):
+            events.append("kernel fwd")
+            return super().intra_fwd(*args)
+
+        def intra_bwd(self, *args):
+            events.append("kernel bwd")
+            return super().intra_bwd(*args)
+
+    class RecordingPending(PendingCollective):
+        def wait(self):
+            events.append("wait")
+            return super().wait()
+
+    def start(x, info, traffic):
+        events.append(f"start {traffic.op}")
+        return RecordingPending(None, x.unsqueeze(0))
+
+    monkeypatch.setattr(lasp2, "start_all_gather", start)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 8, 2, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    decay = torch.tensor([0.1, 0.5], dtype=torch.float64)
+    for causal in (True, False):
+        events.clear()
+        plan = lasp2.Lasp2Plan.build(GroupInfo(None, 0, 1), all_local_runs(8, 1, "zigzag"), causal,
+                                     True, 0.5, RecordingKernel(), ())
+        _, states = lasp2.lasp2_fwd(q, k, v, decay, plan)
+        lasp2.lasp2_bwd(do, q, k, v, decay, states, plan)
+        assert events == ["start lasp2.fwd", "kernel fwd", "wait",
+                          "start lasp2.bwd", "kernel bwd", "wait"], events

@@ -106,10 +106,10 @@ def compile_for_sm80(dtype: torch.dtype, head_dim: int) -> list[int]:
     return used
 
 
-@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.float32, 128)],
-                         ids=["fp32-D64", "fp32-D128"])
-def test_kernels_compile_for_a_gpu_within_shared_memory(dtype, head_dim):
-    """The real (not interpreted) compiler accepts the kernels, and with the blocks auto_block
-    picks they fit the smallest shared memory we target (these are the tightest cases)."""
-    used = compile_for_sm80(dtype, head_dim)
+def test_kernels_compile_for_a_gpu_within_shared_memory():
+    """The real (not interpreted) compiler accepts the three kernels, and with the block
+    auto_block picks they fit the smallest shared memory we target. fp32 at head dim 64 is the
+    tightest case (160 of 163 KiB); the others are listed in `auto_block` (compiling costs
+    ~20 s per case on a 2-core CPU, so only this one runs)."""
+    used = compile_for_sm80(torch.float32, 64)
     assert max(used) <= SM80_SHARED_BYTES, used
