@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.seqpar-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-linear clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m benchmarks.attention
+
+bench-linear: $(STAMP)
+	$(PYTHON) -m benchmarks.linear_scaling
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

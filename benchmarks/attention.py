@@ -10,6 +10,8 @@ each rank with cores // P threads (and OMP_NUM_THREADS set like torchrun), for e
 `METHODS` (see `--list`):
 
 * seqpar backends with each layout they support (`SEQPAR_RUNS`);
+* seqpar's LASP-2 linear attention on the same shapes (not softmax attention: timed and
+  counted, its output not compared; see `benchmarks.linear_scaling` for its own sweep);
 * PyTorch's ring attention (`_templated_ring_attention` + its backward, with the CPU flash op
   and head-tail load balancing, both of its K/V rotation methods: all-gather and all-to-all);
 
@@ -24,17 +26,16 @@ the same thing). Writes JSON and a PNG under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import header_text, machine, mib, peak_memory, table, timed, write_results
+from benchmarks.common import (header_text, launch, machine, mib, peak_memory, start_rank, table,
+                               timed, write_results)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,31 @@ for _backend, _layout in SEQPAR_RUNS:
     register(seqpar_method(_backend, _layout))
 
 
+def lasp2_method(layout: str) -> Method:
+    """seqpar.linear_attention (LASP-2) on the same q, k, v: linear attention, not softmax, so
+    its output is not compared; its row shows what the same shapes cost without softmax.
+    Linear attention has no GQA: K/V heads are repeated to the query heads."""
+    def prepare(inputs: Inputs):
+        import seqpar
+
+        groups = inputs.q.shape[2] // inputs.k.shape[2]
+        k, v = (t.repeat_interleave(groups, dim=2) for t in (inputs.k, inputs.v))
+        local = [seqpar.shard(t, layout=layout) for t in (inputs.q, k, v, inputs.do)]
+
+        def step():
+            q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
+            with seqpar.comm_stats() as stats:
+                o = seqpar.linear_attention(q_l, k_l, v_l, causal=True, layout=layout)
+                o.backward(local[3])
+            return o.detach(), stats.sent()
+        return step
+
+    return Method(f"seqpar lasp2 linear ({layout})", layout, prepare, comparable=False)
+
+
+register(lasp2_method("zigzag"))
+
+
 # ---------------------------------------------------------------- PyTorch's ring
 
 def torch_ring_step(q, k, v, do, rotation: str):
@@ -156,11 +182,7 @@ BASELINE_PEER = "torch ring (allgather)"
 def _worker(config: dict) -> list[dict]:
     import seqpar
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(config["threads"])
-    device = torch.device("cpu")
-    dtype = getattr(torch, config["dtype"])
+    rank, world, device, dtype = start_rank(config)
     names = config["methods"]
     rows = []
     for seq in config["seqs"]:
@@ -230,28 +252,6 @@ def single_process(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.d
     return statistics.median(times), peak.bytes
 
 
-def launch(world: int, config: dict, worker: Callable[[dict], list[dict]] | None = None
-           ) -> list[dict]:
-    """Run `worker(config)` (default: this benchmark's) on `world` ranks; rank 0's rows."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
-                                 run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                                 rdzv_endpoint="localhost:0", max_restarts=0,
-                                 monitor_interval=0.1, start_method="spawn")
-    # Like torchrun: one OpenMP thread pool of the rank's size (an unset OMP_NUM_THREADS lets
-    # every rank's runtime size itself to all cores, oversubscribing the machine).
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(config["threads"])
-    try:
-        return elastic_launch(launch_config, worker or _worker)(config)[0]
-    finally:
-        if previous is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
-
-
 def plot(rows: list[dict], path) -> None:
     try:
         import matplotlib
@@ -310,7 +310,7 @@ def main(argv=None) -> None:
         config = {"seqs": args.seqs, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
                   "dtype": args.dtype, "repeats": args.repeats,
                   "threads": max(1, cores // world), "methods": methods}
-        rows += launch(world, config)
+        rows += launch(world, _worker, config)
     for seq in args.seqs:
         rows.append({"method": "single process", "P": 1, "S": seq, "seconds": baseline[seq][0],
                      "sent_bytes": 0, "peak_bytes": baseline[seq][1]})

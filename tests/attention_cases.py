@@ -18,6 +18,7 @@ Tolerances (relative to max(1, max |reference|)):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -102,6 +103,27 @@ def single_device_errors(q, k, v, do, dlse, causal, scale, dtype, ref) -> dict[s
     return {n: max_error(a, b) for n, a, b in zip(names, (o, lse, dq, dk, dv), ref)}
 
 
+def compare_results(names, actual, expected, dtype: torch.dtype, context: str,
+                    single_device: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Assert each result against its reference with the tolerance of `dtype` (module
+    docstring); `single_device()` gives the same-precision single-device errors, asked for
+    only for bf16/fp16. Returns the errors."""
+    errors = {}
+    if dtype in EXACT_REL:
+        for name, a, e in zip(names, actual, expected):
+            errors[name] = assert_close(name, a, e, EXACT_REL[dtype], context)
+        return errors
+    single = single_device()
+    for name, a, e in zip(names, actual, expected):
+        err = max_error(a, e)
+        bound = 2 * single[name] + magnitude(e) * torch.finfo(dtype).eps / 4
+        if not err <= bound:
+            raise AssertionError(f"{context} {name}: error {err:.3e} > 2 x single-device "
+                                 f"error {single[name]:.3e} + magnitude * eps / 4")
+        errors[name] = err
+    return errors
+
+
 _SAME = object()
 
 
@@ -141,20 +163,9 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     expected = [local(ref[0]), local(ref[1], dim=2)] + [local(g) for g in ref[2:]]
     actual = [o, lse, q_l.grad, k_l.grad, v_l.grad]
     names = ("o", "lse", "dq", "dk", "dv")
-    context = f"rank {rank}/{world} {case}:"
-    errors = {}
-    if case.dtype in EXACT_REL:
-        for name, a, e in zip(names, actual, expected):
-            errors[name] = assert_close(name, a, e, EXACT_REL[case.dtype], context)
-    else:
-        single = single_device_errors(q, k, v, do, dlse, case.causal, case.scale, case.dtype, ref)
-        for name, a, e in zip(names, actual, expected):
-            err = max_error(a, e)
-            bound = 2 * single[name] + magnitude(e) * torch.finfo(case.dtype).eps / 4
-            if not err <= bound:
-                raise AssertionError(f"{context} {name}: error {err:.3e} > 2 x single-device "
-                                     f"error {single[name]:.3e} + magnitude * eps / 4")
-            errors[name] = err
+    errors = compare_results(names, actual, expected, case.dtype, f"rank {rank}/{world} {case}:",
+                             lambda: single_device_errors(q, k, v, do, dlse, case.causal,
+                                                          case.scale, case.dtype, ref))
     for direction in ("fwd", "bwd"):
         op = stats.ops.get(f"{case.backend}.{direction}")
         errors[f"bytes_{direction}"] = stats.sent(f"{case.backend}.{direction}")

@@ -15,6 +15,8 @@
   a rank with bad input, or ranks with mismatched shapes, raise on *every* rank instead of
   leaving the others blocked in the next collective.
 * `all_gather_along`: all-gather along any dimension.
+* `start_all_gather` / `start_all_reduce`: the same collectives posted asynchronously
+  (`async_op=True`), so a backend computes while they travel; `.wait()` returns the result.
 """
 
 from __future__ import annotations
@@ -257,17 +259,56 @@ class RingExchange:
 
 # ---------------------------------------------------------------- collectives
 
+def all_reduce_bytes(nbytes_total: int, world: int) -> int:
+    """Bytes a rank sends (and receives) in a bandwidth-optimal all-reduce of `nbytes_total`:
+    a reduce-scatter and an all-gather, each of (P - 1) shards of ceil(nbytes / P)."""
+    return 2 * (world - 1) * -(-nbytes_total // world)
+
+
+@dataclass
+class PendingCollective:
+    """A collective in flight: `wait()` blocks until it is done and returns its result."""
+
+    work: object | None
+    result: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.result
+
+
+def start_all_gather(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> PendingCollective:
+    """Post an all-gather of `x` (same shape on every rank); the result is [P, *x.shape] in
+    rank order. Recorded as (P - 1) copies of `x` sent and received."""
+    x = x.contiguous()
+    if info.world == 1:
+        return PendingCollective(None, x.unsqueeze(0))
+    gathered = torch.empty((info.world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    work = dist.all_gather(list(gathered.unbind(0)), x, group=info.group, async_op=True)
+    traffic.add(nbytes([x]) * (info.world - 1), nbytes([x]) * (info.world - 1), info.world - 1)
+    return PendingCollective(work, gathered)
+
+
+def start_all_reduce(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> PendingCollective:
+    """Post a sum all-reduce of a copy of `x`; the result is the sum over ranks, shaped like x."""
+    total = x.contiguous().clone()
+    if info.world == 1:
+        return PendingCollective(None, total)
+    work = dist.all_reduce(total, op=dist.ReduceOp.SUM, group=info.group, async_op=True)
+    moved = all_reduce_bytes(nbytes([total]), info.world)
+    traffic.add(moved, moved, 2 * (info.world - 1))
+    return PendingCollective(work, total)
+
+
 def all_gather_along(x: torch.Tensor, info: GroupInfo, dim: int, op: str,
                      traffic: Traffic | None = None) -> torch.Tensor:
     """Concatenate every rank's `x` (same shape everywhere) along `dim`, in rank order."""
     if info.world == 1:
         return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(info.world)]
-    dist.all_gather(parts, x, group=info.group)
-    (traffic or Traffic.now(op)).add(nbytes([x]) * (info.world - 1),
-                                     nbytes([x]) * (info.world - 1), info.world - 1)
-    return torch.cat(parts, dim=dim)
+    gathered = start_all_gather(x, info, traffic or Traffic.now(op)).wait()
+    return torch.cat(list(gathered.unbind(0)), dim=dim)
 
 
 def agree(info: GroupInfo, where: str, values: dict[str, int], local_error: Exception | None,
@@ -292,9 +333,8 @@ def agree(info: GroupInfo, where: str, values: dict[str, int], local_error: Exce
         vector += [int(values[name]), -int(values[name])]
     packed = torch.tensor(vector, dtype=torch.int64, device=info.comm_device(device))
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=info.group)
-    shard_bytes = -(-packed.numel() * 8 // info.world)
-    Traffic.now("agree").add(2 * (info.world - 1) * shard_bytes, 2 * (info.world - 1) * shard_bytes,
-                             2 * (info.world - 1))
+    moved = all_reduce_bytes(packed.numel() * 8, info.world)
+    Traffic.now("agree").add(moved, moved, 2 * (info.world - 1))
     result = packed.tolist()
     if failed:
         raise type(local_error)(f"{where}: {local_error}")
