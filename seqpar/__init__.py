@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .api import BACKENDS, attention
 from .comm.primitives import CommStats, comm_stats
 from .layout import LAYOUTS, gather, positions, shard
+from .mesh import SPMesh
 
 __all__ = ["attention", "shard", "gather", "positions", "comm_stats", "CommStats", "BACKENDS",
-           "LAYOUTS", "__version__"]
+           "LAYOUTS", "SPMesh", "__version__"]

@@ -41,6 +41,8 @@ class RingPlan:
 
     kv_runs[p] are the global positions of the K/V block ring rank p holds; q_runs those of
     this rank's queries. step_blocks[t] is the kernel plan for the block seen at step t.
+    Traffic is recorded under "<op>.fwd<op_suffix>" / "<op>.bwd<op_suffix>": "ring.fwd" for the
+    ring backend, "usp.fwd.ring" for the ring part inside USP (so "usp.fwd" counts both parts).
     """
 
     info: GroupInfo
@@ -51,13 +53,19 @@ class RingPlan:
     kernel: TorchBlockKernel
     recorders: tuple[CommStats, ...]
     step_blocks: tuple[tuple[SubBlock, ...], ...]
+    op: str = "ring"
+    op_suffix: str = ""
 
     @classmethod
     def build(cls, info: GroupInfo, q_runs: Runs, kv_runs: tuple[Runs, ...], causal: bool,
-              scale: float, kernel: TorchBlockKernel, recorders: tuple[CommStats, ...]) -> "RingPlan":
+              scale: float, kernel: TorchBlockKernel, recorders: tuple[CommStats, ...],
+              op: str = "ring", op_suffix: str = "") -> "RingPlan":
         steps = tuple(plan_blocks(q_runs, kv_runs[(info.rank - t) % info.world], causal)
                       for t in range(info.world))
-        return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps)
+        return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps, op, op_suffix)
+
+    def traffic(self, direction: str) -> Traffic:
+        return Traffic.now(f"{self.op}.{direction}{self.op_suffix}", self.recorders)
 
 
 def _pack(*tensors: torch.Tensor) -> torch.Tensor:
@@ -74,7 +82,7 @@ def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
     lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
     world = plan.info.world
     kv = _pack(k, v)
-    ring = RingExchange(plan.info, Traffic.now("ring.fwd", plan.recorders)) if world > 1 else None
+    ring = RingExchange(plan.info, plan.traffic("fwd")) if world > 1 else None
     for step in range(world):
         if step + 1 < world:
             ring.start([kv])  # the next block travels while this one is computed
@@ -96,7 +104,7 @@ def ring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         plan.kernel.bwd_into(dq, dkv_local[0], dkv_local[1], do, q, k, v, o, lse, dlse,
                              plan.step_blocks[0], plan.scale)
         return dq, dkv_local[0], dkv_local[1]
-    traffic = Traffic.now("ring.bwd", plan.recorders)
+    traffic = plan.traffic("bwd")
     kv_ring, dkv_ring = RingExchange(plan.info, traffic), RingExchange(plan.info, traffic)
     kv = _pack(k, v)
     for step in range(world):
