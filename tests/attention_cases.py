@@ -101,17 +101,21 @@ _SAME = object()
 def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, float]:
     """Run on every rank; assert this rank's results; return its errors (for reporting).
 
+    `group`: None, a ProcessGroup, or a seqpar.SPMesh (passed to seqpar.attention as is).
+
     `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
     reference on purpose, to show it fails.
     """
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    # `group` may be a seqpar.SPMesh (backend "usp"): shard over its whole group.
+    sp_group = group.group if isinstance(group, seqpar.SPMesh) else group
+    world = dist.get_world_size(sp_group) if dist.is_initialized() else 1
+    rank = dist.get_rank(sp_group) if dist.is_initialized() else 0
     q, k, v, do, dlse = global_inputs(case, world)
     ref = reference(q, k, v, do, dlse, case.causal,
                     case.scale if reference_scale is _SAME else reference_scale)
 
     def local(t, dim=1):
-        return seqpar.shard(t, group, dim=dim, layout=case.layout)
+        return seqpar.shard(t, sp_group, dim=dim, layout=case.layout)
 
     q_l, k_l, v_l = (local(t).to(case.dtype).requires_grad_() for t in (q, k, v))
     with seqpar.comm_stats() as stats:
