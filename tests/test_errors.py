@@ -27,7 +27,7 @@ def on_rank(rank, bad, fine):
 # name -> (call, expected type on every rank, regex each rank's message must match)
 MALFORMED = {
     "unknown backend": (lambda: seqpar.attention(*good(), backend="flash"),
-                        ValueError, r"backend='flash' is not available; choose one of \['ring'"),
+                        ValueError, r"backend='flash' is not available; choose one of \[.*'ring'.*'ulysses'"),
     "unknown layout": (lambda: seqpar.attention(*good(), layout="zig-zag"),
                        ValueError, r"layout='zig-zag' is unknown; choose one of"),
     "3-D query": (lambda: seqpar.attention(good()[0][0], *good()[1:]),
@@ -54,6 +54,13 @@ MALFORMED = {
                              ValueError, r"s2= is only used by backend='s2'"),
     "group not a group": (lambda: seqpar.attention(*good(), group=[0, 1]),
                           TypeError, r"group: expected None or a torch.distributed.ProcessGroup, got list"),
+    "ulysses heads not divisible": (lambda: seqpar.attention(*good(hq=3, hkv=1), backend="ulysses"),
+                                    ValueError, r"backend='ulysses' shards the 3 query heads over the 2 ranks "
+                                                r"of the group, which needs heads % 2 == 0; use backend='usp'.* or backend='ring'"),
+    "usp without a mesh": (lambda: seqpar.attention(*good(), backend="usp"),
+                           ValueError, r"backend='usp' needs group=seqpar.SPMesh\(group, ulysses=U\).*got a plain process group"),
+    "usp heads not divisible by U": (lambda: seqpar.attention(*good(hq=3, hkv=1), seqpar.SPMesh(ulysses=2), backend="usp"),
+                                     ValueError, r"backend='usp' shards the 3 query heads over ulysses=2 ranks of the mesh"),
 }
 
 # Bad on one rank only: that rank raises its own error, the others a ValueError naming it.
@@ -70,6 +77,11 @@ ONE_RANK_BAD = {
                                    1: (ValueError, r"k and v must have the same shape")}),
     "causal differs": (lambda: seqpar.attention(*good(), causal=on_rank(0, False, True)),
                        {0: (ValueError, r"causal differs across ranks"), 1: (ValueError, r"causal differs")}),
+    "return_lse differs": (lambda: seqpar.attention(*good(), backend="ulysses", return_lse=on_rank(1, True, False)),
+                           {0: (ValueError, r"return_lse differs across ranks"), 1: (ValueError, r"return_lse differs")}),
+    "mesh on one rank only": (lambda: seqpar.attention(*good(), on_rank(0, seqpar.SPMesh(ulysses=2), None), backend="ulysses"),
+                              {0: (ValueError, r"SPMesh ulysses degree differs across ranks"),
+                               1: (ValueError, r"SPMesh ulysses degree differs across ranks")}),
 }
 
 
@@ -106,5 +118,7 @@ def test_cross_rank_mismatch_raises_on_every_rank(worlds, name):
 
 
 def test_single_process_errors_need_no_group():
-    with pytest.raises(ValueError, match=r"seqpar.attention: backend='usp' is not available"):
+    with pytest.raises(ValueError, match=r"seqpar.attention: backend='flash' is not available"):
+        seqpar.attention(*good(), backend="flash")
+    with pytest.raises(ValueError, match=r"seqpar.attention: backend='usp' needs group=seqpar.SPMesh"):
         seqpar.attention(*good(), backend="usp")
