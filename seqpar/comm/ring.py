@@ -76,17 +76,18 @@ def _pack(*tensors: torch.Tensor) -> torch.Tensor:
 def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) in the accumulator dtype (fp32; fp64 for fp64 inputs)."""
-    acc_dtype = accumulator_dtype(q.dtype)
-    batch, seq, heads, _ = q.shape
-    o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
     world = plan.info.world
+    if world == 1:
+        return plan.kernel.fwd(q, k, v, plan.step_blocks[0], plan.scale)
     kv = _pack(k, v)
-    ring = RingExchange(plan.info, plan.traffic("fwd")) if world > 1 else None
+    ring = RingExchange(plan.info, plan.traffic("fwd"))
     for step in range(world):
         if step + 1 < world:
             ring.start([kv])  # the next block travels while this one is computed
-        plan.kernel.fwd_into(o, lse, q, kv[0], kv[1], plan.step_blocks[step], plan.scale)
+        if step == 0:  # our own block: fresh accumulators, nothing to merge yet
+            o, lse = plan.kernel.fwd(q, kv[0], kv[1], plan.step_blocks[0], plan.scale)
+        else:
+            plan.kernel.fwd_into(o, lse, q, kv[0], kv[1], plan.step_blocks[step], plan.scale)
         if step + 1 < world:
             kv = ring.wait()[0]
     return o, lse
@@ -96,14 +97,12 @@ def ring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, plan: RingPlan
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the accumulator dtype. o/lse: the forward's final output and lse."""
-    acc_dtype = accumulator_dtype(q.dtype)
     world = plan.info.world
+    if world == 1:
+        return plan.kernel.bwd(do, q, k, v, o, lse, dlse, plan.step_blocks[0], plan.scale)
+    acc_dtype = accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dkv_local = torch.zeros((2,) + tuple(k.shape), dtype=acc_dtype, device=q.device)
-    if world == 1:
-        plan.kernel.bwd_into(dq, dkv_local[0], dkv_local[1], do, q, k, v, o, lse, dlse,
-                             plan.step_blocks[0], plan.scale)
-        return dq, dkv_local[0], dkv_local[1]
     traffic = plan.traffic("bwd")
     kv_ring, dkv_ring = RingExchange(plan.info, traffic), RingExchange(plan.info, traffic)
     kv = _pack(k, v)
