@@ -9,9 +9,9 @@ P = U x R ranks of `group`, in group order r = g * U + u:
 
 `SPMesh(group, ulysses=U)` is collective over `group`: every rank calls it with the same U
 (checked on every rank, so a mismatch raises everywhere instead of hanging), and it creates its
-two subgroups once. Only groups of more than one rank are created; a one-rank dimension is
-represented by a one-rank `GroupInfo` with no process group, and a dimension spanning the whole
-group reuses `group` itself.
+subgroups once (`_subgroups` says how, over the whole world and over a smaller group). Only
+groups of more than one rank are created; a one-rank dimension is a one-rank `GroupInfo` with
+no process group, and a dimension spanning the whole group reuses `group` itself.
 """
 
 from __future__ import annotations
@@ -22,17 +22,35 @@ import torch.distributed as dist
 from .comm.primitives import GroupInfo, agree, resolve_group
 
 
-def _subgroup(info: GroupInfo, members: list[int]) -> GroupInfo:
-    """The GroupInfo of `members` (group ranks of `info`, this rank among them)."""
-    if len(members) == 1:
+def _subgroups(info: GroupInfo, partition: list[list[int]]) -> GroupInfo:
+    """This rank's GroupInfo among `partition` (lists of group ranks of `info`, covering it).
+
+    Over the whole world every rank creates every subgroup, in one order: torch's ordinary
+    `new_group`, whose names every rank agrees on. Over a smaller group the other ranks of the
+    world are not calling, so each rank creates only its own subgroup with local
+    synchronisation -- torch names those from the count of groups each member holds, so the
+    members must have created the same process groups before (as the collective contract of
+    their group already implies in practice).
+    """
+    size = len(partition[0])
+    mine = next(members for members in partition if info.rank in members)
+    if size == 1:
         return GroupInfo(None, 0, 1)
-    if len(members) == info.world:
+    if size == info.world:
         return info
-    ranks = [info.global_rank(r) for r in members]
-    # Only the members call new_group for it (local synchronisation): other ranks are busy
-    # creating their own subgroups, and `group` may itself be a subgroup of WORLD.
-    group = dist.new_group(ranks, use_local_synchronization=True)
-    return GroupInfo(group, members.index(info.rank), len(members))
+    whole_world = info.world == dist.get_world_size()
+    own = None
+    for members in partition:
+        ranks = [info.global_rank(r) for r in members]
+        if whole_world:
+            group = dist.new_group(ranks)
+        elif members is mine:
+            group = dist.new_group(ranks, use_local_synchronization=True)
+        else:
+            continue
+        if members is mine:
+            own = group
+    return GroupInfo(own, mine.index(info.rank), size)
 
 
 class SPMesh:
@@ -57,9 +75,11 @@ class SPMesh:
         self.info = info
         self.ulysses_size = ulysses
         self.ring_size = info.world // ulysses
-        outer, inner = divmod(info.rank, ulysses)
-        self.ulysses = _subgroup(info, [outer * ulysses + u for u in range(ulysses)])
-        self.ring = _subgroup(info, [g * ulysses + inner for g in range(self.ring_size)])
+        rings = self.ring_size
+        self.ulysses = _subgroups(info, [[g * ulysses + u for u in range(ulysses)]
+                                         for g in range(rings)])
+        self.ring = _subgroups(info, [[g * ulysses + u for g in range(rings)]
+                                      for u in range(ulysses)])
 
     @property
     def group(self) -> dist.ProcessGroup | None:

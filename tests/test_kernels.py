@@ -144,10 +144,10 @@ def test_block_kernel_matches_reference(q_runs, k_runs, kernel, causal, lse_grad
         KERNELS[kernel].fwd_into(o, lse, q, k, v, blocks, 0.3)
         grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
         KERNELS[kernel].bwd_into(*grads, do, q, k, v, o, lse, dlse, blocks, 0.3)
-        # The fresh-accumulator forms (one-block plans skip the merge) agree and are contiguous.
+        # The fresh-accumulator forms (one-block plans skip the merge) agree.
         fresh = (*KERNELS[kernel].fwd(q, k, v, blocks, 0.3),
                  *KERNELS[kernel].bwd(do, q, k, v, o, lse, dlse, blocks, 0.3))
-    assert all(t.is_contiguous() and t.dtype == torch.float64 for t in fresh)
+    assert all(t.dtype == torch.float64 for t in fresh)
     for name, a, b, e in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, *grads), fresh,
                              (o_ref, lse_ref, dq_ref, dk_ref, dv_ref)):
         assert_close(name, a, e, 1e-12)

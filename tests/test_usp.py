@@ -124,6 +124,19 @@ def test_usp_on_a_subgroup(worlds):
     worlds(4).run(mesh_on_a_subgroup)
 
 
+def mesh_after_a_partial_subgroup() -> None:
+    """Some ranks hold a process group the others do not (here {1, 2}): a new mesh over WORLD
+    must still build (torch names locally synchronised groups by each rank's group count, which
+    now differs between ranks -- the mesh must not rely on it) and compute exactly."""
+    dist.new_group([1, 2])
+    run_case(AttnCase(backend="usp", layout="zigzag", heads_q=4, heads_kv=2),
+             group=seqpar.SPMesh(ulysses=2))
+
+
+def test_mesh_after_a_partial_subgroup(worlds):
+    worlds(4).run(mesh_after_a_partial_subgroup, timeout=60)
+
+
 def bad_mesh(ulysses_by_rank: dict) -> tuple[str, str]:
     try:
         seqpar.SPMesh(ulysses=ulysses_by_rank.get(dist.get_rank(), ulysses_by_rank["default"]))

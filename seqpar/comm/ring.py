@@ -133,7 +133,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan):
         o, lse = ring_fwd(q, k, v, plan)
-        o = o.to(q.dtype)
+        o = o.to(q.dtype, memory_format=torch.contiguous_format)  # the kernel's may be strided
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan = plan
         ctx.set_materialize_grads(False)

@@ -240,17 +240,17 @@ class TorchBlockKernel:
 
     def fwd(self, q, k, v, blocks: tuple[SubBlock, ...], scale: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(o, lse) of a plan in fresh contiguous accumulators (accumulator dtype).
+        """(o, lse) of a plan in fresh accumulators (accumulator dtype).
 
         A plan of one sub-block over every query row (the diagonal block of a ring, a whole
-        sequence under Ulysses) has nothing to merge: its result is copied once instead of
-        merged into zero-filled accumulators (saves ~5 passes over o).
+        sequence under Ulysses) has nothing to merge: the kernel's own result is the
+        accumulator (cast if needed; o may be a strided view), instead of merging it into
+        zero-filled accumulators (~5 passes over o and two buffers saved).
         """
         acc_dtype = accumulator_dtype(q.dtype)
         if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1]):
             o_blk, lse_blk = self._block_fwd(q, k, v, blocks[0], scale)
-            return (torch.empty(q.shape, dtype=acc_dtype, device=q.device).copy_(o_blk),
-                    lse_blk.to(acc_dtype).contiguous())
+            return o_blk.to(acc_dtype), lse_blk.to(acc_dtype)
         o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc_dtype,
                          device=q.device)
@@ -259,14 +259,14 @@ class TorchBlockKernel:
 
     def bwd(self, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...], scale: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dq, dk, dv) of a plan in fresh contiguous accumulators (accumulator dtype); one
-        sub-block covering every row and key is copied once instead of added into zeros."""
+        """(dq, dk, dv) of a plan in fresh accumulators (accumulator dtype); for one sub-block
+        covering every row and key they are the kernel's own (cast if needed), not added into
+        zeros."""
         acc_dtype = accumulator_dtype(q.dtype)
         if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1, blocks[0].k0, blocks[0].k1) == (
                 0, q.shape[1], 0, k.shape[1]):
             grads = self._block_bwd(do, q, k, v, o, lse, dlse, blocks[0], scale)
-            return tuple(torch.empty(g.shape, dtype=acc_dtype, device=g.device).copy_(g)
-                         for g in grads)
+            return tuple(g.to(acc_dtype) for g in grads)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
