@@ -5,34 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-import seqpar
 from seqpar.comm.allgather import AllGatherPlan
 from seqpar.comm.primitives import GroupInfo
-from seqpar.kernels import attention_reference
 from seqpar.kernels.dispatch import KERNELS
 from seqpar.kernels.mask import MaskKind, causal_pairs, gathered_runs, runs_to_positions
 from seqpar.layout import LAYOUTS, all_local_runs
-from tests.attention_cases import AttnCase, run_case
-from tests.checks import assert_close
+from tests.attention_cases import (AttnCase, check_lse_only_gradient, itemsizes,
+                                   low_precision_case, odd_shapes, run_case_and_count)
 
 
 def allgather_bytes(case: AttnCase, world: int) -> tuple[int, int]:
     """The documented traffic: all-gather of K and V forward, reduce-scatter of the fp32
     (fp64) dK and dV backward, (P - 1) local blocks each."""
     block = 2 * case.batch * case.seq_local * case.heads_kv * case.head_dim
-    b = torch.empty(0, dtype=case.dtype).element_size()
-    a = 8 if case.dtype == torch.float64 else 4
+    b, a = itemsizes(case.dtype)
     return (world - 1) * block * b, (world - 1) * block * a
 
 
 def check_allgather(case: AttnCase) -> dict:
-    errors = run_case(case)
-    fwd, bwd = allgather_bytes(case, dist.get_world_size())
-    assert errors["bytes_fwd"] == fwd, (errors["bytes_fwd"], fwd)
-    assert errors["bytes_bwd"] == bwd, (errors["bytes_bwd"], bwd)
-    return errors
+    return run_case_and_count(case, allgather_bytes)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa8:2"])
@@ -54,16 +46,7 @@ def test_allgather_fp64_is_exact(worlds, world, layout):
     worlds(world).run(check_allgather, case)
 
 
-@pytest.mark.parametrize("case", [
-    AttnCase(backend="allgather", layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),
-    AttnCase(backend="allgather", layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),
-    AttnCase(backend="allgather", layout="contiguous", head_dim=40, seq_local=7, batch=3, scale=0.05),
-    AttnCase(backend="allgather", layout="zigzag", head_dim=24, seq_local=300, heads_q=2, heads_kv=1),
-    AttnCase(backend="allgather", layout="striped", seq_local=9, causal=False, kernel="chunked",
-             heads_q=8, heads_kv=2),
-    AttnCase(backend="allgather", layout="zigzag", seq_local=14, kernel="chunked", heads_q=8,
-             heads_kv=2),
-], ids=str)
+@pytest.mark.parametrize("case", odd_shapes("allgather"), ids=str)
 @pytest.mark.parametrize("world", [2, 4])
 def test_allgather_odd_shapes(worlds, world, case):
     worlds(world).run(check_allgather, case)
@@ -73,27 +56,11 @@ def test_allgather_odd_shapes(worlds, world, case):
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_allgather_low_precision(worlds, world, layout, dtype):
-    case = AttnCase(backend="allgather", layout=layout, dtype=dtype, heads_q=8, heads_kv=2,
-                    seq_local=32, head_dim=32)
-    worlds(world).run(check_allgather, case)
-
-
-def lse_only_gradient() -> None:
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    qr = q.clone().requires_grad_()
-    _, lse_ref = attention_reference(qr, k, v, causal=True)
-    (dq_ref,) = torch.autograd.grad(lse_ref.sum(), qr)
-    q_l = seqpar.shard(q, layout="zigzag").requires_grad_()
-    _, lse = seqpar.attention(q_l, seqpar.shard(k, layout="zigzag"),
-                              seqpar.shard(v, layout="zigzag"), backend="allgather",
-                              layout="zigzag", return_lse=True)
-    lse.sum().backward()
-    assert_close("dq", q_l.grad, seqpar.shard(dq_ref, layout="zigzag"), 1e-10)
+    worlds(world).run(check_allgather, low_precision_case("allgather", layout, dtype))
 
 
 def test_allgather_lse_only_gradient(worlds):
-    worlds(2).run(lse_only_gradient)
+    worlds(2).run(check_lse_only_gradient, "allgather", "zigzag")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -15,12 +15,9 @@ import seqpar
 from seqpar.comm.ulysses import kv_heads_per_rank
 from seqpar.kernels import attention_reference
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import AttnCase, run_case
+from tests.attention_cases import (AttnCase, check_lse_only_gradient, itemsizes,
+                                   low_precision_case, odd_shapes, run_case_and_count)
 from tests.checks import assert_close
-
-
-def acc_itemsize(dtype: torch.dtype) -> int:
-    return 8 if dtype == torch.float64 else 4
 
 
 def kv_path(heads_q: int, heads_kv: int, ranks: int) -> tuple[int, bool]:
@@ -34,8 +31,7 @@ def kv_path(heads_q: int, heads_kv: int, ranks: int) -> tuple[int, bool]:
 
 def ulysses_bytes(case: AttnCase, ranks: int, return_lse: bool = True) -> tuple[int, int]:
     """The documented all-to-all traffic per rank (forward, backward) for `ranks` Ulysses ranks."""
-    b = torch.empty(0, dtype=case.dtype).element_size()
-    a = acc_itemsize(case.dtype)
+    b, a = itemsizes(case.dtype)
     m = case.heads_q // ranks
     n, replicated = kv_path(case.heads_q, case.heads_kv, ranks)
     c = a if replicated else b
@@ -47,11 +43,7 @@ def ulysses_bytes(case: AttnCase, ranks: int, return_lse: bool = True) -> tuple[
 
 
 def check_ulysses(case: AttnCase) -> dict:
-    errors = run_case(case)
-    fwd, bwd = ulysses_bytes(case, dist.get_world_size())
-    assert errors["bytes_fwd"] == fwd, (errors["bytes_fwd"], fwd)
-    assert errors["bytes_bwd"] == bwd, (errors["bytes_bwd"], bwd)
-    return errors
+    return run_case_and_count(case, ulysses_bytes)
 
 
 HEADS = {1: [(8, 8), (8, 2)], 2: [(8, 8), (8, 2)], 3: [(6, 6), (6, 2)], 4: [(8, 8), (8, 2)]}
@@ -91,18 +83,7 @@ def test_ulysses_kv_heads_fewer_than_ranks(worlds, case):
     worlds(4).run(check_ulysses, case)
 
 
-@pytest.mark.parametrize("case", [
-    AttnCase(backend="ulysses", layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),
-    AttnCase(backend="ulysses", layout="striped", head_dim=40, seq_local=1, heads_q=4, heads_kv=1),
-    AttnCase(backend="ulysses", layout="contiguous", head_dim=40, seq_local=7, batch=3,
-             scale=0.05, heads_q=4, heads_kv=4),
-    AttnCase(backend="ulysses", layout="zigzag", head_dim=24, seq_local=300, heads_q=4,
-             heads_kv=1),
-    AttnCase(backend="ulysses", layout="striped", seq_local=9, causal=False, kernel="chunked",
-             heads_q=8, heads_kv=2),
-    AttnCase(backend="ulysses", layout="zigzag", seq_local=14, kernel="chunked", heads_q=8,
-             heads_kv=2),
-], ids=str)
+@pytest.mark.parametrize("case", odd_shapes("ulysses", heads_multiple=4), ids=str)
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_odd_shapes(worlds, world, case):
     worlds(world).run(check_ulysses, case)
@@ -113,9 +94,7 @@ def test_ulysses_odd_shapes(worlds, world, case):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ulysses_low_precision(worlds, world, layout, dtype):
     """8:2 heads: partitioned at P=2 (dK/dV travel in the input dtype), replicated at P=4."""
-    case = AttnCase(backend="ulysses", layout=layout, dtype=dtype, heads_q=8, heads_kv=2,
-                    seq_local=32, head_dim=32)
-    worlds(world).run(check_ulysses, case)
+    worlds(world).run(check_ulysses, low_precision_case("ulysses", layout, dtype))
 
 
 def without_lse(layout: str) -> None:
@@ -146,24 +125,8 @@ def test_ulysses_without_lse_moves_no_lse(worlds, layout):
     worlds(4).run(without_lse, layout)
 
 
-def lse_only_gradient() -> None:
-    """Only lse used downstream: do is None inside backward, which still runs every
-    all-to-all (the other ranks may use their output) and is exact."""
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    qr = q.clone().requires_grad_()
-    _, lse_ref = attention_reference(qr, k, v, causal=True)
-    (dq_ref,) = torch.autograd.grad(lse_ref.sum(), qr)
-    q_l = seqpar.shard(q, layout="striped").requires_grad_()
-    _, lse = seqpar.attention(q_l, seqpar.shard(k, layout="striped"),
-                              seqpar.shard(v, layout="striped"), backend="ulysses",
-                              layout="striped", return_lse=True)
-    lse.sum().backward()
-    assert_close("dq", q_l.grad, seqpar.shard(dq_ref, layout="striped"), 1e-10)
-
-
 def test_ulysses_lse_only_gradient(worlds):
-    worlds(2).run(lse_only_gradient)
+    worlds(2).run(check_lse_only_gradient, "ulysses", "striped")
 
 
 @pytest.mark.parametrize("heads_q, heads_kv, ranks, expected", [

@@ -67,6 +67,13 @@ def test_usp_two_ranks(worlds, ulysses, layout):
     worlds(2).run(check_usp, case, ulysses)
 
 
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+@pytest.mark.parametrize("ulysses", [1, 3], ids=["U1xR3", "U3xR1"])
+def test_usp_three_ranks(worlds, ulysses, layout):
+    case = AttnCase(backend="usp", layout=layout, heads_q=6, heads_kv=2, seq_local=8)
+    worlds(3).run(check_usp, case, ulysses)
+
+
 @pytest.mark.parametrize("heads", [(4, 1), (6, 3), (8, 4)], ids=["replicated", "uneven", "split"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_usp_fp64_is_exact(worlds, layout, heads):
