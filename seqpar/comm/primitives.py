@@ -282,10 +282,6 @@ class HeadSplit:
     slots: torch.Tensor | None
 
     @property
-    def per_rank(self) -> int:
-        return self.heads.shape[1]
-
-    @property
     def is_partition(self) -> bool:
         """Rank p holds heads [p * n, (p + 1) * n): no copies, no index lists."""
         return (self.heads.numel() == self.total_heads
@@ -301,12 +297,9 @@ def seq_to_heads(x: torch.Tensor, split: HeadSplit, seq_dim: int, head_dim: int,
                  traffic: Traffic) -> torch.Tensor:
     """Sequence-sharded x (S_loc tokens at `seq_dim`, all heads at `head_dim`) -> this rank's
     heads `split.heads[rank]` over the P * S_loc tokens of the group, in slot order."""
-    world = split.info.world
-    if split.is_partition:
-        pieces = _rank_major(x, head_dim, world)
-    else:
-        picked = x.index_select(head_dim, split.heads.flatten().to(x.device))
-        pieces = _rank_major(picked, head_dim, world)
+    if not split.is_partition:
+        x = x.index_select(head_dim, split.heads.flatten().to(x.device))
+    pieces = _rank_major(x, head_dim, split.info.world)
     return _place_tokens(_all_to_all(pieces, split.info, traffic), split.slots, seq_dim)
 
 

@@ -49,8 +49,6 @@ from ..kernels.torch_cpu import TorchBlockKernel, accumulator_dtype
 from .primitives import CommStats, GroupInfo, HeadSplit, Traffic, heads_to_seq, seq_to_heads
 from .ring import RingPlan, ring_bwd, ring_fwd
 
-_SINGLE = GroupInfo(None, 0, 1)
-
 
 def kv_heads_per_rank(heads_q: int, heads_kv: int, ranks: int) -> torch.Tensor:
     """[ranks, n] int64: the K/V heads each rank needs for its Hq / ranks query heads, in an order
