@@ -23,6 +23,8 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 bench: $(STAMP)
+	# DeepSpeed-Ulysses is one of the peers measured (torch pinned so it cannot pull a CUDA build)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[deepspeed]" "$(TORCH)"
 	$(PYTHON) -m benchmarks.attention
 
 bench-linear: $(STAMP)

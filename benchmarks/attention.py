@@ -9,23 +9,30 @@ P CPU ranks launched with torchrun's machinery (`torch.distributed.launcher.elas
 each rank with cores // P threads (and OMP_NUM_THREADS set like torchrun), for every method of
 `METHODS` (see `--list`):
 
-* seqpar backends with each layout they support (`SEQPAR_RUNS`);
+* every seqpar backend, with the layouts worth comparing (`SEQPAR_RUNS`; usp runs U=2 x R=P/2
+  when P is even, else U=1);
 * seqpar's LASP-2 linear attention on the same shapes (not softmax attention: timed and
   counted, its output not compared; see `benchmarks.linear_scaling` for its own sweep);
 * PyTorch's ring attention (`_templated_ring_attention` + its backward, with the CPU flash op
   and head-tail load balancing, both of its K/V rotation methods: all-gather and all-to-all);
+* DeepSpeed-Ulysses (`deepspeed.sequence.layer.DistributedAttention` after
+  `deepspeed.init_distributed(dist_backend="gloo")`, contiguous shards, the same CPU flash
+  kernel through scaled_dot_product_attention), when deepspeed is installed
+  (`pip install -e ".[deepspeed]"`; without it the run says so and leaves the row out);
 
 and the single-process fused kernel on the whole sequence with all cores. Repeats go
 round-robin over the methods. Reported per row: median fwd+bwd time over `--repeats` (slowest
-rank), efficiency = single-process time / parallel time, the ratio to PyTorch's ring
-(all-gather rotation, its default), bytes sent per rank, peak memory per rank, and the max
-difference of the gathered output from the first method's (a check that every method computes
-the same thing). Writes JSON and a PNG under benchmarks/results/.
+rank), efficiency = single-process time / parallel time, the ratios to PyTorch's ring
+(all-gather rotation, its default) and to DeepSpeed-Ulysses, bytes sent per rank, peak memory
+per rank, and the max difference of the gathered output from the first method's (a check that
+every method computes the same thing). Writes JSON and a PNG under benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -73,7 +80,15 @@ def register(method: Method) -> None:
 
 # (backend, layout) pairs benchmarked by default; a new backend adds its rows here.
 SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"),
-               ("tokenring", "contiguous"), ("tokenring", "zigzag"), ("tokenring", "striped")]
+               ("tokenring", "contiguous"), ("tokenring", "zigzag"), ("tokenring", "striped"),
+               ("ulysses", "contiguous"), ("ulysses", "zigzag"), ("usp", "zigzag"),
+               ("allgather", "zigzag"), ("allgather", "striped")]
+
+
+def usp_degree(world: int) -> int:
+    """The Ulysses degree of the usp rows: 2 (Ulysses in pairs, ring across them) when it
+    divides P, else 1."""
+    return 2 if world % 2 == 0 else 1
 
 
 def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
@@ -81,12 +96,14 @@ def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
         import seqpar
 
         local = [seqpar.shard(t, layout=layout) for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
+        # usp needs its mesh, built once (collective: every rank prepares methods in one order)
+        group = seqpar.SPMesh(ulysses=usp_degree(inputs.world)) if backend == "usp" else None
 
         def step():
             q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
             with seqpar.comm_stats() as stats:
-                o = seqpar.attention(q_l, k_l, v_l, backend=backend, causal=True, layout=layout,
-                                     **backend_kwargs)
+                o = seqpar.attention(q_l, k_l, v_l, group, backend=backend, causal=True,
+                                     layout=layout, **backend_kwargs)
                 o.backward(local[3])
             return o.detach(), stats.sent()
         return step
@@ -174,7 +191,53 @@ def torch_ring_method(rotation: str) -> Method:
 for _rotation in ("allgather", "alltoall"):
     register(torch_ring_method(_rotation))
 
+
+
+# ---------------------------------------------------------------- DeepSpeed-Ulysses
+
+def causal_sdpa(q, k, v):
+    """The local attention DeepSpeed runs on its head-sharded [B, S, H/P, D] tensors: PyTorch's
+    fused CPU flash kernel (what scaled_dot_product_attention picks here), causal."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+        enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+
+
+def deepspeed_ulysses_bytes(world: int, q_elems: int, kv_elems: int, itemsize: int) -> int:
+    """Bytes sent per rank by DeepSpeed's DistributedAttention, from its code: forward
+    all-to-alls of q, k, v, o and backward of do, dq, dk, dv, each sending the (P-1)/P of its
+    local tensor destined to other ranks."""
+    return 2 * (world - 1) * (2 * q_elems + 2 * kv_elems) * itemsize // world
+
+
+def deepspeed_ulysses_method() -> Method:
+    def prepare(inputs: Inputs):
+        import deepspeed
+        import seqpar
+        from deepspeed.sequence.layer import DistributedAttention
+
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts the gloo group already running
+        attention = DistributedAttention(causal_sdpa, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        local = [seqpar.shard(t, layout="contiguous")
+                 for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
+
+        def step():
+            q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
+            o = attention(q_l, k_l, v_l, 0)  # batch_dim_idx=0: [B, S/P, H, D] shards
+            o.backward(local[3])
+            return o.detach(), deepspeed_ulysses_bytes(inputs.world, local[0].numel(),
+                                                       local[1].numel(), local[1].element_size())
+        return step
+
+    return Method("deepspeed ulysses", "contiguous", prepare)
+
+
+DEEPSPEED_AVAILABLE = importlib.util.find_spec("deepspeed") is not None
+if DEEPSPEED_AVAILABLE:
+    register(deepspeed_ulysses_method())
+
 BASELINE_PEER = "torch ring (allgather)"
+ULYSSES_PEER = "deepspeed ulysses"
 
 
 # ---------------------------------------------------------------- one rank
@@ -300,6 +363,9 @@ def main(argv=None) -> None:
     info = machine()
     cores = info["cores"] or 1
     print(header_text(info), flush=True)
+    if not DEEPSPEED_AVAILABLE:
+        print("# deepspeed is not installed: no DeepSpeed-Ulysses row "
+              "(pip install -e '.[deepspeed]' adds it)", flush=True)
     dtype = getattr(torch, args.dtype)
     baseline = {}
     for seq in args.seqs:
@@ -319,6 +385,10 @@ def main(argv=None) -> None:
         peer = [r for r in rows if r["P"] == row["P"] and r["S"] == row["S"]
                 and r["method"] == BASELINE_PEER]
         row["vs_torch"] = row["seconds"] / peer[0]["seconds"] if peer else None
+        ulysses_peer = [r for r in rows if r["P"] == row["P"] and r["S"] == row["S"]
+                        and r["method"] == ULYSSES_PEER]
+        row["vs_deepspeed"] = (row["seconds"] / ulysses_peer[0]["seconds"] if ulysses_peer
+                               else None)
         row["sent_mib"], row["peak_mib"] = mib(row["sent_bytes"]), mib(row["peak_bytes"])
     rows.sort(key=lambda r: (r["P"], r["S"], r["method"]))
     print(f"# causal attention fwd+bwd, B=1, H={args.heads}, Hkv={kv_heads}, D={args.dim}, "
@@ -327,6 +397,7 @@ def main(argv=None) -> None:
     print(table(rows, [("P", "P", "d"), ("S", "S", "d"), ("method", "method", "s"),
                        ("seconds", "fwd+bwd s", ".3f"), ("efficiency", "efficiency", ".1%"),
                        ("vs_torch", f"time / {BASELINE_PEER}", ".2f"),
+                       ("vs_deepspeed", f"time / {ULYSSES_PEER}", ".2f"),
                        ("sent_mib", "sent MiB/rank", ".1f"), ("peak_mib", "peak MiB/rank", ".1f"),
                        ("diff", "max |o - first o|", ".1e")]))
     write_results("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out, plot)

@@ -6,6 +6,10 @@ returns for those tokens; `linear_attention(q, k, v, ...)` does the same for lin
 with per-head decay (LASP-2). Validation runs locally and then through one tiny all-reduce
 (`comm.primitives.agree`), so bad arguments on any rank, or shapes that differ between ranks,
 raise on every rank instead of hanging the next collective.
+
+A softmax backend is a function `(q, k, v, info, causal, scale, layout, return_lse, mesh) ->
+(o, lse)` registered in `BACKENDS`; lse may be None when return_lse is False (backends whose
+lse costs communication skip it), and mesh is the `SPMesh` passed as group, or None.
 """
 
 from __future__ import annotations
@@ -16,18 +20,23 @@ from collections.abc import Callable
 
 import torch
 
+from .comm.allgather import AllGatherAttention, AllGatherPlan
 from .comm.lasp2 import Lasp2Attention, Lasp2Plan
 from .comm.primitives import GroupInfo, active_recorders, agree, resolve_group
 from .comm.ring import RingAttention, RingPlan
 from .comm.tokenring import TokenRingAttention, TokenRingPlan
+from .comm.ulysses import UlyssesAttention, UlyssesPlan
+from .comm.usp import usp_plan
 from .kernels.dispatch import select_kernel, select_linear_kernel
 from .kernels.torch_cpu import accumulator_dtype
 from .layout import LAYOUTS, all_local_runs, local_runs
+from .mesh import SPMesh
 
 BACKENDS: dict[str, Callable] = {}
 
 
-def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
+def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+          mesh: SPMesh | None):
     seq_len = q.shape[1] * info.world
     plan = RingPlan.build(info, local_runs(seq_len, info.world, info.rank, layout),
                           all_local_runs(seq_len, info.world, layout), causal, scale,
@@ -35,16 +44,44 @@ def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
     return RingAttention.apply(q, k, v, plan)
 
 
-BACKENDS["ring"] = _ring
+def _ulysses(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+             mesh: SPMesh | None):
+    plan = UlyssesPlan.build(info, GroupInfo(None, 0, 1),
+                             all_local_runs(q.shape[1] * info.world, info.world, layout),
+                             q.shape[2], k.shape[2], causal, scale,
+                             select_kernel(q.device, q.dtype), active_recorders(), return_lse,
+                             op="ulysses")
+    return UlyssesAttention.apply(q, k, v, plan)
 
 
-def _tokenring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
+def _usp(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+         mesh: SPMesh | None):
+    plan = usp_plan(mesh.ulysses, mesh.ring,
+                    all_local_runs(q.shape[1] * info.world, info.world, layout), q.shape[2],
+                    k.shape[2], causal, scale, select_kernel(q.device, q.dtype),
+                    active_recorders(), return_lse)
+    return UlyssesAttention.apply(q, k, v, plan)
+
+
+def _allgather(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str,
+               return_lse: bool, mesh: SPMesh | None):
+    plan = AllGatherPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
+                               causal, scale, select_kernel(q.device, q.dtype), active_recorders())
+    return AllGatherAttention.apply(q, k, v, plan)
+
+
+def _tokenring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str,
+               return_lse: bool, mesh: SPMesh | None):
     plan = TokenRingPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
                                causal, scale, select_kernel(q.device, q.dtype), active_recorders())
     return TokenRingAttention.apply(q, k, v, plan)
 
 
+BACKENDS["ring"] = _ring
 BACKENDS["tokenring"] = _tokenring
+BACKENDS["ulysses"] = _ulysses
+BACKENDS["usp"] = _usp
+BACKENDS["allgather"] = _allgather
 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 
@@ -104,8 +141,8 @@ def _agreed_call_values(q, causal, scale, layout, ok: bool) -> dict[str, int]:
     }
 
 
-def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2
-                          ) -> Exception | None:
+def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
+                          info: GroupInfo, mesh: SPMesh | None) -> Exception | None:
     """This rank's verdict on its arguments: the exception to raise, or None."""
     if backend not in BACKENDS:
         return ValueError(f"backend={backend!r} is not available; choose one of "
@@ -136,6 +173,26 @@ def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s
     if s2 is not None and backend != "s2":
         return ValueError(f"s2= is only used by backend='s2', got backend={backend!r}; "
                           f"drop s2= or choose backend='s2'")
+    return _check_head_sharding(backend, q.shape[2], info, mesh)
+
+
+def _check_head_sharding(backend: str, heads_q: int, info: GroupInfo, mesh: SPMesh | None
+                         ) -> Exception | None:
+    """The group arguments the head-sharded backends need: an SPMesh for usp, and query heads
+    that the Ulysses degree divides."""
+    if backend == "usp" and mesh is None:
+        return ValueError("backend='usp' needs group=seqpar.SPMesh(group, ulysses=U) to know its "
+                          "Ulysses x ring split, got a plain process group; build the mesh once, "
+                          "e.g. mesh = seqpar.SPMesh(group, ulysses=2), and pass group=mesh")
+    degree = {"ulysses": info.world, "usp": mesh.ulysses_size if mesh else 0}.get(backend, 0)
+    if degree and heads_q % degree:
+        where = (f"the {info.world} ranks of the group" if backend == "ulysses"
+                 else f"ulysses={degree} ranks of the mesh")
+        fix = ("use backend='usp' with seqpar.SPMesh(group, ulysses=U) for a U that divides the "
+               "query heads, or backend='ring'" if backend == "ulysses"
+               else "choose a Ulysses degree that divides the query heads, or backend='ring'")
+        return ValueError(f"backend={backend!r} shards the {heads_q} query heads over {where}, "
+                          f"which needs heads % {degree} == 0; {fix}")
     return None
 
 
@@ -149,20 +206,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     Returns o [B, S_loc, Hq, D] in q's dtype, and with `return_lse=True` also
     lse [B, Hq, S_loc] (fp32, natural log; fp64 for fp64 inputs). Collective: every rank of the
     group calls it with the same shapes, and calls backward if any rank does.
+    group: None (WORLD), a ProcessGroup, or a `seqpar.SPMesh` (needed by backend="usp"; the
+    other backends use its whole group).
     """
-    info = resolve_group(group)
-    problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2)
+    mesh = group if isinstance(group, SPMesh) else None
+    info = mesh.info if mesh is not None else resolve_group(group)
+    problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
+                                    info, mesh)
     shapes_ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     agree(info, "seqpar.attention", {
         "backend": sorted(BACKENDS).index(backend) if backend in BACKENDS else -1,
         **_agreed_call_values(q, causal, scale, layout, shapes_ok),
+        "return_lse": int(bool(return_lse)) if isinstance(return_lse, bool) else -1,
+        "SPMesh ulysses degree": mesh.ulysses_size if mesh is not None else 0,
         "query heads": q.shape[2] if shapes_ok else -1,
         "key/value heads": k.shape[2] if shapes_ok else -1,
         "head dim": q.shape[3] if shapes_ok else -1,
     }, problem, device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout)
+    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout, return_lse, mesh)
     return (o, lse) if return_lse else o
 
 

@@ -33,7 +33,7 @@ def on_rank(rank, bad, fine):
 # name -> (call, expected type on every rank, regex each rank's message must match)
 MALFORMED = {
     "unknown backend": (lambda: seqpar.attention(*good(), backend="flash"),
-                        ValueError, r"backend='flash' is not available; choose one of \['ring'"),
+                        ValueError, r"backend='flash' is not available; choose one of \[.*'ring'.*'ulysses'"),
     "unknown layout": (lambda: seqpar.attention(*good(), layout="zig-zag"),
                        ValueError, r"layout='zig-zag' is unknown; choose one of"),
     "3-D query": (lambda: seqpar.attention(good()[0][0], *good()[1:]),
@@ -59,7 +59,7 @@ MALFORMED = {
     "s2 pattern with ring": (lambda: seqpar.attention(*good(), s2=object()),
                              ValueError, r"s2= is only used by backend='s2'"),
     "group not a group": (lambda: seqpar.attention(*good(), group=[0, 1]),
-                          TypeError, r"group: expected None or a torch.distributed.ProcessGroup, got list"),
+                          TypeError, r"group: expected None, a torch.distributed.ProcessGroup or a seqpar.SPMesh, got list"),
     # linear attention (LASP-2): q/k [B, S_loc, H, Dk], v [B, S_loc, H, Dv], decay [H]
     "linear: striped layout": (lambda: seqpar.linear_attention(*good_linear(), layout="striped"),
                                ValueError, r"layout='striped' is not supported by linear_attention.*use "
@@ -84,6 +84,13 @@ MALFORMED = {
                                    TypeError, r"decay must be None or a torch.Tensor of per-head log-decays, got list"),
     "linear: odd zigzag shard": (lambda: seqpar.linear_attention(*good_linear(seq_local=7), layout="zigzag"),
                                  ValueError, r"layout='zigzag'.*local length must be even"),
+    "ulysses heads not divisible": (lambda: seqpar.attention(*good(hq=3, hkv=1), backend="ulysses"),
+                                    ValueError, r"backend='ulysses' shards the 3 query heads over the 2 ranks "
+                                                r"of the group, which needs heads % 2 == 0; use backend='usp'.* or backend='ring'"),
+    "usp without a mesh": (lambda: seqpar.attention(*good(), backend="usp"),
+                           ValueError, r"backend='usp' needs group=seqpar.SPMesh\(group, ulysses=U\).*got a plain process group"),
+    "usp heads not divisible by U": (lambda: seqpar.attention(*good(hq=3, hkv=1), seqpar.SPMesh(ulysses=2), backend="usp"),
+                                     ValueError, r"backend='usp' shards the 3 query heads over ulysses=2 ranks of the mesh"),
 }
 
 # Bad on one rank only: that rank raises its own error, the others a ValueError naming it.
@@ -111,6 +118,11 @@ ONE_RANK_BAD = {
         lambda: seqpar.linear_attention(*good_linear(), decay=torch.full((4,), on_rank(1, -1.0, 1.0))),
         {0: (ValueError, r"seqpar.linear_attention: rank 1 of the group rejected its arguments"),
          1: (ValueError, r"must be >= 0")}),
+    "return_lse differs": (lambda: seqpar.attention(*good(), backend="ulysses", return_lse=on_rank(1, True, False)),
+                           {0: (ValueError, r"return_lse differs across ranks"), 1: (ValueError, r"return_lse differs")}),
+    "mesh on one rank only": (lambda: seqpar.attention(*good(), on_rank(0, seqpar.SPMesh(ulysses=2), None), backend="ulysses"),
+                              {0: (ValueError, r"SPMesh ulysses degree differs across ranks"),
+                               1: (ValueError, r"SPMesh ulysses degree differs across ranks")}),
 }
 
 
@@ -147,7 +159,9 @@ def test_cross_rank_mismatch_raises_on_every_rank(worlds, name):
 
 
 def test_single_process_errors_need_no_group():
-    with pytest.raises(ValueError, match=r"seqpar.attention: backend='usp' is not available"):
+    with pytest.raises(ValueError, match=r"seqpar.attention: backend='flash' is not available"):
+        seqpar.attention(*good(), backend="flash")
+    with pytest.raises(ValueError, match=r"seqpar.attention: backend='usp' needs group=seqpar.SPMesh"):
         seqpar.attention(*good(), backend="usp")
     with pytest.raises(ValueError, match=r"seqpar.linear_attention: layout='striped' is not supported"):
         seqpar.linear_attention(*good_linear(), layout="striped")
