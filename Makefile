@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.seqpar-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-linear clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -23,7 +23,12 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 bench: $(STAMP)
+	# DeepSpeed-Ulysses is one of the peers measured (torch pinned so it cannot pull a CUDA build)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[deepspeed]" "$(TORCH)"
 	$(PYTHON) -m benchmarks.attention
+
+bench-linear: $(STAMP)
+	$(PYTHON) -m benchmarks.linear_scaling
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -9,32 +9,40 @@ P CPU ranks launched with torchrun's machinery (`torch.distributed.launcher.elas
 each rank with cores // P threads (and OMP_NUM_THREADS set like torchrun), for every method of
 `METHODS` (see `--list`):
 
-* seqpar backends with each layout they support (`SEQPAR_RUNS`);
+* every seqpar backend, with the layouts worth comparing (`SEQPAR_RUNS`; usp runs U=2 x R=P/2
+  when P is even, else U=1);
+* seqpar's LASP-2 linear attention on the same shapes (not softmax attention: timed and
+  counted, its output not compared; see `benchmarks.linear_scaling` for its own sweep);
 * PyTorch's ring attention (`_templated_ring_attention` + its backward, with the CPU flash op
   and head-tail load balancing, both of its K/V rotation methods: all-gather and all-to-all);
+* DeepSpeed-Ulysses (`deepspeed.sequence.layer.DistributedAttention` after
+  `deepspeed.init_distributed(dist_backend="gloo")`, contiguous shards, the same CPU flash
+  kernel through scaled_dot_product_attention), when deepspeed is installed
+  (`pip install -e ".[deepspeed]"`; without it the run says so and leaves the row out);
 
 and the single-process fused kernel on the whole sequence with all cores. Repeats go
 round-robin over the methods. Reported per row: median fwd+bwd time over `--repeats` (slowest
-rank), efficiency = single-process time / parallel time, the ratio to PyTorch's ring
-(all-gather rotation, its default), bytes sent per rank, peak memory per rank, and the max
-difference of the gathered output from the first method's (a check that every method computes
-the same thing). Writes JSON and a PNG under benchmarks/results/.
+rank), efficiency = single-process time / parallel time, the ratios to PyTorch's ring
+(all-gather rotation, its default) and to DeepSpeed-Ulysses, bytes sent per rank, peak memory
+per rank, and the max difference of the gathered output from the first method's (a check that
+every method computes the same thing). Writes JSON and a PNG under benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import header_text, machine, mib, peak_memory, table, timed, write_results
+from benchmarks.common import (header_text, launch, machine, mib, peak_memory, start_rank, table,
+                               timed, write_results)
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,15 @@ def register(method: Method) -> None:
 
 # (backend, layout) pairs benchmarked by default; a new backend adds its rows here.
 SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"),
-               ("tokenring", "contiguous"), ("tokenring", "zigzag"), ("tokenring", "striped")]
+               ("tokenring", "contiguous"), ("tokenring", "zigzag"), ("tokenring", "striped"),
+               ("ulysses", "contiguous"), ("ulysses", "zigzag"), ("usp", "zigzag"),
+               ("allgather", "zigzag"), ("allgather", "striped")]
+
+
+def usp_degree(world: int) -> int:
+    """The Ulysses degree of the usp rows: 2 (Ulysses in pairs, ring across them) when it
+    divides P, else 1."""
+    return 2 if world % 2 == 0 else 1
 
 
 def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
@@ -80,12 +96,14 @@ def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
         import seqpar
 
         local = [seqpar.shard(t, layout=layout) for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
+        # usp needs its mesh, built once (collective: every rank prepares methods in one order)
+        group = seqpar.SPMesh(ulysses=usp_degree(inputs.world)) if backend == "usp" else None
 
         def step():
             q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
             with seqpar.comm_stats() as stats:
-                o = seqpar.attention(q_l, k_l, v_l, backend=backend, causal=True, layout=layout,
-                                     **backend_kwargs)
+                o = seqpar.attention(q_l, k_l, v_l, group, backend=backend, causal=True,
+                                     layout=layout, **backend_kwargs)
                 o.backward(local[3])
             return o.detach(), stats.sent()
         return step
@@ -95,6 +113,31 @@ def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
 
 for _backend, _layout in SEQPAR_RUNS:
     register(seqpar_method(_backend, _layout))
+
+
+def lasp2_method(layout: str) -> Method:
+    """seqpar.linear_attention (LASP-2) on the same q, k, v: linear attention, not softmax, so
+    its output is not compared; its row shows what the same shapes cost without softmax.
+    Linear attention has no GQA: K/V heads are repeated to the query heads."""
+    def prepare(inputs: Inputs):
+        import seqpar
+
+        groups = inputs.q.shape[2] // inputs.k.shape[2]
+        k, v = (t.repeat_interleave(groups, dim=2) for t in (inputs.k, inputs.v))
+        local = [seqpar.shard(t, layout=layout) for t in (inputs.q, k, v, inputs.do)]
+
+        def step():
+            q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
+            with seqpar.comm_stats() as stats:
+                o = seqpar.linear_attention(q_l, k_l, v_l, causal=True, layout=layout)
+                o.backward(local[3])
+            return o.detach(), stats.sent()
+        return step
+
+    return Method(f"seqpar lasp2 linear ({layout})", layout, prepare, comparable=False)
+
+
+register(lasp2_method("zigzag"))
 
 
 # ---------------------------------------------------------------- PyTorch's ring
@@ -148,7 +191,53 @@ def torch_ring_method(rotation: str) -> Method:
 for _rotation in ("allgather", "alltoall"):
     register(torch_ring_method(_rotation))
 
+
+
+# ---------------------------------------------------------------- DeepSpeed-Ulysses
+
+def causal_sdpa(q, k, v):
+    """The local attention DeepSpeed runs on its head-sharded [B, S, H/P, D] tensors: PyTorch's
+    fused CPU flash kernel (what scaled_dot_product_attention picks here), causal."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+        enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+
+
+def deepspeed_ulysses_bytes(world: int, q_elems: int, kv_elems: int, itemsize: int) -> int:
+    """Bytes sent per rank by DeepSpeed's DistributedAttention, from its code: forward
+    all-to-alls of q, k, v, o and backward of do, dq, dk, dv, each sending the (P-1)/P of its
+    local tensor destined to other ranks."""
+    return 2 * (world - 1) * (2 * q_elems + 2 * kv_elems) * itemsize // world
+
+
+def deepspeed_ulysses_method() -> Method:
+    def prepare(inputs: Inputs):
+        import deepspeed
+        import seqpar
+        from deepspeed.sequence.layer import DistributedAttention
+
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts the gloo group already running
+        attention = DistributedAttention(causal_sdpa, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        local = [seqpar.shard(t, layout="contiguous")
+                 for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
+
+        def step():
+            q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
+            o = attention(q_l, k_l, v_l, 0)  # batch_dim_idx=0: [B, S/P, H, D] shards
+            o.backward(local[3])
+            return o.detach(), deepspeed_ulysses_bytes(inputs.world, local[0].numel(),
+                                                       local[1].numel(), local[1].element_size())
+        return step
+
+    return Method("deepspeed ulysses", "contiguous", prepare)
+
+
+DEEPSPEED_AVAILABLE = importlib.util.find_spec("deepspeed") is not None
+if DEEPSPEED_AVAILABLE:
+    register(deepspeed_ulysses_method())
+
 BASELINE_PEER = "torch ring (allgather)"
+ULYSSES_PEER = "deepspeed ulysses"
 
 
 # ---------------------------------------------------------------- one rank
@@ -156,11 +245,7 @@ BASELINE_PEER = "torch ring (allgather)"
 def _worker(config: dict) -> list[dict]:
     import seqpar
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(config["threads"])
-    device = torch.device("cpu")
-    dtype = getattr(torch, config["dtype"])
+    rank, world, device, dtype = start_rank(config)
     names = config["methods"]
     rows = []
     for seq in config["seqs"]:
@@ -230,28 +315,6 @@ def single_process(seq: int, heads: int, kv_heads: int, dim: int, dtype: torch.d
     return statistics.median(times), peak.bytes
 
 
-def launch(world: int, config: dict, worker: Callable[[dict], list[dict]] | None = None
-           ) -> list[dict]:
-    """Run `worker(config)` (default: this benchmark's) on `world` ranks; rank 0's rows."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
-                                 run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-                                 rdzv_endpoint="localhost:0", max_restarts=0,
-                                 monitor_interval=0.1, start_method="spawn")
-    # Like torchrun: one OpenMP thread pool of the rank's size (an unset OMP_NUM_THREADS lets
-    # every rank's runtime size itself to all cores, oversubscribing the machine).
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(config["threads"])
-    try:
-        return elastic_launch(launch_config, worker or _worker)(config)[0]
-    finally:
-        if previous is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
-
-
 def plot(rows: list[dict], path) -> None:
     try:
         import matplotlib
@@ -300,6 +363,9 @@ def main(argv=None) -> None:
     info = machine()
     cores = info["cores"] or 1
     print(header_text(info), flush=True)
+    if not DEEPSPEED_AVAILABLE:
+        print("# deepspeed is not installed: no DeepSpeed-Ulysses row "
+              "(pip install -e '.[deepspeed]' adds it)", flush=True)
     dtype = getattr(torch, args.dtype)
     baseline = {}
     for seq in args.seqs:
@@ -310,7 +376,7 @@ def main(argv=None) -> None:
         config = {"seqs": args.seqs, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
                   "dtype": args.dtype, "repeats": args.repeats,
                   "threads": max(1, cores // world), "methods": methods}
-        rows += launch(world, config)
+        rows += launch(world, _worker, config)
     for seq in args.seqs:
         rows.append({"method": "single process", "P": 1, "S": seq, "seconds": baseline[seq][0],
                      "sent_bytes": 0, "peak_bytes": baseline[seq][1]})
@@ -319,6 +385,10 @@ def main(argv=None) -> None:
         peer = [r for r in rows if r["P"] == row["P"] and r["S"] == row["S"]
                 and r["method"] == BASELINE_PEER]
         row["vs_torch"] = row["seconds"] / peer[0]["seconds"] if peer else None
+        ulysses_peer = [r for r in rows if r["P"] == row["P"] and r["S"] == row["S"]
+                        and r["method"] == ULYSSES_PEER]
+        row["vs_deepspeed"] = (row["seconds"] / ulysses_peer[0]["seconds"] if ulysses_peer
+                               else None)
         row["sent_mib"], row["peak_mib"] = mib(row["sent_bytes"]), mib(row["peak_bytes"])
     rows.sort(key=lambda r: (r["P"], r["S"], r["method"]))
     print(f"# causal attention fwd+bwd, B=1, H={args.heads}, Hkv={kv_heads}, D={args.dim}, "
@@ -327,6 +397,7 @@ def main(argv=None) -> None:
     print(table(rows, [("P", "P", "d"), ("S", "S", "d"), ("method", "method", "s"),
                        ("seconds", "fwd+bwd s", ".3f"), ("efficiency", "efficiency", ".1%"),
                        ("vs_torch", f"time / {BASELINE_PEER}", ".2f"),
+                       ("vs_deepspeed", f"time / {ULYSSES_PEER}", ".2f"),
                        ("sent_mib", "sent MiB/rank", ".1f"), ("peak_mib", "peak MiB/rank", ".1f"),
                        ("diff", "max |o - first o|", ".1e")]))
     write_results("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out, plot)

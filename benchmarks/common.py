@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark CLIs: machine header, timing, peak memory, tables, output."""
+"""Shared pieces of the benchmark CLIs: machine header, launching ranks, timing, peak memory,
+tables, output."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import platform
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +152,36 @@ def write_results(name: str, payload: dict, folder, plot) -> Path:
 
 def mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20
+
+
+def start_rank(config: dict) -> tuple[int, int, torch.device, torch.dtype]:
+    """Inside a launched rank: join the gloo group, take `config["threads"]` threads; returns
+    (rank, world, device, dtype of config["dtype"])."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(config["threads"])
+    dtype = getattr(torch, config["dtype"])
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu"), dtype
+
+
+def launch(world: int, worker: Callable[[dict], list[dict]], config: dict) -> list[dict]:
+    """Run `worker(config)` on `world` CPU ranks with torchrun's machinery (elastic_launch);
+    returns rank 0's result. `config["threads"]` is each rank's thread count."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
+                                 run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                                 rdzv_endpoint="localhost:0", max_restarts=0,
+                                 monitor_interval=0.1, start_method="spawn")
+    # Like torchrun: one OpenMP thread pool of the rank's size (an unset OMP_NUM_THREADS lets
+    # every rank's runtime size itself to all cores, oversubscribing the machine).
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(config["threads"])
+    try:
+        return elastic_launch(launch_config, worker)(config)[0]
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous

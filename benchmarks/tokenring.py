@@ -26,8 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmarks.attention import launch
-from benchmarks.common import header_text, machine, mib, table, write_results
+from benchmarks.common import header_text, launch, machine, mib, table, write_results
 
 BACKENDS = ("ring", "tokenring")
 
@@ -157,7 +156,7 @@ def main(argv=None) -> None:
     rows = []
     for world in args.worlds:
         config = {**vars(args), "threads": max(1, cores // world)}
-        rows += launch(world, config, _worker)
+        rows += launch(world, _worker, config)
     for row in rows:
         ring = next(r for r in rows if r["backend"] == "ring" and
                     all(r[key] == row[key] for key in ("P", "S", "Hkv")))

@@ -2,9 +2,14 @@
 
 `attention(q, k, v, ...)` takes this rank's shard of the sequence (layout as made by
 `seqpar.shard`) and returns exactly what single-device attention over the whole sequence
-returns for those tokens. Validation runs locally and then through one tiny all-reduce
+returns for those tokens; `linear_attention(q, k, v, ...)` does the same for linear attention
+with per-head decay (LASP-2). Validation runs locally and then through one tiny all-reduce
 (`comm.primitives.agree`), so bad arguments on any rank, or shapes that differ between ranks,
 raise on every rank instead of hanging the next collective.
+
+A softmax backend is a function `(q, k, v, info, causal, scale, layout, return_lse, mesh) ->
+(o, lse)` registered in `BACKENDS`; lse may be None when return_lse is False (backends whose
+lse costs communication skip it), and mesh is the `SPMesh` passed as group, or None.
 """
 
 from __future__ import annotations
@@ -15,16 +20,23 @@ from collections.abc import Callable
 
 import torch
 
+from .comm.allgather import AllGatherAttention, AllGatherPlan
+from .comm.lasp2 import Lasp2Attention, Lasp2Plan
 from .comm.primitives import GroupInfo, active_recorders, agree, resolve_group
 from .comm.ring import RingAttention, RingPlan
 from .comm.tokenring import TokenRingAttention, TokenRingPlan
-from .kernels.dispatch import select_kernel
+from .comm.ulysses import UlyssesAttention, UlyssesPlan
+from .comm.usp import usp_plan
+from .kernels.dispatch import select_kernel, select_linear_kernel
+from .kernels.torch_cpu import accumulator_dtype
 from .layout import LAYOUTS, all_local_runs, local_runs
+from .mesh import SPMesh
 
 BACKENDS: dict[str, Callable] = {}
 
 
-def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
+def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+          mesh: SPMesh | None):
     seq_len = q.shape[1] * info.world
     plan = RingPlan.build(info, local_runs(seq_len, info.world, info.rank, layout),
                           all_local_runs(seq_len, info.world, layout), causal, scale,
@@ -32,16 +44,44 @@ def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
     return RingAttention.apply(q, k, v, plan)
 
 
-BACKENDS["ring"] = _ring
+def _ulysses(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+             mesh: SPMesh | None):
+    plan = UlyssesPlan.build(info, GroupInfo(None, 0, 1),
+                             all_local_runs(q.shape[1] * info.world, info.world, layout),
+                             q.shape[2], k.shape[2], causal, scale,
+                             select_kernel(q.device, q.dtype), active_recorders(), return_lse,
+                             op="ulysses")
+    return UlyssesAttention.apply(q, k, v, plan)
 
 
-def _tokenring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str):
+def _usp(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+         mesh: SPMesh | None):
+    plan = usp_plan(mesh.ulysses, mesh.ring,
+                    all_local_runs(q.shape[1] * info.world, info.world, layout), q.shape[2],
+                    k.shape[2], causal, scale, select_kernel(q.device, q.dtype),
+                    active_recorders(), return_lse)
+    return UlyssesAttention.apply(q, k, v, plan)
+
+
+def _allgather(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str,
+               return_lse: bool, mesh: SPMesh | None):
+    plan = AllGatherPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
+                               causal, scale, select_kernel(q.device, q.dtype), active_recorders())
+    return AllGatherAttention.apply(q, k, v, plan)
+
+
+def _tokenring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str,
+               return_lse: bool, mesh: SPMesh | None):
     plan = TokenRingPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
                                causal, scale, select_kernel(q.device, q.dtype), active_recorders())
     return TokenRingAttention.apply(q, k, v, plan)
 
 
+BACKENDS["ring"] = _ring
 BACKENDS["tokenring"] = _tokenring
+BACKENDS["ulysses"] = _ulysses
+BACKENDS["usp"] = _usp
+BACKENDS["allgather"] = _allgather
 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 
@@ -50,14 +90,8 @@ def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
-def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2
-                          ) -> Exception | None:
-    """This rank's verdict on its arguments: the exception to raise, or None."""
-    if backend not in BACKENDS:
-        return ValueError(f"backend={backend!r} is not available; choose one of "
-                          f"{sorted(BACKENDS)}")
-    if layout not in LAYOUTS:
-        return ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
+def _check_tensors(q, k, v) -> Exception | None:
+    """q, k, v: 4-D floating tensors of one supported dtype on one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -74,6 +108,50 @@ def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s
                          f"cast them to the same dtype")
     if not (q.device == k.device == v.device):
         return ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    return None
+
+
+def _check_length_and_flags(q, causal, scale, layout) -> Exception | None:
+    """A non-empty local length the layout can hold, a bool `causal`, a usable `scale`."""
+    if q.shape[1] == 0:
+        return ValueError("the local sequence is empty (q.shape[1] == 0)")
+    if layout == "zigzag" and q.shape[1] % 2:
+        return ValueError(f"layout='zigzag' holds two equal chunks per rank, so the local length "
+                          f"must be even, got q.shape[1]={q.shape[1]}; pad the global sequence "
+                          f"to a multiple of 2 x the group size")
+    if not isinstance(causal, bool):
+        return TypeError(f"causal must be a bool, got {causal!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        return ValueError(f"scale must be None (1/sqrt(head_dim)) or a positive finite number, "
+                          f"got {scale!r}")
+    return None
+
+
+def _agreed_call_values(q, causal, scale, layout, ok: bool) -> dict[str, int]:
+    """The values every rank of one call must share, as integers for `agree` (placeholders
+    where this rank's arguments are bad: its own error is raised instead)."""
+    return {
+        "layout": LAYOUTS.index(layout) if layout in LAYOUTS else -1,
+        "causal": int(bool(causal)) if isinstance(causal, bool) else -1,
+        "scale": _float_bits(float(scale)) if ok and scale is not None else 0,
+        "dtype": _DTYPE_CODES[q.dtype] if ok else -1,
+        "batch size": q.shape[0] if ok else -1,
+        "local sequence length": q.shape[1] if ok else -1,
+    }
+
+
+def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
+                          info: GroupInfo, mesh: SPMesh | None) -> Exception | None:
+    """This rank's verdict on its arguments: the exception to raise, or None."""
+    if backend not in BACKENDS:
+        return ValueError(f"backend={backend!r} is not available; choose one of "
+                          f"{sorted(BACKENDS)}")
+    if layout not in LAYOUTS:
+        return ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
+    problem = _check_tensors(q, k, v)
+    if problem:
+        return problem
     if k.shape != v.shape:
         return ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                           f"{tuple(v.shape)}")
@@ -87,23 +165,34 @@ def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s
     if q.shape[2] % k.shape[2]:
         return ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
                           f"({k.shape[2]}) for grouped-query attention")
-    if q.shape[1] == 0:
-        return ValueError("the local sequence is empty (q.shape[1] == 0)")
-    if layout == "zigzag" and q.shape[1] % 2:
-        return ValueError(f"layout='zigzag' holds two equal chunks per rank, so the local length "
-                          f"must be even, got q.shape[1]={q.shape[1]}; pad the global sequence "
-                          f"to a multiple of 2 x the group size")
-    if not isinstance(causal, bool):
-        return TypeError(f"causal must be a bool, got {causal!r}")
+    problem = _check_length_and_flags(q, causal, scale, layout)
+    if problem:
+        return problem
     if not isinstance(return_lse, bool):
         return TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale) or scale <= 0):
-        return ValueError(f"scale must be None (1/sqrt(head_dim)) or a positive finite number, "
-                          f"got {scale!r}")
     if s2 is not None and backend != "s2":
         return ValueError(f"s2= is only used by backend='s2', got backend={backend!r}; "
                           f"drop s2= or choose backend='s2'")
+    return _check_head_sharding(backend, q.shape[2], info, mesh)
+
+
+def _check_head_sharding(backend: str, heads_q: int, info: GroupInfo, mesh: SPMesh | None
+                         ) -> Exception | None:
+    """The group arguments the head-sharded backends need: an SPMesh for usp, and query heads
+    that the Ulysses degree divides."""
+    if backend == "usp" and mesh is None:
+        return ValueError("backend='usp' needs group=seqpar.SPMesh(group, ulysses=U) to know its "
+                          "Ulysses x ring split, got a plain process group; build the mesh once, "
+                          "e.g. mesh = seqpar.SPMesh(group, ulysses=2), and pass group=mesh")
+    degree = {"ulysses": info.world, "usp": mesh.ulysses_size if mesh else 0}.get(backend, 0)
+    if degree and heads_q % degree:
+        where = (f"the {info.world} ranks of the group" if backend == "ulysses"
+                 else f"ulysses={degree} ranks of the mesh")
+        fix = ("use backend='usp' with seqpar.SPMesh(group, ulysses=U) for a U that divides the "
+               "query heads, or backend='ring'" if backend == "ulysses"
+               else "choose a Ulysses degree that divides the query heads, or backend='ring'")
+        return ValueError(f"backend={backend!r} shards the {heads_q} query heads over {where}, "
+                          f"which needs heads % {degree} == 0; {fix}")
     return None
 
 
@@ -117,23 +206,120 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     Returns o [B, S_loc, Hq, D] in q's dtype, and with `return_lse=True` also
     lse [B, Hq, S_loc] (fp32, natural log; fp64 for fp64 inputs). Collective: every rank of the
     group calls it with the same shapes, and calls backward if any rank does.
+    group: None (WORLD), a ProcessGroup, or a `seqpar.SPMesh` (needed by backend="usp"; the
+    other backends use its whole group).
     """
-    info = resolve_group(group)
-    problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2)
+    mesh = group if isinstance(group, SPMesh) else None
+    info = mesh.info if mesh is not None else resolve_group(group)
+    problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
+                                    info, mesh)
     shapes_ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     agree(info, "seqpar.attention", {
         "backend": sorted(BACKENDS).index(backend) if backend in BACKENDS else -1,
-        "layout": LAYOUTS.index(layout) if layout in LAYOUTS else -1,
-        "causal": int(bool(causal)) if isinstance(causal, bool) else -1,
-        "scale": _float_bits(float(scale)) if shapes_ok and scale is not None else 0,
-        "dtype": _DTYPE_CODES[q.dtype] if shapes_ok else -1,
-        "batch size": q.shape[0] if shapes_ok else -1,
-        "local sequence length": q.shape[1] if shapes_ok else -1,
+        **_agreed_call_values(q, causal, scale, layout, shapes_ok),
+        "return_lse": int(bool(return_lse)) if isinstance(return_lse, bool) else -1,
+        "SPMesh ulysses degree": mesh.ulysses_size if mesh is not None else 0,
         "query heads": q.shape[2] if shapes_ok else -1,
         "key/value heads": k.shape[2] if shapes_ok else -1,
         "head dim": q.shape[3] if shapes_ok else -1,
     }, problem, device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout)
+    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout, return_lse, mesh)
     return (o, lse) if return_lse else o
+
+
+LINEAR_LAYOUTS = ("contiguous", "zigzag")
+_DECAY_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_decay(decay, q) -> Exception | None:
+    if decay is None:
+        return None
+    if not isinstance(decay, torch.Tensor):
+        return TypeError(f"decay must be None or a torch.Tensor of per-head log-decays, got "
+                         f"{type(decay).__name__}")
+    if decay.dtype not in _DECAY_DTYPES:
+        return TypeError(f"decay.dtype={decay.dtype} is not supported; pass log-decays as "
+                         f"torch.float32 or torch.float64 (they are exponents over long spans)")
+    if decay.shape != (q.shape[2],):
+        return ValueError(f"decay must have shape [H] = [{q.shape[2]}] (one log-decay per head), "
+                          f"got {tuple(decay.shape)}")
+    if decay.device != q.device:
+        return ValueError(f"decay is on {decay.device} but q is on {q.device}; move it to "
+                          f"q's device")
+    if decay.requires_grad:
+        return ValueError("decay requires grad, but gradients with respect to the log-decays are "
+                          "not computed; pass decay.detach()")
+    if not torch.isfinite(decay).all():
+        return ValueError("decay holds non-finite values; log-decays must be finite numbers >= 0")
+    if (decay < 0).any():
+        return ValueError(f"decay holds log-decays s_h = -log(lambda_h), which must be >= 0 "
+                          f"(lambda_h <= 1), got min {decay.min().item():g}; pass -log(lambda)")
+    return None
+
+
+def _check_linear_args(q, k, v, decay, causal, scale, layout) -> Exception | None:
+    """This rank's verdict on the arguments of `linear_attention`: the exception, or None."""
+    if layout == "striped":
+        return ValueError("layout='striped' is not supported by linear_attention: LASP-2 passes "
+                          "one state per contiguous chunk, and a striped shard has none; use "
+                          "layout='contiguous' or 'zigzag'")
+    if layout not in LAYOUTS:
+        return ValueError(f"layout={layout!r} is unknown; choose one of {LINEAR_LAYOUTS}")
+    problem = _check_tensors(q, k, v)
+    if problem:
+        return problem
+    if q.shape[3] != k.shape[3]:
+        return ValueError(f"head dims differ: q.shape[3]={q.shape[3]}, k.shape[3]={k.shape[3]}; "
+                          f"q and k share the key dim Dk (v may have its own Dv)")
+    if q.shape != k.shape:
+        return ValueError(f"q and k must have the same shape [B, S_loc, H, Dk], got "
+                          f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        return ValueError(f"v must hold the same batch, local tokens and heads as q: "
+                          f"v.shape[:3]={tuple(v.shape[:3])}, q.shape[:3]={tuple(q.shape[:3])}")
+    return _check_length_and_flags(q, causal, scale, layout) or _check_decay(decay, q)
+
+
+def _decay_checksum(decay: torch.Tensor) -> int:
+    """One integer that differs when the per-head values (or their order) differ."""
+    weights = torch.arange(1, decay.numel() + 1, dtype=torch.float64, device=decay.device)
+    return _float_bits(float((decay.double() * weights).sum()))
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None,
+                     decay: torch.Tensor | None = None, causal: bool = True,
+                     scale: float | None = None, layout: str = "contiguous") -> torch.Tensor:
+    """Linear attention (no softmax, no normaliser) over a sequence sharded across `group`.
+
+    q/k [B, S_loc, H, Dk], v [B, S_loc, H, Dv]: this rank's tokens, sharded with `layout`
+    ("contiguous" | "zigzag"). decay: None or [H] per-head log-decays s_h >= 0 (lambda_h =
+    exp(-s_h)): causal o_i = sum_{j <= i} lambda^(i-j) scale (q_i . k_j) v_j; non-causal the
+    same over every j with lambda^|i-j|. Returns o [B, S_loc, H, Dv] in q's dtype. Collective:
+    every rank of the group calls it with the same shapes and decay, and calls backward if any
+    rank does.
+    """
+    info = resolve_group(group)
+    problem = _check_linear_args(q, k, v, decay, causal, scale, layout)
+    ok = problem is None
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    agree(info, "seqpar.linear_attention", {
+        **_agreed_call_values(q, causal, scale, layout, ok),
+        "heads": q.shape[2] if ok else -1,
+        "key dim": q.shape[3] if ok else -1,
+        "value dim": v.shape[3] if ok else -1,
+        "decay (None or a tensor)": int(decay is not None),
+        "decay": _decay_checksum(decay) if ok and decay is not None else 0,
+    }, problem, device)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    seq_len = q.shape[1] * info.world
+    plan = Lasp2Plan.build(info, all_local_runs(seq_len, info.world, layout), causal,
+                           decay is not None, scale,
+                           select_linear_kernel(q.device, q.dtype, max(q.shape[3], v.shape[3])),
+                           active_recorders())
+    log_decay = None
+    if not plan.summed:
+        log_decay = (torch.zeros(q.shape[2], dtype=accumulator_dtype(q.dtype), device=q.device)
+                     if decay is None else decay.to(accumulator_dtype(q.dtype)))
+    return Lasp2Attention.apply(q, k, v, log_decay, plan)

@@ -18,6 +18,8 @@ Tolerances (relative to max(1, max |reference|)):
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -102,23 +104,48 @@ def single_device_errors(q, k, v, do, dlse, causal, scale, dtype, ref) -> dict[s
     return {n: max_error(a, b) for n, a, b in zip(names, (o, lse, dq, dk, dv), ref)}
 
 
+def compare_results(names, actual, expected, dtype: torch.dtype, context: str,
+                    single_device: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Assert each result against its reference with the tolerance of `dtype` (module
+    docstring); `single_device()` gives the same-precision single-device errors, asked for
+    only for bf16/fp16. Returns the errors."""
+    errors = {}
+    if dtype in EXACT_REL:
+        for name, a, e in zip(names, actual, expected):
+            errors[name] = assert_close(name, a, e, EXACT_REL[dtype], context)
+        return errors
+    single = single_device()
+    for name, a, e in zip(names, actual, expected):
+        err = max_error(a, e)
+        bound = 2 * single[name] + magnitude(e) * torch.finfo(dtype).eps / 4
+        if not err <= bound:
+            raise AssertionError(f"{context} {name}: error {err:.3e} > 2 x single-device "
+                                 f"error {single[name]:.3e} + magnitude * eps / 4")
+        errors[name] = err
+    return errors
+
+
 _SAME = object()
 
 
 def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, float]:
     """Run on every rank; assert this rank's results; return its errors (for reporting).
 
+    `group`: None, a ProcessGroup, or a seqpar.SPMesh (passed to seqpar.attention as is).
+
     `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
     reference on purpose, to show it fails.
     """
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    # `group` may be a seqpar.SPMesh (backend "usp"): shard over its whole group.
+    sp_group = group.group if isinstance(group, seqpar.SPMesh) else group
+    world = dist.get_world_size(sp_group) if dist.is_initialized() else 1
+    rank = dist.get_rank(sp_group) if dist.is_initialized() else 0
     q, k, v, do, dlse = global_inputs(case, world)
     ref = reference(q, k, v, do, dlse, case.causal,
                     case.scale if reference_scale is _SAME else reference_scale)
 
     def local(t, dim=1):
-        return seqpar.shard(t, group, dim=dim, layout=case.layout)
+        return seqpar.shard(t, sp_group, dim=dim, layout=case.layout)
 
     q_l, k_l, v_l = (local(t).to(case.dtype).requires_grad_() for t in (q, k, v))
     with seqpar.comm_stats() as stats:
@@ -141,25 +168,76 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     expected = [local(ref[0]), local(ref[1], dim=2)] + [local(g) for g in ref[2:]]
     actual = [o, lse, q_l.grad, k_l.grad, v_l.grad]
     names = ("o", "lse", "dq", "dk", "dv")
-    context = f"rank {rank}/{world} {case}:"
-    errors = {}
-    if case.dtype in EXACT_REL:
-        for name, a, e in zip(names, actual, expected):
-            errors[name] = assert_close(name, a, e, EXACT_REL[case.dtype], context)
-    else:
-        single = single_device_errors(q, k, v, do, dlse, case.causal, case.scale, case.dtype, ref)
-        for name, a, e in zip(names, actual, expected):
-            err = max_error(a, e)
-            bound = 2 * single[name] + magnitude(e) * torch.finfo(case.dtype).eps / 4
-            if not err <= bound:
-                raise AssertionError(f"{context} {name}: error {err:.3e} > 2 x single-device "
-                                     f"error {single[name]:.3e} + magnitude * eps / 4")
-            errors[name] = err
+    errors = compare_results(names, actual, expected, case.dtype, f"rank {rank}/{world} {case}:",
+                             lambda: single_device_errors(q, k, v, do, dlse, case.causal,
+                                                          case.scale, case.dtype, ref))
     for direction in ("fwd", "bwd"):
         op = stats.ops.get(f"{case.backend}.{direction}")
         errors[f"bytes_{direction}"] = stats.sent(f"{case.backend}.{direction}")
         errors[f"messages_{direction}"] = op.messages if op else 0
     return errors
+
+
+# ---------------------------------------------------------------- cases every backend runs
+
+def run_case_and_count(case: AttnCase, traffic: Callable[[AttnCase, int], tuple[int, int]]
+                       ) -> dict[str, float]:
+    """`run_case`, then assert the bytes this rank sent forward and backward equal the
+    backend's documented formula `traffic(case, P)`."""
+    errors = run_case(case)
+    fwd, bwd = traffic(case, dist.get_world_size() if dist.is_initialized() else 1)
+    assert errors["bytes_fwd"] == fwd, (errors["bytes_fwd"], fwd)
+    assert errors["bytes_bwd"] == bwd, (errors["bytes_bwd"], bwd)
+    return errors
+
+
+def itemsizes(dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes per element of the inputs, of the accumulators: fp32, or fp64 for fp64)."""
+    return torch.empty(0, dtype=dtype).element_size(), (8 if dtype == torch.float64 else 4)
+
+
+# Odd but legal shapes every softmax backend runs.
+ODD_SHAPES = (
+    AttnCase(layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),   # 1-token chunks
+    AttnCase(layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),  # 1 token per rank
+    AttnCase(layout="contiguous", head_dim=40, seq_local=7, batch=3, scale=0.05),
+    AttnCase(layout="zigzag", head_dim=24, seq_local=600, heads_q=2, heads_kv=1, causal=True),
+    AttnCase(layout="striped", seq_local=9, causal=False, kernel="chunked", heads_q=8, heads_kv=2),
+    AttnCase(layout="zigzag", seq_local=14, kernel="chunked", heads_q=8, heads_kv=2),
+)
+
+
+def odd_shapes(backend: str, heads_multiple: int = 1, extra: tuple[AttnCase, ...] = ()
+               ) -> list[AttnCase]:
+    """Odd but legal shapes: one-token zigzag chunks, one token per rank, D=40, B=3 with an
+    explicit scale, a long local sequence, the chunked kernel (explicit masks), plus a
+    backend's `extra` cases. Query heads are rounded up to a multiple of `heads_multiple`
+    (head-sharded backends need Hq % P == 0)."""
+    def fit(case: AttnCase) -> AttnCase:
+        unit = math.lcm(heads_multiple, case.heads_kv)
+        return dataclasses.replace(case, backend=backend,
+                                   heads_q=-(-case.heads_q // unit) * unit)
+    return [fit(case) for case in ODD_SHAPES + tuple(extra)]
+
+
+def low_precision_case(backend: str, layout: str, dtype: torch.dtype) -> AttnCase:
+    return AttnCase(backend=backend, layout=layout, dtype=dtype, heads_q=8, heads_kv=2,
+                    seq_local=32, head_dim=32)
+
+
+def check_lse_only_gradient(backend: str, layout: str) -> None:
+    """Only lse used downstream: backward still runs (do is None inside; collectives run on
+    every rank all the same) and dq is exact."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    qr = q.clone().requires_grad_()
+    _, lse_ref = attention_reference(qr, k, v, causal=True)
+    (dq_ref,) = torch.autograd.grad(lse_ref.sum(), qr)
+    q_l = seqpar.shard(q, layout=layout).requires_grad_()
+    _, lse = seqpar.attention(q_l, seqpar.shard(k, layout=layout), seqpar.shard(v, layout=layout),
+                              backend=backend, layout=layout, return_lse=True)
+    lse.sum().backward()
+    assert_close("dq", q_l.grad, seqpar.shard(dq_ref, layout=layout), 1e-10)
 
 
 # ---------------------------------------------------------------- the grids every backend runs
@@ -177,25 +255,14 @@ def fp32_grid(backend: str, worlds=(1, 2, 3, 4)) -> list:
 
 def low_precision_grid(backend: str, worlds=(2, 4)) -> list:
     """bf16 and fp16, every layout, GQA 8:2."""
-    return [pytest.param(world, AttnCase(backend=backend, layout=layout, dtype=dtype, heads_q=8,
-                                         heads_kv=2, seq_local=32, head_dim=32),
+    return [pytest.param(world, low_precision_case(backend, layout, dtype),
                          id=f"{world}-{layout}-{name}")
             for world in worlds for layout in LAYOUTS
             for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
 
 
-def odd_shape_grid(backend: str, worlds=(2, 4), extra: tuple[AttnCase, ...] = ()) -> list:
-    """`ODD_SHAPES` (and a backend's `extra` cases) on each world size."""
-    cases = [dataclasses.replace(c, backend=backend) for c in ODD_SHAPES + extra]
-    return [pytest.param(world, case, id=f"{world}-{case}") for world in worlds for case in cases]
-
-
-# Odd but legal shapes every softmax backend runs.
-ODD_SHAPES = (
-    AttnCase(layout="zigzag", head_dim=40, seq_local=2, heads_q=8, heads_kv=2),   # 1-token chunks
-    AttnCase(layout="striped", head_dim=40, seq_local=1, heads_q=3, heads_kv=1),  # 1 token per rank
-    AttnCase(layout="contiguous", head_dim=40, seq_local=7, batch=3, scale=0.05),
-    AttnCase(layout="zigzag", head_dim=24, seq_local=600, heads_q=2, heads_kv=1, causal=True),
-    AttnCase(layout="striped", seq_local=9, causal=False, kernel="chunked", heads_q=8, heads_kv=2),
-    AttnCase(layout="zigzag", seq_local=14, kernel="chunked", heads_q=8, heads_kv=2),
-)
+def odd_shape_grid(backend: str, worlds=(2, 4), extra: tuple[AttnCase, ...] = (),
+                   heads_multiple: int = 1) -> list:
+    """`odd_shapes` (and a backend's `extra` cases) on each world size."""
+    return [pytest.param(world, case, id=f"{world}-{case}") for world in worlds
+            for case in odd_shapes(backend, heads_multiple, extra)]

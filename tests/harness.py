@@ -2,7 +2,10 @@
 
 `World(size)` spawns `size` CPU processes once; each initialises a gloo process group and then
 serves cases: `world.run(fn, *args)` sends the module-level function `fn` (pickled by name) to
-every rank, runs it there, and returns the per-rank results in rank order.
+every rank, runs it there, and returns the per-rank results in rank order. `World(size, env=...)`
+sets extra environment variables in each process before it imports anything (e.g.
+TRITON_INTERPRET=1, which triton reads when a kernel module is imported), leaving the test
+process's own environment untouched.
 
 It never hangs the suite:
 * every case has a wall-clock `timeout`; past it the world is killed (and respawned on next use);
@@ -34,8 +37,9 @@ class WorldTimeout(AssertionError):
 
 
 def _serve(rank: int, size: int, store_path: str, tasks, results, path: list[str],
-           threads: int, collective_timeout_s: float) -> None:
+           threads: int, collective_timeout_s: float, env: dict[str, str]) -> None:
     sys.path[:] = path
+    os.environ.update(env)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
     import torch.distributed as dist
@@ -61,7 +65,7 @@ class World:
     """`size` gloo ranks on CPU, kept alive across many cases."""
 
     def __init__(self, size: int, threads: int = 1, collective_timeout_s: float = 60.0,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 120.0, env: dict[str, str] | None = None):
         self.size = size
         self.broken = False
         ctx = mp.get_context("spawn")
@@ -71,7 +75,8 @@ class World:
         self._procs = [
             ctx.Process(target=_serve, daemon=True,
                         args=(rank, size, os.path.join(self._dir, "store"), self._tasks[rank],
-                              self._results, list(sys.path), threads, collective_timeout_s))
+                              self._results, list(sys.path), threads, collective_timeout_s,
+                              dict(env or {})))
             for rank in range(size)]
         for p in self._procs:
             p.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import attention
+from benchmarks import attention, linear_scaling
 
 
 def test_attention_benchmark_runs_and_methods_agree(tmp_path, capsys):
@@ -31,3 +31,15 @@ def test_tokenring_benchmark_runs(tmp_path, capsys):
     assert ratio[4] < 1 < ratio[1], ratio  # MHA: fewer bytes than the ring; GQA 4:1: more
     assert (tmp_path / result.name.replace(".json", ".png")).exists()
     assert "ms/step" in capsys.readouterr().out
+
+
+def test_linear_scaling_benchmark_runs_with_constant_bytes(tmp_path, capsys):
+    linear_scaling.main(["--world", "2", "--seqs", "256", "1024", "--heads", "2", "--key-dim", "8",
+                         "--value-dim", "16", "--repeats", "1", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("linear_scaling-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["S"] for r in rows] == [256, 1024]
+    # one fp32 state (B=1, 2 heads, 8 x 16) to the other rank, forward and backward
+    assert rows[0]["sent_bytes"] == rows[1]["sent_bytes"] == 2 * (2 * 8 * 16 * 4)
+    assert (tmp_path / result.name.replace(".json", ".png")).exists()
+    assert "bytes per rank the same at every S: yes" in capsys.readouterr().out

@@ -19,6 +19,12 @@ def good(seq_local=8, hq=4, hkv=2, d=8, dtype=torch.float32):
             torch.randn(1, seq_local, hkv, d, generator=g, dtype=dtype))
 
 
+def good_linear(seq_local=8, h=4, dk=8, dv=6):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, seq_local, h, dk, generator=g), torch.randn(1, seq_local, h, dk, generator=g),
+            torch.randn(1, seq_local, h, dv, generator=g))
+
+
 def on_rank(rank, bad, fine):
     """`bad` on one rank only, `fine` elsewhere."""
     return bad if dist.get_rank() == rank else fine
@@ -27,7 +33,7 @@ def on_rank(rank, bad, fine):
 # name -> (call, expected type on every rank, regex each rank's message must match)
 MALFORMED = {
     "unknown backend": (lambda: seqpar.attention(*good(), backend="flash"),
-                        ValueError, r"backend='flash' is not available; choose one of \['ring'"),
+                        ValueError, r"backend='flash' is not available; choose one of \[.*'ring'.*'ulysses'"),
     "unknown layout": (lambda: seqpar.attention(*good(), layout="zig-zag"),
                        ValueError, r"layout='zig-zag' is unknown; choose one of"),
     "3-D query": (lambda: seqpar.attention(good()[0][0], *good()[1:]),
@@ -53,7 +59,38 @@ MALFORMED = {
     "s2 pattern with ring": (lambda: seqpar.attention(*good(), s2=object()),
                              ValueError, r"s2= is only used by backend='s2'"),
     "group not a group": (lambda: seqpar.attention(*good(), group=[0, 1]),
-                          TypeError, r"group: expected None or a torch.distributed.ProcessGroup, got list"),
+                          TypeError, r"group: expected None, a torch.distributed.ProcessGroup or a seqpar.SPMesh, got list"),
+    # linear attention (LASP-2): q/k [B, S_loc, H, Dk], v [B, S_loc, H, Dv], decay [H]
+    "linear: striped layout": (lambda: seqpar.linear_attention(*good_linear(), layout="striped"),
+                               ValueError, r"layout='striped' is not supported by linear_attention.*use "
+                                           r"layout='contiguous' or 'zigzag'"),
+    "linear: Dk mismatch": (lambda: seqpar.linear_attention(good_linear(dk=16)[0], *good_linear()[1:]),
+                            ValueError, r"head dims differ: q.shape\[3\]=16, k.shape\[3\]=8"),
+    "linear: v heads differ": (lambda: seqpar.linear_attention(*good_linear()[:2], good_linear(h=2)[2]),
+                               ValueError, r"v must hold the same batch, local tokens and heads as q"),
+    "linear: decay shape": (lambda: seqpar.linear_attention(*good_linear(), decay=torch.ones(5)),
+                            ValueError, r"decay must have shape \[H\] = \[4\] \(one log-decay per head\), got \(5,\)"),
+    "linear: decay 2-D": (lambda: seqpar.linear_attention(*good_linear(), decay=torch.ones(1, 4)),
+                          ValueError, r"decay must have shape \[H\] = \[4\].*got \(1, 4\)"),
+    "linear: negative decay": (lambda: seqpar.linear_attention(*good_linear(), decay=torch.tensor([0.1, -0.2, 0.0, 1.0])),
+                               ValueError, r"log-decays s_h = -log\(lambda_h\), which must be >= 0.*got min -0.2"),
+    "linear: infinite decay": (lambda: seqpar.linear_attention(*good_linear(), decay=torch.full((4,), float("inf"))),
+                               ValueError, r"decay holds non-finite values"),
+    "linear: integer decay": (lambda: seqpar.linear_attention(*good_linear(), decay=torch.ones(4, dtype=torch.int64)),
+                              TypeError, r"decay.dtype=torch.int64 is not supported; pass log-decays as torch.float32"),
+    "linear: decay needs grad": (lambda: seqpar.linear_attention(*good_linear(), decay=torch.ones(4, requires_grad=True)),
+                                 ValueError, r"decay requires grad.*pass decay.detach\(\)"),
+    "linear: decay not a tensor": (lambda: seqpar.linear_attention(*good_linear(), decay=[0.1] * 4),
+                                   TypeError, r"decay must be None or a torch.Tensor of per-head log-decays, got list"),
+    "linear: odd zigzag shard": (lambda: seqpar.linear_attention(*good_linear(seq_local=7), layout="zigzag"),
+                                 ValueError, r"layout='zigzag'.*local length must be even"),
+    "ulysses heads not divisible": (lambda: seqpar.attention(*good(hq=3, hkv=1), backend="ulysses"),
+                                    ValueError, r"backend='ulysses' shards the 3 query heads over the 2 ranks "
+                                                r"of the group, which needs heads % 2 == 0; use backend='usp'.* or backend='ring'"),
+    "usp without a mesh": (lambda: seqpar.attention(*good(), backend="usp"),
+                           ValueError, r"backend='usp' needs group=seqpar.SPMesh\(group, ulysses=U\).*got a plain process group"),
+    "usp heads not divisible by U": (lambda: seqpar.attention(*good(hq=3, hkv=1), seqpar.SPMesh(ulysses=2), backend="usp"),
+                                     ValueError, r"backend='usp' shards the 3 query heads over ulysses=2 ranks of the mesh"),
 }
 
 # Bad on one rank only: that rank raises its own error, the others a ValueError naming it.
@@ -70,6 +107,22 @@ ONE_RANK_BAD = {
                                    1: (ValueError, r"k and v must have the same shape")}),
     "causal differs": (lambda: seqpar.attention(*good(), causal=on_rank(0, False, True)),
                        {0: (ValueError, r"causal differs across ranks"), 1: (ValueError, r"causal differs")}),
+    "linear: decay values differ": (
+        lambda: seqpar.linear_attention(*good_linear(), decay=torch.full((4,), on_rank(1, 0.2, 0.1))),
+        {0: (ValueError, r"decay differs across ranks"), 1: (ValueError, r"decay differs across ranks")}),
+    "linear: decay on one rank only": (
+        lambda: seqpar.linear_attention(*good_linear(), decay=on_rank(0, torch.zeros(4), None)),
+        {0: (ValueError, r"decay \(None or a tensor\) differs across ranks"),
+             1: (ValueError, r"decay \(None or a tensor\) differs")}),
+    "linear: decay negative on rank 1 only": (
+        lambda: seqpar.linear_attention(*good_linear(), decay=torch.full((4,), on_rank(1, -1.0, 1.0))),
+        {0: (ValueError, r"seqpar.linear_attention: rank 1 of the group rejected its arguments"),
+         1: (ValueError, r"must be >= 0")}),
+    "return_lse differs": (lambda: seqpar.attention(*good(), backend="ulysses", return_lse=on_rank(1, True, False)),
+                           {0: (ValueError, r"return_lse differs across ranks"), 1: (ValueError, r"return_lse differs")}),
+    "mesh on one rank only": (lambda: seqpar.attention(*good(), on_rank(0, seqpar.SPMesh(ulysses=2), None), backend="ulysses"),
+                              {0: (ValueError, r"SPMesh ulysses degree differs across ranks"),
+                               1: (ValueError, r"SPMesh ulysses degree differs across ranks")}),
 }
 
 
@@ -92,7 +145,7 @@ def test_malformed_call_raises_on_every_rank(worlds, name):
     _, kind, pattern = MALFORMED[name]
     for rank, (type_name, message) in enumerate(worlds(2).run(raise_and_recover, name, "all", timeout=60)):
         assert type_name == kind.__name__, f"rank {rank}: {type_name}: {message}"
-        assert message.startswith("seqpar.attention: ") or "group:" in message, message
+        assert message.startswith(("seqpar.attention: ", "seqpar.linear_attention: ")) or "group:" in message, message
         assert re.search(pattern, message), f"rank {rank}: {message!r} !~ {pattern!r}"
 
 
@@ -106,5 +159,9 @@ def test_cross_rank_mismatch_raises_on_every_rank(worlds, name):
 
 
 def test_single_process_errors_need_no_group():
-    with pytest.raises(ValueError, match=r"seqpar.attention: backend='usp' is not available"):
+    with pytest.raises(ValueError, match=r"seqpar.attention: backend='flash' is not available"):
+        seqpar.attention(*good(), backend="flash")
+    with pytest.raises(ValueError, match=r"seqpar.attention: backend='usp' needs group=seqpar.SPMesh"):
         seqpar.attention(*good(), backend="usp")
+    with pytest.raises(ValueError, match=r"seqpar.linear_attention: layout='striped' is not supported"):
+        seqpar.linear_attention(*good_linear(), layout="striped")

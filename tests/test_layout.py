@@ -51,7 +51,7 @@ def test_single_process_shard_is_identity_and_bad_args_raise():
         seqpar.shard(x, dim=3)
     with pytest.raises(TypeError, match=r"expected a torch.Tensor, got list"):
         seqpar.shard([1, 2], dim=0)
-    with pytest.raises(TypeError, match=r"group: expected None or a torch.distributed.ProcessGroup"):
+    with pytest.raises(TypeError, match=r"group: expected None, a torch.distributed.ProcessGroup or a seqpar.SPMesh"):
         seqpar.shard(x, group="world")
 
 

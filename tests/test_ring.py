@@ -8,25 +8,21 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import (AttnCase, fp32_grid, low_precision_grid, odd_shape_grid,
-                                   run_case)
-from tests.checks import assert_close
+from tests.attention_cases import (AttnCase, check_lse_only_gradient, fp32_grid, itemsizes,
+                                   low_precision_grid, odd_shape_grid, run_case,
+                                   run_case_and_count)
 
 
 def ring_bytes(case: AttnCase, world: int) -> tuple[int, int]:
     """The documented traffic formula: K/V hops forward; K/V hops + fp32 dK/dV hops backward."""
     block = case.batch * case.seq_local * case.heads_kv * case.head_dim
-    kv = 2 * block * torch.empty(0, dtype=case.dtype).element_size()
-    dkv = 2 * block * (8 if case.dtype == torch.float64 else 4)
+    b, a = itemsizes(case.dtype)
+    kv, dkv = 2 * block * b, 2 * block * a
     return (world - 1) * kv, (world - 1) * kv + (world * dkv if world > 1 else 0)
 
 
 def check_ring(case: AttnCase) -> dict:
-    errors = run_case(case)
-    fwd, bwd = ring_bytes(case, dist.get_world_size())
-    assert errors["bytes_fwd"] == fwd, (errors["bytes_fwd"], fwd)
-    assert errors["bytes_bwd"] == bwd, (errors["bytes_bwd"], bwd)
-    return errors
+    return run_case_and_count(case, ring_bytes)
 
 
 @pytest.mark.parametrize("world,case", fp32_grid("ring"))
@@ -94,20 +90,5 @@ def test_ring_on_a_subgroup(worlds):
     worlds(4).run(check_ring_with_subgroup)
 
 
-def check_zero_grad_outputs() -> None:
-    """Only lse used downstream: backward still runs (do is None inside) and is exact."""
-    from seqpar.kernels import attention_reference
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    qr = q.clone().requires_grad_()
-    _, lse_ref = attention_reference(qr, k, v, causal=True)
-    (dq_ref,) = torch.autograd.grad(lse_ref.sum(), qr)
-    q_l = seqpar.shard(q, layout="striped").requires_grad_()
-    _, lse = seqpar.attention(q_l, seqpar.shard(k, layout="striped"),
-                              seqpar.shard(v, layout="striped"), layout="striped", return_lse=True)
-    lse.sum().backward()
-    assert_close("dq", q_l.grad, seqpar.shard(dq_ref, layout="striped"), 1e-10)
-
-
 def test_ring_lse_only_gradient(worlds):
-    worlds(2).run(check_zero_grad_outputs)
+    worlds(2).run(check_lse_only_gradient, "ring", "striped")

@@ -5,7 +5,8 @@
 * `comm_stats()` / `Traffic`: byte accounting. Every message a backend sends is recorded per
   rank under an operation name ("ring.fwd", "ring.bwd", ...). Point-to-point traffic is exact;
   collectives are recorded at the volume of their bandwidth-optimal algorithm
-  (all-gather: (P-1) shards sent and received; all-reduce: 2 (P-1) / P of the buffer).
+  (all-gather and reduce-scatter: (P-1) shards sent and received; all-to-all: the P-1 pieces
+  for the other ranks; all-reduce: 2 (P-1) / P of the buffer).
 * `RingExchange`: send to the next rank / receive from the previous one, asynchronously and
   double-buffered (the block being sent and computed on is never the one being received into),
   refusing misuse (wait before start, start twice). A step may also carry `DirectMessages` to
@@ -14,7 +15,18 @@
 * `agree`: one tiny all-reduce that makes every rank see the same verdict on its arguments, so
   a rank with bad input, or ranks with mismatched shapes, raise on *every* rank instead of
   leaving the others blocked in the next collective.
-* `all_gather_along`: all-gather along any dimension.
+* `start_all_gather` / `start_all_reduce`: collectives posted asynchronously
+  (`async_op=True`), so a backend computes while they travel; `.wait()` returns the result.
+* Redistribution along the sequence, each with byte accounting and an autograd-aware form
+  (the backward of each is the other direction):
+  - `seq_to_heads` / `heads_to_seq`: the Ulysses all-to-all between
+    sequence-sharded [B, S_loc, H, D] and head-sharded [B, P * S_loc, n, D], placing tokens in
+    the order `HeadSplit.slots` gives (global order for a layout gathered whole), heads as
+    `HeadSplit.heads` says (a head may go to several ranks: the way back sums them);
+  - `gather_tokens` / `reduce_scatter_tokens`: every rank's tokens on every rank, in slot
+    order, and the sum of the ranks' full-sequence copies back to each token's owner;
+  `redistribute(fn, x, ...)` is the differentiable form of each (its backward is the adjoint).
+  `all_gather_along` is `gather_tokens` in rank order.
 """
 
 from __future__ import annotations
@@ -51,11 +63,15 @@ class GroupInfo:
 
 
 def resolve_group(group) -> GroupInfo:
-    """None -> WORLD (or a one-rank group when torch.distributed is not initialised)."""
+    """None -> WORLD (or a one-rank group when torch.distributed is not initialised); a mesh
+    (seqpar.SPMesh: anything carrying its whole group as a `GroupInfo` in `.info`) -> that
+    whole sequence-parallel group."""
+    if isinstance(getattr(group, "info", None), GroupInfo):
+        return group.info
     if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group: expected None or a torch.distributed.ProcessGroup, got "
-                        f"{type(group).__name__}; pass the process group the sequence is "
-                        f"sharded over")
+        raise TypeError(f"group: expected None, a torch.distributed.ProcessGroup or a "
+                        f"seqpar.SPMesh, got {type(group).__name__}; pass the process group "
+                        f"the sequence is sharded over")
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("group: a ProcessGroup was passed but torch.distributed is not "
@@ -257,17 +273,213 @@ class RingExchange:
 
 # ---------------------------------------------------------------- collectives
 
+def all_reduce_bytes(nbytes_total: int, world: int) -> int:
+    """Bytes a rank sends (and receives) in a bandwidth-optimal all-reduce of `nbytes_total`:
+    a reduce-scatter and an all-gather, each of (P - 1) shards of ceil(nbytes / P)."""
+    return 2 * (world - 1) * -(-nbytes_total // world)
+
+
+@dataclass
+class PendingCollective:
+    """A collective in flight: `wait()` blocks until it is done and returns its result."""
+
+    work: object | None
+    result: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.result
+
+
+def start_all_gather(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> PendingCollective:
+    """Post an all-gather of `x` (same shape on every rank); the result is [P, *x.shape] in
+    rank order. Recorded as (P - 1) copies of `x` sent and received."""
+    x = x.contiguous()
+    if info.world == 1:
+        return PendingCollective(None, x.unsqueeze(0))
+    gathered = torch.empty((info.world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    work = dist.all_gather(list(gathered.unbind(0)), x, group=info.group, async_op=True)
+    traffic.add(nbytes([x]) * (info.world - 1), nbytes([x]) * (info.world - 1), info.world - 1)
+    return PendingCollective(work, gathered)
+
+
+def start_all_reduce(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> PendingCollective:
+    """Post a sum all-reduce of a copy of `x`; the result is the sum over ranks, shaped like x."""
+    total = x.contiguous().clone()
+    if info.world == 1:
+        return PendingCollective(None, total)
+    work = dist.all_reduce(total, op=dist.ReduceOp.SUM, group=info.group, async_op=True)
+    moved = all_reduce_bytes(nbytes([total]), info.world)
+    traffic.add(moved, moved, 2 * (info.world - 1))
+    return PendingCollective(work, total)
+
+
+def _split_dim(x: torch.Tensor, dim: int, outer: int) -> torch.Tensor:
+    """View dim `dim` of size outer * inner as two dims (outer, inner)."""
+    return x.reshape(x.shape[:dim] + (outer, x.shape[dim] // outer) + x.shape[dim + 1:])
+
+
+def _rank_major(x: torch.Tensor, dim: int, world: int) -> torch.Tensor:
+    """[..., world * n, ...] -> contiguous [world, ..., n, ...]: piece p of dim `dim` first."""
+    return _split_dim(x, dim, world).movedim(dim, 0).contiguous()
+
+
+def _concat_pieces(pieces: torch.Tensor, dim: int) -> torch.Tensor:
+    """[world, ..., n, ...] -> [..., world * n, ...]: the pieces side by side along `dim`."""
+    return pieces.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _pick_tokens(x: torch.Tensor, slots: torch.Tensor | None, dim: int, world: int) -> torch.Tensor:
+    """[world, ..., n, ...]: the tokens of `x` (dim `dim`) that go to each rank, in its order."""
+    if slots is not None:
+        x = x.index_select(dim, slots.flatten().to(x.device))
+    return _rank_major(x, dim, world)
+
+
+def _place_tokens(pieces: torch.Tensor, slots: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """[world, ..., n, ...] received per rank -> [..., world * n, ...] in slot order."""
+    if slots is None:
+        return _concat_pieces(pieces, dim)
+    shape = list(pieces.shape[1:])
+    shape[dim] *= pieces.shape[0]
+    out = pieces.new_empty(shape)
+    for rank, piece in enumerate(pieces):
+        out.index_copy_(dim, slots[rank].to(out.device), piece)
+    return out
+
+
+def _all_to_all(pieces: torch.Tensor, info: GroupInfo, traffic: Traffic) -> torch.Tensor:
+    """pieces[p] goes to rank p; returns what every rank sent here, indexed by sender."""
+    if info.world == 1:
+        return pieces
+    received = torch.empty_like(pieces)
+    dist.all_to_all_single(received.view(-1), pieces.view(-1), group=info.group)
+    moved = nbytes([pieces[0]]) * (info.world - 1)
+    traffic.add(moved, moved, info.world - 1)
+    return received
+
+
+@dataclass(frozen=True, eq=False)
+class HeadSplit:
+    """Where heads and tokens go in the all-to-all between sequence- and head-sharded tensors.
+
+    heads [P, n]: the heads (indices into the sequence-sharded side's `total_heads`) rank p holds
+    on the head-sharded side, n per rank. A head listed for several ranks is replicated to each
+    (K/V heads shared by query heads on several ranks); the way back sums the copies.
+    slots [P, S_loc] or None: where rank p's t-th local token sits in the head-sharded sequence
+    of P * S_loc tokens; None means rank-major (rank p's tokens at [p * S_loc, (p + 1) * S_loc)).
+    """
+
+    info: GroupInfo
+    heads: torch.Tensor
+    total_heads: int
+    slots: torch.Tensor | None
+
+    @property
+    def is_partition(self) -> bool:
+        """Rank p holds heads [p * n, (p + 1) * n): no copies, no index lists."""
+        return (self.heads.numel() == self.total_heads
+                and torch.equal(self.heads.flatten(), torch.arange(self.total_heads)))
+
+    @property
+    def replicates(self) -> bool:
+        """Some head is held by several ranks, so the way back adds contributions."""
+        return self.heads.flatten().unique().numel() < self.heads.numel()
+
+
+def seq_to_heads(x: torch.Tensor, split: HeadSplit, seq_dim: int, head_dim: int,
+                 traffic: Traffic) -> torch.Tensor:
+    """Sequence-sharded x (S_loc tokens at `seq_dim`, all heads at `head_dim`) -> this rank's
+    heads `split.heads[rank]` over the P * S_loc tokens of the group, in slot order."""
+    if not split.is_partition:
+        x = x.index_select(head_dim, split.heads.flatten().to(x.device))
+    pieces = _rank_major(x, head_dim, split.info.world)
+    return _place_tokens(_all_to_all(pieces, split.info, traffic), split.slots, seq_dim)
+
+
+def heads_to_seq(x: torch.Tensor, split: HeadSplit, seq_dim: int, head_dim: int,
+                 traffic: Traffic, sum_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The inverse of `seq_to_heads`: head-sharded x -> this rank's tokens with all heads.
+
+    A head held by several ranks comes back as the sum of their copies, added in `sum_dtype`
+    (default: x's dtype) -- the adjoint of replicating it, as backward passes need.
+    """
+    world = split.info.world
+    received = _all_to_all(_pick_tokens(x, split.slots, seq_dim, world), split.info, traffic)
+    if split.is_partition:
+        return _concat_pieces(received, head_dim)
+    sum_dtype = sum_dtype or x.dtype
+    shape = list(received.shape[1:])
+    shape[head_dim] = split.total_heads
+    out = torch.zeros(shape, dtype=sum_dtype, device=x.device)
+    out.index_add_(head_dim, split.heads.flatten().to(x.device),
+                   _concat_pieces(received, head_dim).to(sum_dtype))
+    return out
+
+
+def gather_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor | None, seq_dim: int,
+                  traffic: Traffic) -> torch.Tensor:
+    """Every rank's x (same shape everywhere) side by side along `seq_dim`, in slot order
+    (None: rank order). One all-gather."""
+    if info.world == 1 and slots is None:
+        return x
+    x = x.contiguous()
+    pieces = x.new_empty((info.world,) + tuple(x.shape))
+    if info.world > 1:
+        dist.all_gather_into_tensor(pieces.view(-1), x.view(-1), group=info.group)
+        traffic.add(nbytes([x]) * (info.world - 1), nbytes([x]) * (info.world - 1), info.world - 1)
+    else:
+        pieces[0] = x
+    return _place_tokens(pieces, slots, seq_dim)
+
+
+def reduce_scatter_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor | None,
+                          seq_dim: int, traffic: Traffic) -> torch.Tensor:
+    """The adjoint of `gather_tokens`: every rank holds a full-sequence x; returns, for this
+    rank's tokens, the sum over ranks of their rows. One reduce-scatter."""
+    pieces = _pick_tokens(x, slots, seq_dim, info.world)
+    if info.world == 1:
+        return pieces[0]
+    out = pieces.new_empty(pieces.shape[1:])
+    dist.reduce_scatter_tensor(out.view(-1), pieces.view(-1), group=info.group)
+    moved = nbytes([out]) * (info.world - 1)
+    traffic.add(moved, moved, info.world - 1)
+    return out
+
+
 def all_gather_along(x: torch.Tensor, info: GroupInfo, dim: int, op: str,
                      traffic: Traffic | None = None) -> torch.Tensor:
     """Concatenate every rank's `x` (same shape everywhere) along `dim`, in rank order."""
-    if info.world == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(info.world)]
-    dist.all_gather(parts, x, group=info.group)
-    (traffic or Traffic.now(op)).add(nbytes([x]) * (info.world - 1),
-                                     nbytes([x]) * (info.world - 1), info.world - 1)
-    return torch.cat(parts, dim=dim)
+    return gather_tokens(x, info, None, dim, traffic or Traffic.now(op))
+
+
+class Redistribute(torch.autograd.Function):
+    """Autograd for one of the redistributions above: forward runs it, backward its adjoint
+    (`ADJOINT`), with the same arguments. Traffic goes to `op + ".fwd"` / `op + ".bwd"`, counted
+    by the comm_stats blocks active at forward and at backward."""
+
+    @staticmethod
+    def forward(ctx, x, fn, args: tuple, op: str):
+        traffic = Traffic.now(f"{op}.fwd")
+        ctx.adjoint, ctx.args, ctx.op, ctx.recorders = ADJOINT[fn], args, op, traffic.recorders
+        return fn(x, *args, traffic)
+
+    @staticmethod
+    def backward(ctx, grad):
+        traffic = Traffic.now(f"{ctx.op}.bwd", ctx.recorders)
+        return ctx.adjoint(grad.contiguous(), *ctx.args, traffic), None, None, None
+
+
+ADJOINT = {seq_to_heads: heads_to_seq, heads_to_seq: seq_to_heads,
+           gather_tokens: reduce_scatter_tokens, reduce_scatter_tokens: gather_tokens}
+
+
+def redistribute(fn, x: torch.Tensor, *args, op: str) -> torch.Tensor:
+    """Differentiable `fn(x, *args)` for fn in `ADJOINT`, e.g.
+    ``redistribute(seq_to_heads, q, split, 1, 2, op="mylayer")``."""
+    return Redistribute.apply(x, fn, args, op)
 
 
 def agree(info: GroupInfo, where: str, values: dict[str, int], local_error: Exception | None,
@@ -292,9 +504,8 @@ def agree(info: GroupInfo, where: str, values: dict[str, int], local_error: Exce
         vector += [int(values[name]), -int(values[name])]
     packed = torch.tensor(vector, dtype=torch.int64, device=info.comm_device(device))
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=info.group)
-    shard_bytes = -(-packed.numel() * 8 // info.world)
-    Traffic.now("agree").add(2 * (info.world - 1) * shard_bytes, 2 * (info.world - 1) * shard_bytes,
-                             2 * (info.world - 1))
+    moved = all_reduce_bytes(packed.numel() * 8, info.world)
+    Traffic.now("agree").add(moved, moved, 2 * (info.world - 1))
     result = packed.tolist()
     if failed:
         raise type(local_error)(f"{where}: {local_error}")

@@ -42,6 +42,8 @@ class RingPlan:
 
     kv_runs[p] are the global positions of the K/V block ring rank p holds; q_runs those of
     this rank's queries. step_blocks[t] is the kernel plan for the block seen at step t.
+    Traffic is recorded under "<op>.fwd<op_suffix>" / "<op>.bwd<op_suffix>": "ring.fwd" for the
+    ring backend, "usp.fwd.ring" for the ring part inside USP (so "usp.fwd" counts both parts).
     """
 
     info: GroupInfo
@@ -52,13 +54,19 @@ class RingPlan:
     kernel: TorchBlockKernel
     recorders: tuple[CommStats, ...]
     step_blocks: tuple[tuple[SubBlock, ...], ...]
+    op: str = "ring"
+    op_suffix: str = ""
 
     @classmethod
     def build(cls, info: GroupInfo, q_runs: Runs, kv_runs: tuple[Runs, ...], causal: bool,
-              scale: float, kernel: TorchBlockKernel, recorders: tuple[CommStats, ...]) -> "RingPlan":
+              scale: float, kernel: TorchBlockKernel, recorders: tuple[CommStats, ...],
+              op: str = "ring", op_suffix: str = "") -> "RingPlan":
         steps = tuple(plan_blocks(q_runs, kv_runs[(info.rank - t) % info.world], causal)
                       for t in range(info.world))
-        return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps)
+        return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps, op, op_suffix)
+
+    def traffic(self, direction: str) -> Traffic:
+        return Traffic.now(f"{self.op}.{direction}{self.op_suffix}", self.recorders)
 
 
 def _pack(*tensors: torch.Tensor) -> torch.Tensor:
@@ -69,17 +77,18 @@ def _pack(*tensors: torch.Tensor) -> torch.Tensor:
 def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) in the accumulator dtype (fp32; fp64 for fp64 inputs)."""
-    acc_dtype = accumulator_dtype(q.dtype)
-    batch, seq, heads, _ = q.shape
-    o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
     world = plan.info.world
+    if world == 1:
+        return plan.kernel.fwd(q, k, v, plan.step_blocks[0], plan.scale)
     kv = _pack(k, v)
-    ring = RingExchange(plan.info, Traffic.now("ring.fwd", plan.recorders)) if world > 1 else None
+    ring = RingExchange(plan.info, plan.traffic("fwd"))
     for step in range(world):
         if step + 1 < world:
             ring.start([kv])  # the next block travels while this one is computed
-        plan.kernel.fwd_into(o, lse, q, kv[0], kv[1], plan.step_blocks[step], plan.scale)
+        if step == 0:  # our own block: fresh accumulators, nothing to merge yet
+            o, lse = plan.kernel.fwd(q, kv[0], kv[1], plan.step_blocks[0], plan.scale)
+        else:
+            plan.kernel.fwd_into(o, lse, q, kv[0], kv[1], plan.step_blocks[step], plan.scale)
         if step + 1 < world:
             kv = ring.wait()[0]
     return o, lse
@@ -89,15 +98,13 @@ def ring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None, plan: RingPlan
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the accumulator dtype. o/lse: the forward's final output and lse."""
-    acc_dtype = accumulator_dtype(q.dtype)
     world = plan.info.world
+    if world == 1:
+        return plan.kernel.bwd(do, q, k, v, o, lse, dlse, plan.step_blocks[0], plan.scale)
+    acc_dtype = accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dkv_local = torch.zeros((2,) + tuple(k.shape), dtype=acc_dtype, device=q.device)
-    if world == 1:
-        plan.kernel.bwd_into(dq, dkv_local[0], dkv_local[1], do, q, k, v, o, lse, dlse,
-                             plan.step_blocks[0], plan.scale)
-        return dq, dkv_local[0], dkv_local[1]
-    traffic = Traffic.now("ring.bwd", plan.recorders)
+    traffic = plan.traffic("bwd")
     kv_ring, dkv_ring = RingExchange(plan.info, traffic), RingExchange(plan.info, traffic)
     kv = _pack(k, v)
     for step in range(world):
@@ -125,7 +132,7 @@ def finish_forward(ctx, q, k, v, plan, o: torch.Tensor, lse: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The common end of an attention Function's forward: o in the input dtype, lse as
     accumulated; keeps what the backward needs (inputs, final o and lse, the plan)."""
-    o = o.to(q.dtype)
+    o = o.to(q.dtype, memory_format=torch.contiguous_format)  # the kernel's may be strided
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.plan = plan
     ctx.set_materialize_grads(False)

@@ -1,10 +1,14 @@
-"""Pick the local block kernel for a (device, dtype).
+"""Pick the local kernel for a (device, dtype).
 
-Today: CPU -> the fused CPU flash op (`torch_cpu.TorchBlockKernel(flash=True)`); any other
-device -> the chunked PyTorch path. A path can be forced for comparisons with the
-`use_kernel(...)` context manager (a context variable, not an environment switch); backends
-resolve the kernel once in forward and keep it for backward, so the choice made at forward
-time holds even when autograd runs backward on another thread.
+Softmax blocks: CPU -> the fused CPU flash op (`torch_cpu.TorchBlockKernel(flash=True)`); any
+other device -> the chunked PyTorch path. Linear attention: CUDA with fp16/bf16/fp32 and head dims
+up to 128 -> the Triton Lightning kernel (`lightning.LightningKernel`, imported only then: triton
+is optional); otherwise -> the chunked PyTorch kernel (`linear_chunked.ChunkedLinearKernel`).
+
+A path can be forced for comparisons with the `use_kernel(...)` / `use_linear_kernel(...)`
+context managers (context variables, not environment switches); backends resolve the kernel
+once in forward and keep it for backward, so the choice made at forward time holds even when
+autograd runs backward on another thread.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .linear_chunked import ChunkedLinearKernel
+from .linear_state import LinearKernel
 from .torch_cpu import TorchBlockKernel
 
 KERNELS = {
@@ -43,3 +49,46 @@ def select_kernel(device: torch.device, dtype: torch.dtype) -> TorchBlockKernel:
     if forced is not None:
         return KERNELS[forced]
     return KERNELS["flash"] if device.type == "cpu" else KERNELS["chunked"]
+
+
+LINEAR_KERNELS = ("chunked", "lightning")
+LIGHTNING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The Triton kernel holds a [Dk, Dv] fp32 state and a block's tiles in one SM's shared memory.
+LIGHTNING_MAX_HEAD_DIM = 128
+
+_forced_linear: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "seqpar_forced_linear_kernel", default=None)
+
+
+@contextlib.contextmanager
+def use_linear_kernel(name: str) -> Iterator[None]:
+    """Force the local linear-attention kernel inside the block: one of `LINEAR_KERNELS`
+    ("lightning" off CUDA needs TRITON_INTERPRET=1 set before seqpar.kernels.lightning is
+    imported)."""
+    if name not in LINEAR_KERNELS:
+        raise ValueError(f"use_linear_kernel: unknown kernel {name!r}; choose one of "
+                         f"{list(LINEAR_KERNELS)}")
+    token = _forced_linear.set(name)
+    try:
+        yield
+    finally:
+        _forced_linear.reset(token)
+
+
+def _lightning() -> LinearKernel:
+    from .lightning import LightningKernel
+    return LightningKernel()
+
+
+def select_linear_kernel(device: torch.device, dtype: torch.dtype, head_dim: int = 0
+                         ) -> LinearKernel:
+    """head_dim: the larger of Dk and Dv (the Triton kernel holds a Dk x Dv state on chip)."""
+    forced = _forced_linear.get()
+    if forced is not None:
+        return _lightning() if forced == "lightning" else ChunkedLinearKernel()
+    if device.type == "cuda" and dtype in LIGHTNING_DTYPES and head_dim <= LIGHTNING_MAX_HEAD_DIM:
+        try:
+            return _lightning()
+        except ImportError:  # triton is an optional dependency; the chunked path is exact too
+            pass
+    return ChunkedLinearKernel()

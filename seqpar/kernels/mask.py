@@ -182,3 +182,58 @@ def plan_blocks(q_runs: Runs, k_runs: Runs, causal: bool) -> tuple[SubBlock, ...
 def causal_pairs(blocks: tuple[SubBlock, ...]) -> int:
     """Total (query, key) products of a plan: the work a balanced layout equalises."""
     return sum(b.pairs for b in blocks)
+
+
+# ---------------------------------------------------------------- several ranks' tokens in one tensor
+
+def _append(a: Run, b: Run) -> Run | None:
+    """`a` followed by `b` as one run, or None when the positions do not continue a's stride."""
+    step = b.start - a.last
+    if step <= 0:
+        return None
+    if a.length == 1 and b.length == 1:
+        return Run(a.start, 2, step)
+    if a.length == 1 and step == b.stride:
+        return Run(a.start, 1 + b.length, step)
+    if b.length == 1 and step == a.stride:
+        return Run(a.start, a.length + 1, a.stride)
+    if a.length > 1 and b.length > 1 and a.stride == b.stride == step:
+        return Run(a.start, a.length + b.length, step)
+    return None
+
+
+def gathered_runs(member_runs: tuple[Runs, ...], interleave: bool) -> Runs:
+    """How the tokens of several ranks are laid out in one local tensor once gathered.
+
+    The members' runs are sorted by start and adjacent ones merged, so a contiguous group
+    becomes one run and a zigzag group two (or one, for the whole sequence): a causal kernel
+    then runs a few large blocks. Striped runs interleave and cannot merge that way; with
+    `interleave`, k equal runs of stride k starting at consecutive positions (a whole striped
+    sequence) become one stride-1 run, i.e. global order. Without it they stay one run per
+    rank, the order in which their stride matches the local queries' (no explicit mask).
+    """
+    merged: list[Run] = []
+    for run in sorted((r for runs in member_runs for r in runs if r.length), key=lambda r: r.start):
+        joined = _append(merged[-1], run) if merged else None
+        if joined is None:
+            merged.append(run)
+        else:
+            merged[-1] = joined
+    k = len(merged)
+    if (interleave and k > 1 and all(r.length == merged[0].length and r.stride == k for r in merged)
+            and all(r.start == merged[0].start + i for i, r in enumerate(merged))):
+        return (Run(merged[0].start, k * merged[0].length),)
+    return tuple(merged)
+
+
+def token_slots(member_runs: tuple[Runs, ...], gathered: Runs) -> torch.Tensor | None:
+    """[members, tokens per member] int64: where member p's t-th token sits in the `gathered`
+    order. None when that is rank-major (member p's tokens at [p * n, (p + 1) * n)), which needs
+    no permutation at all."""
+    order = runs_to_positions(gathered)
+    slot_of = torch.empty(int(order.max()) + 1, dtype=torch.int64)
+    slot_of[order] = torch.arange(order.numel())
+    slots = torch.stack([slot_of[runs_to_positions(runs)] for runs in member_runs])
+    if torch.equal(slots.flatten(), torch.arange(slots.numel())):
+        return None
+    return slots

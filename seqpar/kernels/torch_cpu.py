@@ -270,29 +270,21 @@ class TorchBlockKernel:
             return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
         return chunked_fwd(q_blk, k_blk, v_blk, block, scale)
 
+    def _block_bwd(self, do, q, k, v, o, lse, dlse, delta, block: SubBlock, scale: float):
+        rows, keys = slice(block.q0, block.q1), slice(block.k0, block.k1)
+        dlse_blk = None if dlse is None else dlse[:, :, rows]
+        delta_blk = None if delta is None else delta[:, :, rows]
+        o_blk = None if o is None else o[:, rows]
+        args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o_blk, lse[:, :, rows])
+        if self._use_flash(block, q.dtype):
+            return flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale, dlse_blk, delta_blk)
+        return chunked_bwd(*args, block, scale, dlse_blk, delta_blk)
+
     def fwd_into(self, acc_o, acc_lse, q, k, v, blocks: tuple[SubBlock, ...], scale: float) -> None:
         """Attend q to each sub-block's keys and merge the partials into (acc_o, acc_lse)."""
         for block in blocks:
             o_blk, lse_blk = self._block_fwd(q, k, v, block, scale)
             merge_into(acc_o[:, block.q0:block.q1], acc_lse[:, :, block.q0:block.q1], o_blk, lse_blk)
-
-    def fwd(self, q, k, v, blocks: tuple[SubBlock, ...], scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(o, lse) of q against a plan, for a partial that is sent on rather than merged here.
-
-        A plan of one sub-block over every query row is the block kernel's own result (flash:
-        o in the input dtype; no accumulator, no merge); otherwise fp32 accumulators as in
-        `fwd_into`. lse [B, Hq, Sq] in the accumulator dtype, o in either.
-        """
-        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1]):
-            o, lse = self._block_fwd(q, k, v, blocks[0], scale)
-            return o, lse.to(accumulator_dtype(q.dtype))
-        acc_dtype = accumulator_dtype(q.dtype)
-        batch, seq, heads, dim = q.shape
-        o = torch.zeros((batch, seq, heads, dim), dtype=acc_dtype, device=q.device)
-        lse = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
-        self.fwd_into(o, lse, q, k, v, blocks, scale)
-        return o, lse
 
     def bwd_into(self, dq, dk, dv, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...],
                  scale: float, delta=None) -> None:
@@ -304,16 +296,42 @@ class TorchBlockKernel:
         if (delta is None) == (o is None) or (delta is not None and dlse is not None):
             raise ValueError("bwd_into: pass the final o (and dlse), or delta alone")
         for block in blocks:
-            rows, keys = slice(block.q0, block.q1), slice(block.k0, block.k1)
-            dlse_blk = None if dlse is None else dlse[:, :, rows]
-            delta_blk = None if delta is None else delta[:, :, rows]
-            o_blk = None if o is None else o[:, rows]
-            args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o_blk, lse[:, :, rows])
-            if self._use_flash(block, q.dtype):
-                dq_blk, dk_blk, dv_blk = flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale,
-                                                   dlse_blk, delta_blk)
-            else:
-                dq_blk, dk_blk, dv_blk = chunked_bwd(*args, block, scale, dlse_blk, delta_blk)
-            dq[:, rows] += dq_blk
-            dk[:, keys] += dk_blk
-            dv[:, keys] += dv_blk
+            dq_blk, dk_blk, dv_blk = self._block_bwd(do, q, k, v, o, lse, dlse, delta, block, scale)
+            dq[:, block.q0:block.q1] += dq_blk
+            dk[:, block.k0:block.k1] += dk_blk
+            dv[:, block.k0:block.k1] += dv_blk
+
+    def fwd(self, q, k, v, blocks: tuple[SubBlock, ...], scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o, lse) of a plan in fresh accumulators (accumulator dtype).
+
+        A plan of one sub-block over every query row (the diagonal block of a ring, a whole
+        sequence under Ulysses) has nothing to merge: the kernel's own result is the
+        accumulator (cast if needed; o may be a strided view), instead of merging it into
+        zero-filled accumulators (~5 passes over o and two buffers saved).
+        """
+        acc_dtype = accumulator_dtype(q.dtype)
+        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1]):
+            o_blk, lse_blk = self._block_fwd(q, k, v, blocks[0], scale)
+            return o_blk.to(acc_dtype), lse_blk.to(acc_dtype)
+        o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc_dtype,
+                         device=q.device)
+        self.fwd_into(o, lse, q, k, v, blocks, scale)
+        return o, lse
+
+    def bwd(self, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...], scale: float,
+            delta=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv) of a plan in fresh accumulators (accumulator dtype); for one sub-block
+        covering every row and key they are the kernel's own (cast if needed), not added into
+        zeros. o/dlse or delta as in `bwd_into`."""
+        acc_dtype = accumulator_dtype(q.dtype)
+        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1, blocks[0].k0, blocks[0].k1) == (
+                0, q.shape[1], 0, k.shape[1]):
+            grads = self._block_bwd(do, q, k, v, o, lse, dlse, delta, blocks[0], scale)
+            return tuple(g.to(acc_dtype) for g in grads)
+        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
+        self.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, blocks, scale, delta)
+        return dq, dk, dv

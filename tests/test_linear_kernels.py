@@ -1,0 +1,96 @@
+"""Local linear-attention kernels (single process): the state algebra, the chunked PyTorch
+kernel vs the float64 reference (state in / out and their gradients), kernel selection.
+The Triton kernel runs the same checks under the interpreter in tests/test_lightning.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.kernels import (ChunkedLinearKernel, linear_attention_reference, select_linear_kernel,
+                            use_linear_kernel)
+from seqpar.kernels.linear_state import scan_states
+from tests.checks import assert_close
+from tests.linear_cases import check_kernel_chain, check_kernel_intra
+
+DECAY_NAMES = ["none", "mild", "strong", "extreme"]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
+@pytest.mark.parametrize("with_initial", [False, True], ids=["no-initial", "initial"])
+def test_scan_states_matches_the_recurrence(reverse, with_initial):
+    g = torch.Generator().manual_seed(0)
+    pieces = torch.randn(2, 3, 6, 4, 5, generator=g, dtype=torch.float64)
+    initial = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) if with_initial else None
+    log_decay = torch.tensor([0.0, 0.07, 0.9], dtype=torch.float64)
+    step = 5
+    carry = torch.exp(-log_decay * step)[None, :, None, None]
+    order = range(5, -1, -1) if reverse else range(6)
+    state = torch.zeros(2, 3, 4, 5, dtype=torch.float64) if initial is None else initial
+    expected = torch.empty_like(pieces)
+    for c in order:  # the state entering piece c, then piece c joins it
+        expected[:, :, c] = state
+        state = carry * state + pieces[:, :, c]
+    assert_close("scan", scan_states(pieces, log_decay, step, reverse, initial), expected, 1e-12)
+
+
+@pytest.mark.parametrize("decay", DECAY_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_chunked_state_chain_matches_reference(dtype, decay):
+    check_kernel_chain("chunked", dtype, decay)
+
+
+@pytest.mark.parametrize("parts,block", [((37,), 64), ((5, 1, 40), 4), ((64, 64), 16)],
+                         ids=["one-ragged-block", "many-spans", "exact-blocks"])
+def test_chunked_block_and_span_boundaries(parts, block):
+    """Block 4 with 2 blocks per span: 40 tokens cross 5 spans and end in a ragged block."""
+    check_kernel_chain("chunked", torch.float64, "mild", parts=parts, block=block)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("decay", DECAY_NAMES)
+def test_chunked_intra_matches_reference(decay, causal):
+    check_kernel_intra("chunked", torch.float64, decay, causal)
+
+
+def test_strong_decay_underflows_to_exact_zero_without_nan():
+    """s = 1000: every off-diagonal weight is exp(-1000 * d) = 0 exactly, never inf * 0."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 200, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    decay = torch.tensor([1000.0, 40.0], dtype=torch.float64)
+    kernel = ChunkedLinearKernel(block=16, span_blocks=2)
+    for causal in (True, False):
+        o = kernel.intra_fwd(q, k, v, decay, 0.5, causal)
+        assert torch.isfinite(o).all()
+        assert_close("o", o, linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=0.5),
+                     1e-12)
+        diagonal = 0.5 * (q[:, :, 0] * k[:, :, 0]).sum(-1, keepdim=True) * v[:, :, 0]
+        assert_close("head with s=1000 sees only its own token", o[:, :, 0], diagonal, 1e-12)
+
+
+def test_linear_kernel_selection():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert select_linear_kernel(cpu, torch.float32).name == "chunked"
+    assert select_linear_kernel(cuda, torch.float64).name == "chunked"  # Triton is fp16/bf16/fp32
+    assert select_linear_kernel(cuda, torch.bfloat16, 128).name == "lightning"
+    assert select_linear_kernel(cuda, torch.float32, 256).name == "chunked"  # state too big on chip
+    with use_linear_kernel("chunked"):
+        assert select_linear_kernel(cuda, torch.float32).name == "chunked"
+    with use_linear_kernel("lightning"):
+        assert select_linear_kernel(cpu, torch.float32).name == "lightning"
+    assert select_linear_kernel(cpu, torch.float32).name == "chunked"  # the context ended
+    with pytest.raises(ValueError, match=r"use_linear_kernel: unknown kernel 'flash'; choose one of"):
+        with use_linear_kernel("flash"):
+            pass
+
+
+def test_lightning_refuses_what_it_cannot_hold():
+    """Checked before any launch, so no GPU (or interpreter) is needed to see the errors."""
+    pytest.importorskip("triton")
+    from seqpar.kernels.lightning import LightningKernel
+    x = torch.randn(1, 4, 1, 8)
+    with pytest.raises(TypeError, match=r"lightning kernel: dtype torch.float64 is not supported"):
+        LightningKernel().fwd(x.double(), x.double(), x.double(), torch.zeros(1), 1.0)
+    wide = torch.randn(1, 4, 1, 200)
+    with pytest.raises(ValueError, match=r"head dims Dk=8, Dv=200; at most 128 fit"):
+        LightningKernel().fwd(x, x, wide, torch.zeros(1), 1.0)
