@@ -91,7 +91,8 @@ def usp_degree(world: int) -> int:
     return 2 if world % 2 == 0 else 1
 
 
-def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
+def seqpar_method(backend: str, layout: str, label: str = "", comparable: bool = True,
+                  **backend_kwargs) -> Method:
     def prepare(inputs: Inputs):
         import seqpar
 
@@ -108,11 +109,24 @@ def seqpar_method(backend: str, layout: str, **backend_kwargs) -> Method:
             return o.detach(), stats.sent()
         return step
 
-    return Method(f"seqpar {backend} ({layout})", layout, prepare)
+    return Method(f"seqpar {backend}{label} ({layout})", layout, prepare, comparable)
 
 
 for _backend, _layout in SEQPAR_RUNS:
     register(seqpar_method(_backend, _layout))
+
+# S2 sparse heads next to dense Ulysses (same all-to-alls): the row pair gives the local compute
+# saved by the pattern. Not the same attention, so its output is not compared.
+S2_PATTERN = dict(block_size=64, local_blocks=4, vert_stride=8)
+
+
+def _s2_method() -> Method:
+    import seqpar
+    return seqpar_method("s2", "zigzag", label=" vs8", comparable=False,
+                         s2=seqpar.S2Pattern(**S2_PATTERN))
+
+
+register(_s2_method())
 
 
 def lasp2_method(layout: str) -> Method:

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 from .api import BACKENDS, attention, linear_attention
 from .comm.primitives import CommStats, comm_stats
 from .layout import LAYOUTS, gather, positions, shard
+from .kernels.s2 import S2Pattern
 from .mesh import SPMesh
 
 __all__ = ["attention", "linear_attention", "shard", "gather", "positions", "comm_stats",
-           "CommStats", "BACKENDS", "LAYOUTS", "SPMesh", "__version__"]
+           "CommStats", "BACKENDS", "LAYOUTS", "SPMesh", "S2Pattern", "__version__"]

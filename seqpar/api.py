@@ -28,7 +28,8 @@ from .comm.tokenring import TokenRingAttention, TokenRingPlan
 from .comm.ulysses import UlyssesAttention, UlyssesPlan
 from .comm.usp import usp_plan
 from .kernels.dispatch import select_kernel, select_linear_kernel
-from .kernels.torch_cpu import accumulator_dtype
+from .kernels.s2 import S2Pattern, warn_if_uncovered
+from .kernels.plan import accumulator_dtype
 from .layout import LAYOUTS, all_local_runs, local_runs
 from .mesh import SPMesh
 
@@ -45,13 +46,20 @@ def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, ret
 
 
 def _ulysses(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
-             mesh: SPMesh | None):
+             mesh: SPMesh | None, s2: S2Pattern | None = None):
     plan = UlyssesPlan.build(info, GroupInfo(None, 0, 1),
                              all_local_runs(q.shape[1] * info.world, info.world, layout),
                              q.shape[2], k.shape[2], causal, scale,
                              select_kernel(q.device, q.dtype), active_recorders(), return_lse,
-                             op="ulysses")
+                             op="s2" if s2 is not None else "ulysses", s2=s2)
     return UlyssesAttention.apply(q, k, v, plan)
+
+
+def _s2(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+        mesh: SPMesh | None, s2: S2Pattern):
+    """Ulysses with the block-sparse S2 kernel in the middle (the same all-to-alls)."""
+    warn_if_uncovered(s2, q.shape[1] * info.world // s2.block_size, k.shape[2], q.shape[2])
+    return _ulysses(q, k, v, info, causal, scale, layout, return_lse, mesh, s2)
 
 
 def _usp(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
@@ -82,6 +90,7 @@ BACKENDS["tokenring"] = _tokenring
 BACKENDS["ulysses"] = _ulysses
 BACKENDS["usp"] = _usp
 BACKENDS["allgather"] = _allgather
+BACKENDS["s2"] = _s2
 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
 
@@ -173,7 +182,29 @@ def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s
     if s2 is not None and backend != "s2":
         return ValueError(f"s2= is only used by backend='s2', got backend={backend!r}; "
                           f"drop s2= or choose backend='s2'")
+    if backend == "s2":
+        problem = _check_s2(s2, causal, q.shape[1] * info.world)
+        if problem:
+            return problem
     return _check_head_sharding(backend, q.shape[2], info, mesh)
+
+
+def _check_s2(s2, causal: bool, seq_len: int) -> Exception | None:
+    """backend="s2" needs a pattern, causal attention, and whole blocks."""
+    if s2 is None:
+        return ValueError("backend='s2' needs its sparsity pattern: pass s2=seqpar.S2Pattern("
+                          "block_size=64, local_blocks=4, vert_stride=4)")
+    if not isinstance(s2, S2Pattern):
+        return TypeError(f"s2 must be a seqpar.S2Pattern, got {type(s2).__name__}")
+    if not causal:
+        return ValueError("backend='s2' is causal only (its stripes select earlier blocks); "
+                          "pass causal=True, or use a dense backend for non-causal attention")
+    if seq_len % s2.block_size:
+        padded = -(-seq_len // s2.block_size) * s2.block_size
+        return ValueError(f"backend='s2': the global sequence length {seq_len} is not a multiple "
+                          f"of s2.block_size={s2.block_size}; pad it to {padded} or pick a "
+                          f"smaller block_size")
+    return None
 
 
 def _check_head_sharding(backend: str, heads_q: int, info: GroupInfo, mesh: SPMesh | None
@@ -184,12 +215,14 @@ def _check_head_sharding(backend: str, heads_q: int, info: GroupInfo, mesh: SPMe
         return ValueError("backend='usp' needs group=seqpar.SPMesh(group, ulysses=U) to know its "
                           "Ulysses x ring split, got a plain process group; build the mesh once, "
                           "e.g. mesh = seqpar.SPMesh(group, ulysses=2), and pass group=mesh")
-    degree = {"ulysses": info.world, "usp": mesh.ulysses_size if mesh else 0}.get(backend, 0)
+    degree = {"ulysses": info.world, "s2": info.world,
+              "usp": mesh.ulysses_size if mesh else 0}.get(backend, 0)
     if degree and heads_q % degree:
-        where = (f"the {info.world} ranks of the group" if backend == "ulysses"
+        where = (f"the {info.world} ranks of the group" if backend in ("ulysses", "s2")
                  else f"ulysses={degree} ranks of the mesh")
         fix = ("use backend='usp' with seqpar.SPMesh(group, ulysses=U) for a U that divides the "
                "query heads, or backend='ring'" if backend == "ulysses"
+               else "choose a group size that divides the query heads" if backend == "s2"
                else "choose a Ulysses degree that divides the query heads, or backend='ring'")
         return ValueError(f"backend={backend!r} shards the {heads_q} query heads over {where}, "
                           f"which needs heads % {degree} == 0; {fix}")
@@ -207,7 +240,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     lse [B, Hq, S_loc] (fp32, natural log; fp64 for fp64 inputs). Collective: every rank of the
     group calls it with the same shapes, and calls backward if any rank does.
     group: None (WORLD), a ProcessGroup, or a `seqpar.SPMesh` (needed by backend="usp"; the
-    other backends use its whole group).
+    other backends use its whole group). s2: the `seqpar.S2Pattern` backend "s2" attends with
+    (Ulysses all-to-all + block-sparse S2 heads; causal only).
     """
     mesh = group if isinstance(group, SPMesh) else None
     info = mesh.info if mesh is not None else resolve_group(group)
@@ -223,10 +257,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
         "query heads": q.shape[2] if shapes_ok else -1,
         "key/value heads": k.shape[2] if shapes_ok else -1,
         "head dim": q.shape[3] if shapes_ok else -1,
+        **_s2_values(s2 if shapes_ok else None),
     }, problem, device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout, return_lse, mesh)
+    options = {"s2": s2} if backend == "s2" else {}
+    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout, return_lse, mesh, **options)
     return (o, lse) if return_lse else o
+
+
+def _s2_values(s2: S2Pattern | None) -> dict[str, int]:
+    """The S2 pattern as integers every rank must share (zeros without one)."""
+    fields = ("block_size", "local_blocks", "vert_stride", "heterogeneous", "head_offset")
+    return {f"s2.{name}": int(getattr(s2, name)) if s2 is not None else 0 for name in fields}
 
 
 LINEAR_LAYOUTS = ("contiguous", "zigzag")

@@ -17,6 +17,7 @@ Tolerances (relative to max(1, max |reference|)):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -49,14 +50,19 @@ class AttnCase:
     scale: float | None = None
     lse_grad: bool = True
     output_grad: bool = True  # False: only lse is used downstream (backward gets dO = None)
-    kernel: str | None = None  # force a local kernel ("flash" / "chunked")
+    kernel: str | None = None  # force a local kernel ("flash" / "chunked" / "triton")
+    s2: seqpar.S2Pattern | None = None  # backend "s2": the pattern (the reference masks with it)
     seed: int = 0
 
     def __str__(self) -> str:
         return (f"{self.backend}/{self.layout}/{'causal' if self.causal else 'full'}/"
                 f"H{self.heads_q}:{self.heads_kv}/D{self.head_dim}/S_loc{self.seq_local}/"
                 f"B{self.batch}/{str(self.dtype).removeprefix('torch.')}"
-                + ("" if self.output_grad else "/lse-only"))
+                + ("" if self.output_grad else "/lse-only")
+                + (f"/{self.kernel}" if self.kernel else "")
+                + ("" if self.s2 is None else
+                   f"/s2:b{self.s2.block_size}l{self.s2.local_blocks}v{self.s2.vert_stride}"
+                   f"{'het' if self.s2.heterogeneous else 'hom'}+{self.s2.head_offset}"))
 
 
 def global_inputs(case: AttnCase, world: int):
@@ -74,10 +80,20 @@ def global_inputs(case: AttnCase, world: int):
     return q, k, v, do, dlse
 
 
-def reference(q, k, v, do, dlse, causal, scale):
+def s2_token_mask(pattern, seq_len: int, heads_q: int, heads_kv: int) -> torch.Tensor:
+    """[1, Hq, S, S] visibility of the S2 pattern over the global heads (query head h uses
+    kv head h // (Hq / Hkv)), written from `block_mask` block by block."""
+    from seqpar.kernels.s2 import block_mask
+    blocks = block_mask(pattern, seq_len // pattern.block_size, list(range(heads_kv)), heads_q)
+    size = pattern.block_size
+    return (blocks.repeat_interleave(size, 1).repeat_interleave(size, 2)
+            .repeat_interleave(heads_q // heads_kv, 0))[None]
+
+
+def reference(q, k, v, do, dlse, causal, scale, mask=None):
     """fp64 output, lse and input gradients of loss = <o, dO> + <lse, dLSE> (finite lse only)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o, lse = attention_reference(q, k, v, causal=causal, scale=scale)
+    o, lse = attention_reference(q, k, v, causal=causal, scale=scale, mask=mask)
     loss = (o * do).sum() + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum()
     dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
     return o.detach(), lse.detach(), dq, dk, dv
@@ -141,23 +157,20 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     world = dist.get_world_size(sp_group) if dist.is_initialized() else 1
     rank = dist.get_rank(sp_group) if dist.is_initialized() else 0
     q, k, v, do, dlse = global_inputs(case, world)
+    mask = (None if case.s2 is None else
+            s2_token_mask(case.s2, q.shape[1], case.heads_q, case.heads_kv))
     ref = reference(q, k, v, do, dlse, case.causal,
-                    case.scale if reference_scale is _SAME else reference_scale)
+                    case.scale if reference_scale is _SAME else reference_scale, mask)
 
     def local(t, dim=1):
         return seqpar.shard(t, sp_group, dim=dim, layout=case.layout)
 
     q_l, k_l, v_l = (local(t).to(case.dtype).requires_grad_() for t in (q, k, v))
-    with seqpar.comm_stats() as stats:
-        if case.kernel:
-            with use_kernel(case.kernel):
-                o, lse = seqpar.attention(q_l, k_l, v_l, group, backend=case.backend,
-                                          causal=case.causal, scale=case.scale,
-                                          layout=case.layout, return_lse=True)
-        else:
-            o, lse = seqpar.attention(q_l, k_l, v_l, group, backend=case.backend,
-                                      causal=case.causal, scale=case.scale, layout=case.layout,
-                                      return_lse=True)
+    options = {"s2": case.s2} if case.s2 is not None else {}
+    with seqpar.comm_stats() as stats, (use_kernel(case.kernel) if case.kernel
+                                        else contextlib.nullcontext()):
+        o, lse = seqpar.attention(q_l, k_l, v_l, group, backend=case.backend, causal=case.causal,
+                                  scale=case.scale, layout=case.layout, return_lse=True, **options)
         loss = (torch.where(torch.isfinite(lse), lse, 0).double() * local(dlse, dim=2)).sum()
         if case.output_grad:
             loss = loss + (o.double() * local(do)).sum()
@@ -168,6 +181,9 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     expected = [local(ref[0]), local(ref[1], dim=2)] + [local(g) for g in ref[2:]]
     actual = [o, lse, q_l.grad, k_l.grad, v_l.grad]
     names = ("o", "lse", "dq", "dk", "dv")
+    if mask is not None and case.dtype not in EXACT_REL:
+        raise ValueError("low-precision S2 cases have no single-device fused kernel to compare "
+                         "with; run them in fp32 or fp64")
     errors = compare_results(names, actual, expected, case.dtype, f"rank {rank}/{world} {case}:",
                              lambda: single_device_errors(q, k, v, do, dlse, case.causal,
                                                           case.scale, case.dtype, ref))

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.kernels import ChunkedLinearKernel, linear_attention_reference, use_linear_kernel
-from seqpar.kernels.torch_cpu import accumulator_dtype
+from seqpar.kernels.plan import accumulator_dtype
 from tests.attention_cases import EXACT_REL, compare_results
 from tests.checks import assert_close, max_error
 

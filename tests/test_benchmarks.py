@@ -43,3 +43,15 @@ def test_linear_scaling_benchmark_runs_with_constant_bytes(tmp_path, capsys):
     assert rows[0]["sent_bytes"] == rows[1]["sent_bytes"] == 2 * (2 * 8 * 16 * 4)
     assert (tmp_path / result.name.replace(".json", ".png")).exists()
     assert "bytes per rank the same at every S: yes" in capsys.readouterr().out
+
+
+def test_kernels_benchmark_smoke_mode_runs(tmp_path, capsys):
+    """The GPU kernel benchmark's code paths, at toy size on CPU under the Triton interpreter."""
+    from benchmarks import kernels
+    kernels.main(["--smoke", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("kernels-*.json")
+    payload = json.loads(result.read_text())
+    assert payload["smoke"] and payload["dense"] and payload["sparse"]
+    assert {r["backend"] for r in payload["end_to_end"]} == {"ring", "ulysses", "s2"}
+    assert 0 < payload["sparse"][0]["kept"] < 1
+    assert "TFLOP/s" in capsys.readouterr().out

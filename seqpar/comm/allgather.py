@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.mask import Runs, SubBlock, gathered_runs, plan_blocks, token_slots
-from ..kernels.torch_cpu import TorchBlockKernel, accumulator_dtype
+from ..kernels.plan import PlanKernel, accumulator_dtype
 from .primitives import CommStats, GroupInfo, Traffic, gather_tokens, reduce_scatter_tokens
 
 
@@ -48,12 +48,12 @@ class AllGatherPlan:
     slots: torch.Tensor | None
     blocks: tuple[SubBlock, ...]
     scale: float
-    kernel: TorchBlockKernel
+    kernel: PlanKernel
     recorders: tuple[CommStats, ...]
 
     @classmethod
     def build(cls, info: GroupInfo, all_runs: tuple[Runs, ...], causal: bool, scale: float,
-              kernel: TorchBlockKernel, recorders: tuple[CommStats, ...]) -> "AllGatherPlan":
+              kernel: PlanKernel, recorders: tuple[CommStats, ...]) -> "AllGatherPlan":
         kv_runs = gathered_runs(all_runs, interleave=False)
         return cls(info, token_slots(all_runs, kv_runs),
                    plan_blocks(all_runs[info.rank], kv_runs, causal), scale, kernel, recorders)

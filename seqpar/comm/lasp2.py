@@ -45,7 +45,7 @@ import torch
 
 from ..kernels.linear_state import LinearKernel, chunk_weights, outer_sum, scan_states, times_state
 from ..kernels.mask import Runs
-from ..kernels.torch_cpu import accumulator_dtype
+from ..kernels.plan import accumulator_dtype
 from .primitives import CommStats, GroupInfo, Traffic, start_all_gather, start_all_reduce
 
 

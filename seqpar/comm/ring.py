@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.mask import Runs, SubBlock, plan_blocks
-from ..kernels.torch_cpu import TorchBlockKernel, accumulator_dtype
+from ..kernels.plan import PlanKernel, accumulator_dtype
 from .primitives import CommStats, GroupInfo, RingExchange, Traffic
 
 
@@ -51,7 +51,7 @@ class RingPlan:
     kv_runs: tuple[Runs, ...]
     causal: bool
     scale: float
-    kernel: TorchBlockKernel
+    kernel: PlanKernel
     recorders: tuple[CommStats, ...]
     step_blocks: tuple[tuple[SubBlock, ...], ...]
     op: str = "ring"
@@ -59,7 +59,7 @@ class RingPlan:
 
     @classmethod
     def build(cls, info: GroupInfo, q_runs: Runs, kv_runs: tuple[Runs, ...], causal: bool,
-              scale: float, kernel: TorchBlockKernel, recorders: tuple[CommStats, ...],
+              scale: float, kernel: PlanKernel, recorders: tuple[CommStats, ...],
               op: str = "ring", op_suffix: str = "") -> "RingPlan":
         steps = tuple(plan_blocks(q_runs, kv_runs[(info.rank - t) % info.world], causal)
                       for t in range(info.world))
@@ -67,6 +67,13 @@ class RingPlan:
 
     def traffic(self, direction: str) -> Traffic:
         return Traffic.now(f"{self.op}.{direction}{self.op_suffix}", self.recorders)
+
+    # The attention a Ulysses / USP plan runs on its head-sharded tensors (see ulysses.py).
+    def fwd(self, q, k, v):
+        return ring_fwd(q, k, v, self)
+
+    def bwd(self, do, q, k, v, o, lse, dlse):
+        return ring_bwd(do, q, k, v, o, lse, dlse, self)
 
 
 def _pack(*tensors: torch.Tensor) -> torch.Tensor:

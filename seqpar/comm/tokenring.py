@@ -66,7 +66,7 @@ import torch
 
 from ..kernels.mask import Runs, SubBlock, plan_blocks
 from ..kernels.merge import merge_into
-from ..kernels.torch_cpu import TorchBlockKernel, accumulator_dtype, softmax_delta
+from ..kernels.plan import PlanKernel, accumulator_dtype, softmax_delta
 from .primitives import CommStats, DirectMessages, GroupInfo, RingExchange, Traffic
 from .ring import finish_forward, run_backward
 
@@ -93,7 +93,7 @@ class TokenRingPlan:
     info: GroupInfo
     causal: bool
     scale: float
-    kernel: TorchBlockKernel
+    kernel: PlanKernel
     recorders: tuple[CommStats, ...]
     rows: tuple[RowSpan | None, ...]
     blocks: tuple[tuple[SubBlock, ...], ...]
@@ -103,7 +103,7 @@ class TokenRingPlan:
 
     @classmethod
     def build(cls, info: GroupInfo, runs: tuple[Runs, ...], causal: bool, scale: float,
-              kernel: TorchBlockKernel, recorders: tuple[CommStats, ...]) -> "TokenRingPlan":
+              kernel: PlanKernel, recorders: tuple[CommStats, ...]) -> "TokenRingPlan":
         world, rank = info.world, info.rank
         bounds = [_first_and_last(r) for r in runs]
 

@@ -18,8 +18,10 @@ K/V heads (G = Hq / Hkv query heads per K/V head, m = Hq / U query heads per ran
   each of its query heads (n = m, duplicates included) and attends as MHA.
 Never a silent split: every query head meets exactly its K/V head.
 
-The "attention" in the middle is the ring backend's code: a one-rank ring for Ulysses; for USP
-(`usp.py`) the ring across the R Ulysses groups, each holding the tokens of its U ranks.
+The "attention" in the middle (`UlyssesPlan.inner`) is the ring backend's code: a one-rank ring
+for Ulysses; for USP (`usp.py`) the ring across the R Ulysses groups, each holding the tokens of
+its U ranks; for backend "s2" the block-sparse S2 kernel (`kernels/s2.py`), whose masks are built
+from the GLOBAL ids of the K/V heads this rank holds (`kv_split.heads[rank]`).
 
 Backward: do (and dlse when lse was returned) go through seq_to_heads, the ring backward runs on
 the head-sharded side, dq comes back through heads_to_seq, dK/dV too (summing replicated heads).
@@ -44,10 +46,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.mask import Runs, gathered_runs, token_slots
-from ..kernels.torch_cpu import TorchBlockKernel, accumulator_dtype
+from ..kernels.mask import Runs, gathered_runs, runs_length, token_slots
+from ..kernels.s2 import S2Pattern, S2Plan
+from ..kernels.plan import PlanKernel, accumulator_dtype
 from .primitives import CommStats, GroupInfo, HeadSplit, Traffic, heads_to_seq, seq_to_heads
-from .ring import RingPlan, ring_bwd, ring_fwd
+from .ring import RingPlan
 
 
 def kv_heads_per_rank(heads_q: int, heads_kv: int, ranks: int) -> torch.Tensor:
@@ -68,22 +71,26 @@ class UlyssesPlan:
     """Everything non-tensor a Ulysses / USP call needs; lives on ctx between forward and backward.
 
     q_split / kv_split: the all-to-alls of the query and K/V heads inside the Ulysses group;
-    ring: the attention over the head-sharded tokens (one rank: plain Ulysses).
+    inner: the attention over the head-sharded tokens, anything with `fwd(q, k, v)` and
+    `bwd(do, q, k, v, o, lse, dlse)` in the accumulator dtype: a RingPlan (one rank: plain
+    Ulysses) or an S2Plan.
     """
 
     q_split: HeadSplit
     kv_split: HeadSplit
-    ring: RingPlan
+    inner: RingPlan | S2Plan
     return_lse: bool
     op: str
     recorders: tuple[CommStats, ...]
 
     @classmethod
     def build(cls, ulysses: GroupInfo, ring: GroupInfo, all_runs: tuple[Runs, ...], heads_q: int,
-              heads_kv: int, causal: bool, scale: float, kernel: TorchBlockKernel,
-              recorders: tuple[CommStats, ...], return_lse: bool, op: str) -> "UlyssesPlan":
+              heads_kv: int, causal: bool, scale: float, kernel: PlanKernel,
+              recorders: tuple[CommStats, ...], return_lse: bool, op: str,
+              s2: S2Pattern | None = None) -> "UlyssesPlan":
         """all_runs[r]: the global positions of the tokens of sequence-parallel rank
-        r = g * U + u (Ulysses group g = this rank's ring index, u = its Ulysses index)."""
+        r = g * U + u (Ulysses group g = this rank's ring index, u = its Ulysses index).
+        With `s2` (plain Ulysses only, ring.world == 1) the middle is S2 sparse attention."""
         size = ulysses.world
         members = [all_runs[g * size:(g + 1) * size] for g in range(ring.world)]
         group_runs = tuple(gathered_runs(m, interleave=True) for m in members)
@@ -91,8 +98,13 @@ class UlyssesPlan:
         q_heads = torch.arange(heads_q).reshape(size, heads_q // size)
         q_split = HeadSplit(ulysses, q_heads, heads_q, slots)
         kv_split = HeadSplit(ulysses, kv_heads_per_rank(heads_q, heads_kv, size), heads_kv, slots)
-        inner = RingPlan.build(ring, group_runs[ring.rank], group_runs, causal, scale, kernel,
-                               recorders, op=op, op_suffix=".ring")
+        if s2 is not None:
+            seq_len = sum(runs_length(runs) for runs in all_runs)
+            inner = S2Plan.build(s2, seq_len, kv_split.heads[ulysses.rank].tolist(), heads_q,
+                                 scale, kernel)
+        else:
+            inner = RingPlan.build(ring, group_runs[ring.rank], group_runs, causal, scale, kernel,
+                                   recorders, op=op, op_suffix=".ring")
         return cls(q_split, kv_split, inner, return_lse, op, recorders)
 
     def traffic(self, direction: str) -> Traffic:
@@ -105,7 +117,7 @@ def ulysses_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ulysses
     traffic = plan.traffic("fwd")
     q_h = seq_to_heads(q, plan.q_split, 1, 2, traffic)
     kv_h = seq_to_heads(torch.stack((k, v)), plan.kv_split, 2, 3, traffic)
-    o_h, lse_h = ring_fwd(q_h, kv_h[0], kv_h[1], plan.ring)
+    o_h, lse_h = plan.inner.fwd(q_h, kv_h[0], kv_h[1])
     o_h = o_h.to(q.dtype)  # the output's own rounding, once, before it travels
     o = heads_to_seq(o_h, plan.q_split, 1, 2, traffic)
     lse = heads_to_seq(lse_h, plan.q_split, 2, 1, traffic) if plan.return_lse else None
@@ -119,7 +131,7 @@ def ulysses_bwd(do: torch.Tensor, dlse: torch.Tensor | None, q_h, k_h, v_h, o_h,
     traffic = plan.traffic("bwd")
     do_h = seq_to_heads(do, plan.q_split, 1, 2, traffic)
     dlse_h = seq_to_heads(dlse, plan.q_split, 2, 1, traffic) if dlse is not None else None
-    dq_h, dk_h, dv_h = ring_bwd(do_h, q_h, k_h, v_h, o_h, lse_h, dlse_h, plan.ring)
+    dq_h, dk_h, dv_h = plan.inner.bwd(do_h, q_h, k_h, v_h, o_h, lse_h, dlse_h)
     dq = heads_to_seq(dq_h.to(q_h.dtype), plan.q_split, 1, 2, traffic)
     acc_dtype = accumulator_dtype(q_h.dtype)
     dkv_h = torch.stack((dk_h, dv_h))

@@ -26,13 +26,13 @@ the n K/V heads of the rank ("usp.fwd.ring", "usp.bwd.ring"):
 from __future__ import annotations
 
 from ..kernels.mask import Runs
-from ..kernels.torch_cpu import TorchBlockKernel
+from ..kernels.plan import PlanKernel
 from .primitives import CommStats, GroupInfo
 from .ulysses import UlyssesPlan
 
 
 def usp_plan(ulysses: GroupInfo, ring: GroupInfo, all_runs: tuple[Runs, ...], heads_q: int,
-             heads_kv: int, causal: bool, scale: float, kernel: TorchBlockKernel,
+             heads_kv: int, causal: bool, scale: float, kernel: PlanKernel,
              recorders: tuple[CommStats, ...], return_lse: bool) -> UlyssesPlan:
     """The Ulysses plan over an SPMesh's Ulysses group, with the ring over its ring group."""
     return UlyssesPlan.build(ulysses, ring, all_runs, heads_q, heads_kv, causal, scale, kernel,

@@ -1,7 +1,8 @@
 """Pick the local kernel for a (device, dtype).
 
-Softmax blocks: CPU -> the fused CPU flash op (`torch_cpu.TorchBlockKernel(flash=True)`); any
-other device -> the chunked PyTorch path. Linear attention: CUDA with fp16/bf16/fp32 and head dims
+Softmax blocks: CPU -> the fused CPU flash op (`torch_cpu.TorchBlockKernel(flash=True)`); CUDA
+with fp16/bf16/fp32 -> the Triton flash kernels (`flash.TritonBlockKernel`, imported only then:
+triton is optional); anything else (fp64 on CUDA, no triton) -> the chunked PyTorch path. Linear attention: CUDA with fp16/bf16/fp32 and head dims
 up to 128 -> the Triton Lightning kernel (`lightning.LightningKernel`, imported only then: triton
 is optional); otherwise -> the chunked PyTorch kernel (`linear_chunked.ChunkedLinearKernel`).
 
@@ -21,12 +22,15 @@ import torch
 
 from .linear_chunked import ChunkedLinearKernel
 from .linear_state import LinearKernel
+from .plan import PlanKernel
 from .torch_cpu import TorchBlockKernel
 
 KERNELS = {
     "flash": TorchBlockKernel(flash=True, name="flash"),
     "chunked": TorchBlockKernel(flash=False, name="chunked"),
 }
+SOFTMAX_KERNELS = ("flash", "chunked", "triton")  # "triton" is loaded on first use
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqpar_forced_kernel",
                                                                      default=None)
@@ -34,9 +38,11 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqpar_for
 
 @contextlib.contextmanager
 def use_kernel(name: str) -> Iterator[None]:
-    """Force the local kernel inside the block: one of `KERNELS`."""
-    if name not in KERNELS:
-        raise ValueError(f"use_kernel: unknown kernel {name!r}; choose one of {sorted(KERNELS)}")
+    """Force the local softmax kernel inside the block: one of `SOFTMAX_KERNELS` ("triton" off
+    CUDA needs TRITON_INTERPRET=1 set before seqpar.kernels.flash is imported)."""
+    if name not in SOFTMAX_KERNELS:
+        raise ValueError(f"use_kernel: unknown kernel {name!r}; choose one of "
+                         f"{list(SOFTMAX_KERNELS)}")
     token = _forced.set(name)
     try:
         yield
@@ -44,11 +50,25 @@ def use_kernel(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def select_kernel(device: torch.device, dtype: torch.dtype) -> TorchBlockKernel:
+def softmax_kernel(name: str) -> PlanKernel:
+    if name == "triton":
+        from .flash import TritonBlockKernel
+        return TritonBlockKernel()
+    return KERNELS[name]
+
+
+def select_kernel(device: torch.device, dtype: torch.dtype) -> PlanKernel:
     forced = _forced.get()
     if forced is not None:
-        return KERNELS[forced]
-    return KERNELS["flash"] if device.type == "cpu" else KERNELS["chunked"]
+        return softmax_kernel(forced)
+    if device.type == "cpu":
+        return KERNELS["flash"]
+    if device.type == "cuda" and dtype in TRITON_DTYPES:
+        try:
+            return softmax_kernel("triton")
+        except ImportError:  # triton is an optional dependency; the chunked path is exact too
+            pass
+    return KERNELS["chunked"]
 
 
 LINEAR_KERNELS = ("chunked", "lightning")

@@ -34,6 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .mask import MaskKind, SubBlock
+from .plan import PlanKernel, backward_slices, block_slices, softmax_delta
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -432,3 +435,33 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                            n_q, n_k, heads_q, group, head_dim, scale, scale * LOG2E, *arith,
                            SPARSE_BLOCK=sparse_block, **flags)
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------- running a plan
+
+def mask_spec(block: SubBlock, device) -> MaskSpec:
+    """The kernel's mask for one plan sub-block (positions relative to the sub-block)."""
+    if block.kind is MaskKind.FULL:
+        return FULL
+    if block.kind is MaskKind.CAUSAL:
+        return TOP_LEFT_CAUSAL
+    return MaskSpec(MaskMode.EXPLICIT, q_pos=torch.tensor(block.q_pos, device=device),
+                    k_pos=torch.tensor(block.k_pos, device=device))
+
+
+@dataclass(frozen=True)
+class TritonBlockKernel(PlanKernel):
+    """Runs a plan of sub-blocks with the Triton flash kernels (every mask kind; fp16, bf16,
+    fp32). Outputs come back in the input dtype, lse and gradients in fp32."""
+
+    name: str = "triton"
+
+    def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
+        return flash_fwd(*block_slices(q, k, v, block), scale, mask_spec(block, q.device))
+
+    def _block_bwd(self, do, q, k, v, o, lse, dlse, delta, block: SubBlock, scale: float):
+        do_b, q_b, k_b, v_b, o_b, lse_b, dlse_b, delta_b = backward_slices(
+            do, q, k, v, o, lse, dlse, delta, block)
+        if delta_b is None:
+            delta_b = softmax_delta(do_b, o_b, dlse_b)
+        return flash_bwd(do_b, q_b, k_b, v_b, lse_b, delta_b, scale, mask_spec(block, q.device))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .linear_state import LinearKernel, chunk_weights, outer_sum, scan_states, times_state
-from .torch_cpu import accumulator_dtype
+from .plan import accumulator_dtype
 
 
 def _span_blocks(t: torch.Tensor, start: int, end: int, block: int, acc: torch.dtype,

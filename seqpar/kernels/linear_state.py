@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_cpu import accumulator_dtype
+from .plan import accumulator_dtype
 
 
 def decay_powers(log_decay: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:

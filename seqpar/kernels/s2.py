@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .mask import MaskKind, SubBlock
-from .torch_cpu import TorchBlockKernel, accumulator_dtype
+from .plan import PlanKernel, accumulator_dtype, softmax_delta
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def _diagonal_plan(n_keys: int, block_size: int) -> tuple[SubBlock, ...]:
     return plan
 
 
-def s2_fwd_torch(q, k, v, mask: torch.Tensor, block_size: int, scale: float, kernel: TorchBlockKernel):
+def s2_fwd_torch(q, k, v, mask: torch.Tensor, block_size: int, scale: float, kernel: PlanKernel):
     """CPU/any-device path: (o, lse) in the accumulator dtype, computing only active blocks."""
     batch, seq, heads_q, dim = q.shape
     heads_kv = k.shape[2]
@@ -169,7 +169,7 @@ def s2_fwd_torch(q, k, v, mask: torch.Tensor, block_size: int, scale: float, ker
 
 
 def s2_bwd_torch(do, q, k, v, o, lse, dlse, mask: torch.Tensor, block_size: int, scale: float,
-                 kernel: TorchBlockKernel):
+                 kernel: PlanKernel):
     """(dq, dk, dv) in the accumulator dtype; gathered-key gradients are scattered back."""
     batch, seq, heads_q, dim = q.shape
     heads_kv = k.shape[2]
@@ -196,11 +196,61 @@ def s2_bwd_torch(do, q, k, v, o, lse, dlse, mask: torch.Tensor, block_size: int,
     return dq, dk, dv
 
 
+@dataclass(frozen=True, eq=False)
+class S2Plan:
+    """S2 attention over the full sequence (tokens in global order) on the heads a rank holds:
+    the attention a Ulysses plan runs in its middle for backend "s2".
+
+    mask [Hkv_local, nb, nb] is built from the GLOBAL ids of the local K/V heads; the Triton
+    kernel walks its CSR lists (`lists`), any other block kernel runs the gathering CPU path.
+    """
+
+    pattern: S2Pattern
+    mask: torch.Tensor
+    lists: BlockLists | None
+    scale: float
+    kernel: PlanKernel
+
+    @classmethod
+    def build(cls, pattern: S2Pattern, seq_len: int, kv_head_ids: list[int], num_q_heads: int,
+              scale: float, kernel: PlanKernel, device=None) -> "S2Plan":
+        pattern.check_length(seq_len)
+        mask = block_mask(pattern, seq_len // pattern.block_size, kv_head_ids, num_q_heads)
+        lists = BlockLists.from_mask(mask, device) if kernel.name == "triton" else None
+        return cls(pattern, mask, lists, scale, kernel)
+
+    def _sparse(self, device):
+        from .flash import SparseBlocks  # triton is optional: only the Triton path needs it
+        lists = self.lists
+        if lists.row_ptr.device != device:
+            lists = BlockLists(*(t.to(device) for t in (lists.row_ptr, lists.col_idx,
+                                                          lists.col_ptr, lists.row_idx)))
+        return SparseBlocks(self.pattern.block_size, lists.row_ptr, lists.col_idx,
+                            lists.col_ptr, lists.row_idx)
+
+    def fwd(self, q, k, v):
+        """(o, lse) in the accumulator dtype."""
+        if self.lists is None:
+            return s2_fwd_torch(q, k, v, self.mask, self.pattern.block_size, self.scale, self.kernel)
+        from .flash import TOP_LEFT_CAUSAL, flash_fwd
+        o, lse = flash_fwd(q, k, v, self.scale, TOP_LEFT_CAUSAL, self._sparse(q.device))
+        return o.to(accumulator_dtype(q.dtype)), lse
+
+    def bwd(self, do, q, k, v, o, lse, dlse):
+        """(dq, dk, dv) in the accumulator dtype, from the final o and lse."""
+        if self.lists is None:
+            return s2_bwd_torch(do, q, k, v, o, lse, dlse, self.mask, self.pattern.block_size,
+                                self.scale, self.kernel)
+        from .flash import TOP_LEFT_CAUSAL, flash_bwd
+        return flash_bwd(do, q, k, v, lse, softmax_delta(do, o, dlse), self.scale,
+                         TOP_LEFT_CAUSAL, self._sparse(q.device))
+
+
 def dense_fraction(mask: torch.Tensor) -> float:
     """Active block pairs / causal block pairs: the compute S2 keeps relative to dense."""
     nb = mask.shape[-1]
     return mask.sum().item() / (mask.shape[0] * nb * (nb + 1) / 2)
 
 
-__all__ = ["S2Pattern", "block_mask", "coverage", "warn_if_uncovered", "BlockLists",
+__all__ = ["S2Pattern", "S2Plan", "block_mask", "coverage", "warn_if_uncovered", "BlockLists",
            "s2_fwd_torch", "s2_bwd_torch", "dense_fraction"]

@@ -1,8 +1,9 @@
 """Local block attention in PyTorch: the fast CPU path and a chunked path for any device.
 
 A *plan* (`mask.plan_blocks`) says which dense sub-blocks of (local queries x key block) a
-causal rule needs. This module runs a plan and merges the partial (o, lse) into fp32
-accumulators (forward), or adds the sub-blocks' gradients into fp32 accumulators (backward).
+causal rule needs. This module implements one sub-block for `plan.PlanKernel`, which runs a plan
+and merges the partial (o, lse) into fp32 accumulators (forward), or adds the sub-blocks'
+gradients into fp32 accumulators (backward).
 
 Two implementations of one sub-block, same contract:
 
@@ -32,18 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from .mask import MaskKind, SubBlock
-from .merge import merge_into
+from .plan import PlanKernel, accumulator_dtype, backward_slices, block_slices, softmax_delta
 
 CHUNK = 512  # rows/cols of scores the chunked path materialises at once (per batch x head)
 FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for every input precision; fp64 stays fp64 (the reference dtype)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- flash (CPU fused op)
@@ -53,15 +49,6 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, s
     out, lse = _flash_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
                           scale=scale)
     return out.transpose(1, 2), lse
-
-
-def softmax_delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """delta = rowsum(do * o) - dlse, [B, H, S] in the accumulator dtype: all a backward needs
-    of the output o and of the gradient on lse."""
-    acc_dtype = accumulator_dtype(do.dtype)
-    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(-1).transpose(1, 2)
-    return delta if dlse is None else delta - dlse.to(acc_dtype)
 
 
 def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=None):
@@ -251,7 +238,7 @@ def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None, d
 # ---------------------------------------------------------------- running a plan
 
 @dataclass(frozen=True)
-class TorchBlockKernel:
+class TorchBlockKernel(PlanKernel):
     """Runs a plan of sub-blocks with the CPU flash op (`flash=True`) or the chunked path.
 
     Sub-blocks the flash op cannot run (POSITIONS masks, dtypes it lacks) use the chunked path.
@@ -264,74 +251,15 @@ class TorchBlockKernel:
         return self.flash and block.kind is not MaskKind.POSITIONS and dtype in FLASH_DTYPES
 
     def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
-        q_blk = q[:, block.q0:block.q1]
-        k_blk, v_blk = k[:, block.k0:block.k1], v[:, block.k0:block.k1]
+        q_blk, k_blk, v_blk = block_slices(q, k, v, block)
         if self._use_flash(block, q.dtype):
             return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
         return chunked_fwd(q_blk, k_blk, v_blk, block, scale)
 
     def _block_bwd(self, do, q, k, v, o, lse, dlse, delta, block: SubBlock, scale: float):
-        rows, keys = slice(block.q0, block.q1), slice(block.k0, block.k1)
-        dlse_blk = None if dlse is None else dlse[:, :, rows]
-        delta_blk = None if delta is None else delta[:, :, rows]
-        o_blk = None if o is None else o[:, rows]
-        args = (do[:, rows], q[:, rows], k[:, keys], v[:, keys], o_blk, lse[:, :, rows])
+        do_b, q_b, k_b, v_b, o_b, lse_b, dlse_b, delta_b = backward_slices(
+            do, q, k, v, o, lse, dlse, delta, block)
         if self._use_flash(block, q.dtype):
-            return flash_bwd(*args, block.kind is MaskKind.CAUSAL, scale, dlse_blk, delta_blk)
-        return chunked_bwd(*args, block, scale, dlse_blk, delta_blk)
-
-    def fwd_into(self, acc_o, acc_lse, q, k, v, blocks: tuple[SubBlock, ...], scale: float) -> None:
-        """Attend q to each sub-block's keys and merge the partials into (acc_o, acc_lse)."""
-        for block in blocks:
-            o_blk, lse_blk = self._block_fwd(q, k, v, block, scale)
-            merge_into(acc_o[:, block.q0:block.q1], acc_lse[:, :, block.q0:block.q1], o_blk, lse_blk)
-
-    def bwd_into(self, dq, dk, dv, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...],
-                 scale: float, delta=None) -> None:
-        """Add each sub-block's (dq, dk, dv) into the accumulators. o/lse are the final ones.
-
-        Where the output is not at hand, pass o=None, dlse=None and `delta` [B, Hq, Sq]
-        (`softmax_delta` of the final output, computed where it lives).
-        """
-        if (delta is None) == (o is None) or (delta is not None and dlse is not None):
-            raise ValueError("bwd_into: pass the final o (and dlse), or delta alone")
-        for block in blocks:
-            dq_blk, dk_blk, dv_blk = self._block_bwd(do, q, k, v, o, lse, dlse, delta, block, scale)
-            dq[:, block.q0:block.q1] += dq_blk
-            dk[:, block.k0:block.k1] += dk_blk
-            dv[:, block.k0:block.k1] += dv_blk
-
-    def fwd(self, q, k, v, blocks: tuple[SubBlock, ...], scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(o, lse) of a plan in fresh accumulators (accumulator dtype).
-
-        A plan of one sub-block over every query row (the diagonal block of a ring, a whole
-        sequence under Ulysses) has nothing to merge: the kernel's own result is the
-        accumulator (cast if needed; o may be a strided view), instead of merging it into
-        zero-filled accumulators (~5 passes over o and two buffers saved).
-        """
-        acc_dtype = accumulator_dtype(q.dtype)
-        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1]):
-            o_blk, lse_blk = self._block_fwd(q, k, v, blocks[0], scale)
-            return o_blk.to(acc_dtype), lse_blk.to(acc_dtype)
-        o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc_dtype,
-                         device=q.device)
-        self.fwd_into(o, lse, q, k, v, blocks, scale)
-        return o, lse
-
-    def bwd(self, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...], scale: float,
-            delta=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dq, dk, dv) of a plan in fresh accumulators (accumulator dtype); for one sub-block
-        covering every row and key they are the kernel's own (cast if needed), not added into
-        zeros. o/dlse or delta as in `bwd_into`."""
-        acc_dtype = accumulator_dtype(q.dtype)
-        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1, blocks[0].k0, blocks[0].k1) == (
-                0, q.shape[1], 0, k.shape[1]):
-            grads = self._block_bwd(do, q, k, v, o, lse, dlse, delta, blocks[0], scale)
-            return tuple(g.to(acc_dtype) for g in grads)
-        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
-        self.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, blocks, scale, delta)
-        return dq, dk, dv
+            return flash_bwd(do_b, q_b, k_b, v_b, o_b, lse_b, block.kind is MaskKind.CAUSAL, scale,
+                             dlse_b, delta_b)
+        return chunked_bwd(do_b, q_b, k_b, v_b, o_b, lse_b, block, scale, dlse_b, delta_b)
