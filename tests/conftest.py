@@ -1,20 +1,23 @@
-import os
-
 import pytest
-import torch
 
-# Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter. It is read
-# when kernels are decorated, so it is set before any test module imports them (and inherited
-# by the spawned ranks).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from tests.harness import WorldPool  # noqa: E402
+from tests.harness import WorldPool
 
 
 @pytest.fixture(scope="session")
 def worlds():
     """worlds(P) -> a live P-rank gloo world (spawned once, reused by every test)."""
     pool = WorldPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def interpreted_worlds():
+    """worlds whose ranks run Triton kernels on CPU under the Triton interpreter.
+
+    triton reads TRITON_INTERPRET when a kernel is decorated (at import), so it is set only in
+    these ranks' environment: the test process keeps the real compiler (for ahead-of-time
+    compile checks) and the other worlds never see it."""
+    pool = WorldPool(env={"TRITON_INTERPRET": "1"})
     yield pool
     pool.close()

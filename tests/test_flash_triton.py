@@ -1,7 +1,7 @@
 """Triton flash kernels (dense and block-sparse) vs the float64 reference.
 
-On a machine without a GPU these run under the Triton interpreter (tests/conftest.py), at small
-shapes. Forward output, lse and all three gradients are compared, for every mask mode, several
+Without a GPU they run in a one-rank world under the Triton interpreter (`interpreted_worlds`,
+tests/conftest.py), at small shapes; one test compiles the kernels ahead of time for a real GPU. Forward output, lse and all three gradients are compared, for every mask mode, several
 position offsets (ring steps, zigzag halves, striped), GQA and odd head dims.
 
 Tolerances: fp32 1e-5 relative (single-precision dot products of <= 64 terms); fp16/bf16 within
@@ -18,6 +18,7 @@ from seqpar.kernels import attention_reference
 from seqpar.kernels.flash import FULL, TOP_LEFT_CAUSAL, MaskMode, MaskSpec, SparseBlocks, flash_bwd, flash_fwd
 from seqpar.kernels.s2 import BlockLists, S2Pattern, block_mask
 from seqpar.kernels.torch_cpu import flash_bwd as torch_flash_bwd, flash_fwd as torch_flash_fwd
+from tests.aot import SM80_SHARED_BYTES, compile_shared_bytes
 from tests.checks import assert_close, magnitude, max_error
 
 SCALE = 0.3
@@ -66,9 +67,7 @@ def triton_run(q, k, v, do, o_ref, spec, dtype, sparse=None):
     return [o, lse, *flash_bwd(cast[3], *cast[:3], lse, delta, SCALE, spec, sparse)]
 
 
-@pytest.mark.parametrize("name,n_q,n_k,spec,q_pos,k_pos", MASKS, ids=[m[0] for m in MASKS])
-@pytest.mark.parametrize("heads,dim", [((4, 2), 16), ((3, 3), 40), ((4, 1), 24)], ids=["gqa", "d40", "mqa-d24"])
-def test_triton_flash_fp32(name, n_q, n_k, spec, q_pos, k_pos, heads, dim):
+def check_fp32(name, n_q, n_k, spec, q_pos, k_pos, heads, dim):
     q, k, v, do = problem(n_q, n_k, *heads, dim)
     expected = reference(q, k, v, do, q_pos, k_pos)
     actual = triton_run(q, k, v, do, expected[0], spec, torch.float32)
@@ -76,8 +75,13 @@ def test_triton_flash_fp32(name, n_q, n_k, spec, q_pos, k_pos, heads, dim):
         assert_close(label, a, e, 1e-5, f"{name}:")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_triton_flash_low_precision(dtype):
+@pytest.mark.parametrize("name,n_q,n_k,spec,q_pos,k_pos", MASKS, ids=[m[0] for m in MASKS])
+@pytest.mark.parametrize("heads,dim", [((4, 2), 16), ((3, 3), 40), ((4, 1), 24)], ids=["gqa", "d40", "mqa-d24"])
+def test_triton_flash_fp32(interpreted_worlds, name, n_q, n_k, spec, q_pos, k_pos, heads, dim):
+    interpreted_worlds(1).run(check_fp32, name, n_q, n_k, spec, q_pos, k_pos, heads, dim)
+
+
+def check_low_precision(dtype):
     q, k, v, do = problem(48, 48, 4, 2, 32)
     expected = reference(q, k, v, do, arange(0, 48), arange(0, 48))
     actual = triton_run(q, k, v, do, expected[0], TOP_LEFT_CAUSAL, dtype)
@@ -90,7 +94,12 @@ def test_triton_flash_low_precision(dtype):
         assert max_error(a, e) <= bound, (label, max_error(a, e), bound)
 
 
-def test_rows_that_see_nothing_are_empty_not_nan():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_flash_low_precision(interpreted_worlds, dtype):
+    interpreted_worlds(1).run(check_low_precision, dtype)
+
+
+def check_rows_that_see_nothing():
     q, k, v, do = problem(20, 30, 2, 2, 16)
     spec = MaskSpec(MaskMode.ARITHMETIC, 0, 1, 15, 1)  # queries 0..14 precede every key
     out = triton_run(q, k, v, do, None, spec, torch.float32)
@@ -98,12 +107,20 @@ def test_rows_that_see_nothing_are_empty_not_nan():
     assert all(not torch.isnan(t).any() for t in out)
 
 
+def test_rows_that_see_nothing_are_empty_not_nan(interpreted_worlds):
+    interpreted_worlds(1).run(check_rows_that_see_nothing)
+
+
 @pytest.mark.parametrize("pattern,heads", [
     (S2Pattern(block_size=16, local_blocks=2, vert_stride=3), (4, 2)),
     (S2Pattern(block_size=16, local_blocks=1, vert_stride=2, heterogeneous=False), (2, 2)),
     (S2Pattern(block_size=16, local_blocks=3, vert_stride=4, head_offset=1), (4, 4)),
 ], ids=["hetero-gqa", "homogeneous", "phi3-offset"])
-def test_triton_block_sparse_matches_masked_reference(pattern, heads):
+def test_triton_block_sparse_matches_masked_reference(interpreted_worlds, pattern, heads):
+    interpreted_worlds(1).run(check_block_sparse, pattern, heads)
+
+
+def check_block_sparse(pattern, heads):
     seq, dim = 96, 24
     q, k, v, do = problem(seq, seq, *heads, dim, batch=1)
     nb = seq // pattern.block_size
@@ -117,3 +134,25 @@ def test_triton_block_sparse_matches_masked_reference(pattern, heads):
     actual = triton_run(q, k, v, do, expected[0], TOP_LEFT_CAUSAL, torch.float32, sparse)
     for label, a, e in zip(("o", "lse", "dq", "dk", "dv"), actual, expected):
         assert_close(label, a, e, 1e-5, f"{pattern}:")
+
+
+FLASH_KINDS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16",
+               "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32",
+               "QPOS": "*i64", "KPOS": "*i64", "ROW_PTR": "*i32", "COL_IDX": "*i32",
+               "COL_PTR": "*i32", "ROW_IDX": "*i32", "scale": "fp32", "scale_log2": "fp32",
+               "q_start": "i64", "q_step": "i64", "k_start": "i64", "k_step": "i64"}
+
+
+@pytest.mark.parametrize("kernel,sparse", [("_fwd_kernel", 0), ("_bwd_dq_kernel", 0),
+                                           ("_bwd_dkdv_kernel", 0), ("_fwd_kernel", 64)])
+def test_flash_kernels_compile_for_a_gpu_within_shared_memory(kernel, sparse):
+    """The real compiler (not the interpreter) accepts every kernel for sm_80 in bf16 at head
+    dim 128 with the largest tiles the autotuner may pick (dense: 128 x 64, 4 warps, 3 stages;
+    sparse: the 64-token block), and they fit an A100's shared memory."""
+    from seqpar.kernels import flash
+    block = (sparse, sparse) if sparse else (128, 64)
+    constants = dict(MASK_MODE=1, UPCAST=False, BLOCK_D=128, SPARSE_BLOCK=sparse,
+                     BLOCK_M=block[0], BLOCK_N=block[1])
+    used = compile_shared_bytes(getattr(flash, kernel), FLASH_KINDS, constants, 80,
+                                num_warps=4, num_stages=3)
+    assert 0 < used <= SM80_SHARED_BYTES, used

@@ -2,26 +2,26 @@
 
 triton reads TRITON_INTERPRET when `triton.jit` decorates a kernel, i.e. when
 seqpar.kernels.lightning is imported. So these checks run in their own 2-rank world whose
-processes start with TRITON_INTERPRET=1 (`World(env=...)`); this test process and every other
+processes start with TRITON_INTERPRET=1 (`interpreted_worlds`, tests/conftest.py); this test process and every other
 world never see it. Small shapes: the interpreter runs each program in numpy.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from tests.harness import World
+from tests.aot import SM80_SHARED_BYTES, compile_shared_bytes
 from tests.linear_cases import LinearCase, check_kernel_chain, check_kernel_intra, lasp2_bytes
 
 pytest.importorskip("triton")
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    world = World(2, env={"TRITON_INTERPRET": "1"})
-    yield world
-    world.close()
+@pytest.fixture
+def interpreted(interpreted_worlds):
+    return interpreted_worlds(2)
 
 
 def interpreter_is_on() -> bool:
@@ -73,18 +73,9 @@ def test_lasp2_on_the_lightning_kernel(interpreted, causal):
     interpreted.run(check_lasp2_on_lightning, case)
 
 
-SM80_SHARED_BYTES = 163 * 1024  # the most shared memory one program may use on an A100 (sm_80)
-
-
 def compile_for_sm80(dtype: torch.dtype, head_dim: int) -> list[int]:
     """Compile the three kernels ahead of time for sm_80 (no GPU needed: triton ships ptxas)
     with the block `auto_block` picks; return each one's shared memory in bytes."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from seqpar.kernels import lightning
     block = lightning.auto_block(head_dim, head_dim, dtype)
     precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -95,14 +86,11 @@ def compile_for_sm80(dtype: torch.dtype, head_dim: int) -> list[int]:
                           (lightning._lightning_bwd_dkv, ("HAS_DSTATE_OUT", "HAS_DSTATE_IN"))):
         constants = dict(HEADS=4, DK=head_dim, DV=head_dim, DK_PAD=head_dim, DV_PAD=head_dim,
                          BLOCK=block, PRECISION=precision, **{flag: True for flag in flags})
-        names = list(inspect.signature(kernel.fn).parameters)
+        names = inspect.signature(kernel.fn).parameters
         # Upper-case parameters are tensors (inputs in `dtype`, results and states fp32).
-        signature = {n: "constexpr" if n in constants else
-                     f"*{element if n in ('Q', 'K', 'V', 'DO') else 'fp32'}" if n.isupper() else
-                     "fp32" if n == "scale" else "i32" for n in names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(n),): value for n, value in constants.items()})
-        used.append(triton.compile(source, target=GPUTarget("cuda", 80, 32)).metadata.shared)
+        kinds = {n: f"*{element if n in ('Q', 'K', 'V', 'DO') else 'fp32'}" if n.isupper() else
+                 "fp32" if n == "scale" else "i32" for n in names if n not in constants}
+        used.append(compile_shared_bytes(kernel, kinds, constants))
     return used
 
 

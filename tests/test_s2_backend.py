@@ -45,12 +45,12 @@ def test_s2_fp64_is_exact(worlds, world):
     worlds(world).run(check_s2, case)
 
 
-def test_s2_triton_kernel(worlds):
+def test_s2_triton_kernel(interpreted_worlds):
     """The block-sparse Triton kernel in the middle (interpreter on CPU; block >= 16)."""
     case = AttnCase(backend="s2", layout="zigzag", heads_q=4, heads_kv=2, head_dim=16,
                     seq_local=32, kernel="triton", lse_grad=False,
                     s2=seqpar.S2Pattern(block_size=16, local_blocks=1, vert_stride=2))
-    worlds(2).run(check_s2, case)
+    interpreted_worlds(2).run(check_s2, case)
 
 
 def s2_errors(name: str) -> tuple[str, str]:

@@ -24,5 +24,5 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_backend_with_triton_kernel(worlds, case):
-    worlds(2).run(run_case, case, timeout=300)
+def test_backend_with_triton_kernel(interpreted_worlds, case):
+    interpreted_worlds(2).run(run_case, case, timeout=300)
