@@ -143,16 +143,23 @@ FLASH_KINDS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*b
                "q_start": "i64", "q_step": "i64", "k_start": "i64", "k_step": "i64"}
 
 
-@pytest.mark.parametrize("kernel,sparse", [("_fwd_kernel", 0), ("_bwd_dq_kernel", 0),
-                                           ("_bwd_dkdv_kernel", 0), ("_fwd_kernel", 64)])
-def test_flash_kernels_compile_for_a_gpu_within_shared_memory(kernel, sparse):
-    """The real compiler (not the interpreter) accepts every kernel for sm_80 in bf16 at head
-    dim 128 with the largest tiles the autotuner may pick (dense: 128 x 64, 4 warps, 3 stages;
-    sparse: the 64-token block), and they fit an A100's shared memory."""
+@pytest.mark.parametrize("kernel,sparse,dtype,tiles", [
+    ("_fwd_kernel", 0, "bf16", (128, 64, 3)), ("_bwd_dq_kernel", 0, "bf16", (128, 64, 3)),
+    ("_bwd_dkdv_kernel", 0, "bf16", (128, 64, 3)), ("_fwd_kernel", 64, "bf16", (64, 64, 3)),
+    ("_bwd_dkdv_kernel", 0, "fp32", (64, 32, 2)), ("_bwd_dq_kernel", 0, "fp32", (64, 32, 2))])
+def test_flash_kernels_compile_for_a_gpu_within_shared_memory(kernel, sparse, dtype, tiles):
+    """The real compiler (not the interpreter) accepts every kernel for sm_80 at head dim 128,
+    and a config the autotuner holds fits an A100's shared memory: bf16 with the large dense
+    tiles (128 x 64, 3 stages) and the 64-token sparse block; fp32 (full-precision products,
+    twice the bytes) with the small fallback config (64 x 32, 2 stages)."""
     from seqpar.kernels import flash
-    block = (sparse, sparse) if sparse else (128, 64)
+    block_m, block_n, stages = tiles
     constants = dict(MASK_MODE=1, UPCAST=False, BLOCK_D=128, SPARSE_BLOCK=sparse,
-                     BLOCK_M=block[0], BLOCK_N=block[1])
-    used = compile_shared_bytes(getattr(flash, kernel), FLASH_KINDS, constants, 80,
-                                num_warps=4, num_stages=3)
+                     PRECISION="ieee" if dtype == "fp32" else "tf32",
+                     BLOCK_M=block_m, BLOCK_N=block_n)
+    assert any(c.kwargs == {"BLOCK_M": block_m, "BLOCK_N": block_n} and c.num_stages == stages
+               for c in flash._configs()) or sparse
+    kinds = {name: kind.replace("bf16", dtype) for name, kind in FLASH_KINDS.items()}
+    used = compile_shared_bytes(getattr(flash, kernel), kinds, constants, 80,
+                                num_warps=4, num_stages=stages)
     assert 0 < used <= SM80_SHARED_BYTES, used

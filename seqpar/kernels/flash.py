@@ -63,8 +63,12 @@ TOP_LEFT_CAUSAL = MaskSpec(MaskMode.ARITHMETIC)
 
 
 def _configs():
+    # The last GPU config is the one every dtype fits in: fp32 at head dim 128 needs 104 KiB of
+    # shared memory there (measured ahead of time for sm_80) where the bigger tiles need up to
+    # 450 KiB; configs that do not fit a device are skipped by the autotuner (OutOfResources).
     gpu = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-           for m, n, w, s in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4))]
+           for m, n, w, s in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+                              (64, 32, 4, 2))]
     # Last: the interpreter's config (small tiles keep the numpy emulation quick).
     return gpu + [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
 
@@ -127,22 +131,63 @@ def _visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE: tl.constexpr):
 @triton.jit
 def _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start, sks, svs, dims, dim_ok,
               n_k, KPOS, k_start, k_step, scale_log2,
-              MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+              MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr):
     """One key tile of the online softmax: returns the updated (row max, row sum, output)."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
     v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
     k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     s = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _query_program(pid_m, pid_bh, heads_q, group, n_q, head_dim,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (batch, query head, kv head) and query tile of a forward / dQ program."""
+    b = (pid_bh // heads_q).to(tl.int64)
+    h = (pid_bh % heads_q).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    return b, h, h // group, rows, dims, rows < n_q, dims < head_dim
+
+
+@triton.jit
+def _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start, k_step,
+               MASK_MODE: tl.constexpr, SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """[first, last): the key tiles a query tile visits -- tile numbers (dense; tiles past the
+    last query's reach are never visited) or positions in its CSR list (sparse)."""
+    # One return statement: the compiler types every return alike, even in pruned branches.
+    if SPARSE_BLOCK > 0:
+        first = tl.load(ROW_PTR + kvh * s_ptr + pid_m)
+        last = tl.load(ROW_PTR + kvh * s_ptr + pid_m + 1)
+    else:
+        hi = n_k
+        if MASK_MODE == 1:
+            last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
+            hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
+        first = 0
+        last = tl.cdiv(hi, BLOCK_N)
+    return first, last
+
+
+@triton.jit
+def _tile_start(IDX, kvh, s_idx, i, SPARSE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """First row of the i-th visited tile: i itself (dense) or the i-th CSR entry (sparse)."""
+    start = i * BLOCK
+    if SPARSE_BLOCK > 0:
+        start = tl.load(IDX + kvh * s_idx + i) * BLOCK
+    return start
 
 
 @triton.autotune(**_TUNE)
@@ -152,16 +197,11 @@ def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS, ROW_PTR, COL_IDX,
                 s_ptr, s_idx, n_q, n_k, heads_q, group, head_dim, scale_log2,
                 q_start, q_step, k_start, k_step,
                 MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_q).to(tl.int64)
-    h = (pid_bh % heads_q).to(tl.int64)
-    kvh = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_q
-    dim_ok = dims < head_dim
+    b, h, kvh, rows, dims, row_ok, dim_ok = _query_program(
+        pid_m, tl.program_id(1), heads_q, group, n_q, head_dim, BLOCK_M, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, sqs, dims, row_ok, dim_ok, UPCAST)
     q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -169,23 +209,13 @@ def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS, ROW_PTR, COL_IDX,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    if SPARSE_BLOCK > 0:  # only the active key blocks of this (kv head, query block)
-        first = tl.load(ROW_PTR + kvh * s_ptr + pid_m)
-        last = tl.load(ROW_PTR + kvh * s_ptr + pid_m + 1)
-        for idx in range(first, last):
-            start = tl.load(COL_IDX + kvh * s_idx + idx) * BLOCK_N
-            m_i, l_i, acc = _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start,
-                                      sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step,
-                                      scale_log2, MASK_MODE, UPCAST, BLOCK_N)
-    else:
-        hi = n_k
-        if MASK_MODE == 1:  # tiles past the last query's reach are never visited
-            last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-            hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
-        for start in range(0, hi, BLOCK_N):
-            m_i, l_i, acc = _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start,
-                                      sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step,
-                                      scale_log2, MASK_MODE, UPCAST, BLOCK_N)
+    first, last = _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start,
+                             k_step, MASK_MODE, SPARSE_BLOCK, BLOCK_M, BLOCK_N)
+    for i in range(first, last):
+        start = _tile_start(COL_IDX, kvh, s_idx, i, SPARSE_BLOCK, BLOCK_N)
+        m_i, l_i, acc = _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start,
+                                  sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step,
+                                  scale_log2, MASK_MODE, UPCAST, BLOCK_N, PRECISION)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -211,18 +241,19 @@ def _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok, sqb, sqs, sqh
 @triton.jit
 def _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start, dims, dim_ok,
                sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q, QPOS, q_start, q_step, scale_log2,
-               MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+               MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+               PRECISION: tl.constexpr):
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < n_q
     q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
                                        sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
     q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     p = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE),
                  tl.exp2(s - lse_log2[:, None]), 0.0)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -234,7 +265,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, COL_PTR, ROW_I
                      n_q, n_k, heads_kv, group, head_dim, scale, scale_log2,
                      q_start, q_step, k_start, k_step,
                      MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                     SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_kv).to(tl.int64)
@@ -248,27 +280,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, COL_PTR, ROW_I
     k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = 0
-    if MASK_MODE == 1:
-        # first query row that can see this tile's first key: q_start + i * q_step >= kp_0
-        first_key = k_start + (pid_n * BLOCK_N).to(tl.int64) * k_step
-        first_row = tl.maximum(0, (first_key - q_start + q_step - 1) // q_step)
-        lo = (first_row // BLOCK_M) * BLOCK_M
+    # [first, last): query tiles (dense: from the first row that sees this tile's first key)
+    # or positions in the tile's CSC list (sparse)
+    if SPARSE_BLOCK > 0:
+        first = tl.load(COL_PTR + kvh * s_ptr + pid_n)
+        last = tl.load(COL_PTR + kvh * s_ptr + pid_n + 1)
+    else:
+        first = 0
+        if MASK_MODE == 1:  # q_start + i * q_step >= kp_0
+            first_key = k_start + (pid_n * BLOCK_N).to(tl.int64) * k_step
+            first = tl.maximum(0, (first_key - q_start + q_step - 1) // q_step) // BLOCK_M
+        last = tl.cdiv(n_q, BLOCK_M)
     for g in range(group):  # every query head reading this kv head (GQA, no atomics)
         h = kvh * group + g
-        if SPARSE_BLOCK > 0:  # only the query blocks that attend this key block
-            first = tl.load(COL_PTR + kvh * s_ptr + pid_n)
-            last = tl.load(COL_PTR + kvh * s_ptr + pid_n + 1)
-            for idx in range(first, last):
-                start = tl.load(ROW_IDX + kvh * s_idx + idx) * BLOCK_M
-                dk, dv = _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start,
-                                    dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q,
-                                    QPOS, q_start, q_step, scale_log2, MASK_MODE, UPCAST, BLOCK_M)
-        else:
-            for start in range(lo, n_q, BLOCK_M):
-                dk, dv = _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start,
-                                    dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q,
-                                    QPOS, q_start, q_step, scale_log2, MASK_MODE, UPCAST, BLOCK_M)
+        for i in range(first, last):
+            start = _tile_start(ROW_IDX, kvh, s_idx, i, SPARSE_BLOCK, BLOCK_M)
+            dk, dv = _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start,
+                                dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q,
+                                QPOS, q_start, q_step, scale_log2, MASK_MODE, UPCAST, BLOCK_M,
+                                PRECISION)
     out = b * sdkb + kvh * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
     tile_ok = col_ok[:, None] & dim_ok[None, :]
     tl.store(DK + out, dk * scale, mask=tile_ok)
@@ -278,17 +308,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, COL_PTR, ROW_I
 @triton.jit
 def _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks, svs, dims,
              dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
-             MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+             MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
     v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
     k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     p = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE),
                  tl.exp2(s - lse_log2[:, None]), 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.autotune(**_TUNE)
@@ -299,39 +330,24 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, ROW_PTR, COL_IDX,
                    n_q, n_k, heads_q, group, head_dim, scale, scale_log2,
                    q_start, q_step, k_start, k_step,
                    MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_q).to(tl.int64)
-    h = (pid_bh % heads_q).to(tl.int64)
-    kvh = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_q
-    dim_ok = dims < head_dim
+    b, h, kvh, rows, dims, row_ok, dim_ok = _query_program(
+        pid_m, tl.program_id(1), heads_q, group, n_q, head_dim, BLOCK_M, BLOCK_D)
     q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
                                        sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
     q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
-    if SPARSE_BLOCK > 0:
-        first = tl.load(ROW_PTR + kvh * s_ptr + pid_m)
-        last = tl.load(ROW_PTR + kvh * s_ptr + pid_m + 1)
-        for idx in range(first, last):
-            start = tl.load(COL_IDX + kvh * s_idx + idx) * BLOCK_N
-            dq = _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks,
-                          svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
-                          MASK_MODE, UPCAST, BLOCK_N)
-    else:
-        hi = n_k
-        if MASK_MODE == 1:
-            last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-            hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
-        for start in range(0, hi, BLOCK_N):
-            dq = _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks,
-                          svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
-                          MASK_MODE, UPCAST, BLOCK_N)
+    first, last = _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start,
+                             k_step, MASK_MODE, SPARSE_BLOCK, BLOCK_M, BLOCK_N)
+    for i in range(first, last):
+        start = _tile_start(COL_IDX, kvh, s_idx, i, SPARSE_BLOCK, BLOCK_N)
+        dq = _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks,
+                      svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
+                      MASK_MODE, UPCAST, BLOCK_N, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqs + dims[None, :],
              dq * scale, mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -349,6 +365,12 @@ def _mask_args(mask: MaskSpec, device):
     q_pos = mask.q_pos.to(device=device, dtype=torch.int64).contiguous() if mask.q_pos is not None else dummy
     k_pos = mask.k_pos.to(device=device, dtype=torch.int64).contiguous() if mask.k_pos is not None else dummy
     return (q_pos, k_pos), (mask.q_start, mask.q_step, mask.k_start, mask.k_step)
+
+
+def _precision(t: torch.Tensor) -> str:
+    """fp32 inputs get full-precision products (the GPU default would round them to tf32);
+    for fp16/bf16 the choice does not apply."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 def _upcast(t: torch.Tensor) -> bool:
@@ -398,7 +420,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       lse.stride(0), lse.stride(1), *sparse_strides,
                       n_q, n_k, heads_q, heads_q // heads_kv, head_dim, scale * LOG2E, *arith,
                       MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim),
-                      SPARSE_BLOCK=sparse_block)
+                      SPARSE_BLOCK=sparse_block, PRECISION=_precision(q))
     return o, lse
 
 
@@ -421,7 +443,8 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
               lse.stride(0), lse.stride(1))
     group = heads_q // heads_kv
-    flags = dict(MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim))
+    flags = dict(MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim),
+                 PRECISION=_precision(q))
     (ptr, idx), strides, sparse_block = _sparse_args(sparse, q.device, transpose=True)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads_kv)
     _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, q_pos, k_pos, ptr, idx, *common,
