@@ -37,17 +37,21 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("seqpar_for
 
 
 @contextlib.contextmanager
-def use_kernel(name: str) -> Iterator[None]:
-    """Force the local softmax kernel inside the block: one of `SOFTMAX_KERNELS` ("triton" off
-    CUDA needs TRITON_INTERPRET=1 set before seqpar.kernels.flash is imported)."""
-    if name not in SOFTMAX_KERNELS:
-        raise ValueError(f"use_kernel: unknown kernel {name!r}; choose one of "
-                         f"{list(SOFTMAX_KERNELS)}")
-    token = _forced.set(name)
+def _forcing(choice: contextvars.ContextVar, name: str, known: tuple[str, ...], where: str
+             ) -> Iterator[None]:
+    if name not in known:
+        raise ValueError(f"{where}: unknown kernel {name!r}; choose one of {list(known)}")
+    token = choice.set(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        choice.reset(token)
+
+
+def use_kernel(name: str) -> contextlib.AbstractContextManager[None]:
+    """Force the local softmax kernel inside the block: one of `SOFTMAX_KERNELS` ("triton" off
+    CUDA needs TRITON_INTERPRET=1 set before seqpar.kernels.flash is imported)."""
+    return _forcing(_forced, name, SOFTMAX_KERNELS, "use_kernel")
 
 
 def softmax_kernel(name: str) -> PlanKernel:
@@ -80,19 +84,11 @@ _forced_linear: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "seqpar_forced_linear_kernel", default=None)
 
 
-@contextlib.contextmanager
-def use_linear_kernel(name: str) -> Iterator[None]:
+def use_linear_kernel(name: str) -> contextlib.AbstractContextManager[None]:
     """Force the local linear-attention kernel inside the block: one of `LINEAR_KERNELS`
     ("lightning" off CUDA needs TRITON_INTERPRET=1 set before seqpar.kernels.lightning is
     imported)."""
-    if name not in LINEAR_KERNELS:
-        raise ValueError(f"use_linear_kernel: unknown kernel {name!r}; choose one of "
-                         f"{list(LINEAR_KERNELS)}")
-    token = _forced_linear.set(name)
-    try:
-        yield
-    finally:
-        _forced_linear.reset(token)
+    return _forcing(_forced_linear, name, LINEAR_KERNELS, "use_linear_kernel")
 
 
 def _lightning() -> LinearKernel:

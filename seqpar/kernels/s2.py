@@ -148,51 +148,48 @@ def _diagonal_plan(n_keys: int, block_size: int) -> tuple[SubBlock, ...]:
     return plan
 
 
+def _query_blocks(mask: torch.Tensor, heads_q: int, block_size: int, device):
+    """For every (local kv head h, query block i): the query heads reading h, the block's rows,
+    and the token indices of the key blocks it attends (diagonal block last)."""
+    heads_kv, num_blocks = mask.shape[0], mask.shape[1]
+    group = heads_q // heads_kv
+    for h in range(heads_kv):
+        for i in range(num_blocks):
+            index = _gather_index(_active_blocks(mask[h, i]), block_size, device)
+            yield (h, slice(h * group, (h + 1) * group),
+                   slice(i * block_size, (i + 1) * block_size), index)
+
+
 def s2_fwd_torch(q, k, v, mask: torch.Tensor, block_size: int, scale: float, kernel: PlanKernel):
     """CPU/any-device path: (o, lse) in the accumulator dtype, computing only active blocks."""
-    batch, seq, heads_q, dim = q.shape
-    heads_kv = k.shape[2]
-    group = heads_q // heads_kv
     acc_dtype = accumulator_dtype(q.dtype)
     o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    lse = torch.full((batch, heads_q, seq), float("-inf"), dtype=acc_dtype, device=q.device)
-    for h in range(heads_kv):
-        q_heads = slice(h * group, (h + 1) * group)
-        for i in range(seq // block_size):
-            blocks = _active_blocks(mask[h, i])
-            index = _gather_index(blocks, block_size, q.device)
-            rows = slice(i * block_size, (i + 1) * block_size)
-            kernel.fwd_into(o[:, rows, q_heads], lse[:, q_heads, rows], q[:, rows, q_heads],
-                            k[:, index, h:h + 1], v[:, index, h:h + 1],
-                            _diagonal_plan(index.numel(), block_size), scale)
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc_dtype,
+                     device=q.device)
+    for h, heads, rows, index in _query_blocks(mask, q.shape[2], block_size, q.device):
+        kernel.fwd_into(o[:, rows, heads], lse[:, heads, rows], q[:, rows, heads],
+                        k[:, index, h:h + 1], v[:, index, h:h + 1],
+                        _diagonal_plan(index.numel(), block_size), scale)
     return o, lse
 
 
 def s2_bwd_torch(do, q, k, v, o, lse, dlse, mask: torch.Tensor, block_size: int, scale: float,
                  kernel: PlanKernel):
     """(dq, dk, dv) in the accumulator dtype; gathered-key gradients are scattered back."""
-    batch, seq, heads_q, dim = q.shape
-    heads_kv = k.shape[2]
-    group = heads_q // heads_kv
     acc_dtype = accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=q.device)
-    for h in range(heads_kv):
-        q_heads = slice(h * group, (h + 1) * group)
-        for i in range(seq // block_size):
-            blocks = _active_blocks(mask[h, i])
-            index = _gather_index(blocks, block_size, q.device)
-            rows = slice(i * block_size, (i + 1) * block_size)
-            dk_sel = torch.zeros((batch, index.numel(), 1, dim), dtype=acc_dtype, device=q.device)
-            dv_sel = torch.zeros_like(dk_sel)
-            kernel.bwd_into(dq[:, rows, q_heads], dk_sel, dv_sel, do[:, rows, q_heads],
-                            q[:, rows, q_heads], k[:, index, h:h + 1], v[:, index, h:h + 1],
-                            o[:, rows, q_heads], lse[:, q_heads, rows],
-                            None if dlse is None else dlse[:, q_heads, rows],
-                            _diagonal_plan(index.numel(), block_size), scale)
-            dk[:, :, h:h + 1].index_add_(1, index, dk_sel)
-            dv[:, :, h:h + 1].index_add_(1, index, dv_sel)
+    for h, heads, rows, index in _query_blocks(mask, q.shape[2], block_size, q.device):
+        dk_sel = torch.zeros((k.shape[0], index.numel(), 1, k.shape[3]), dtype=acc_dtype,
+                             device=q.device)
+        dv_sel = torch.zeros_like(dk_sel)
+        kernel.bwd_into(dq[:, rows, heads], dk_sel, dv_sel, do[:, rows, heads], q[:, rows, heads],
+                        k[:, index, h:h + 1], v[:, index, h:h + 1], o[:, rows, heads],
+                        lse[:, heads, rows], None if dlse is None else dlse[:, heads, rows],
+                        _diagonal_plan(index.numel(), block_size), scale)
+        dk[:, :, h:h + 1].index_add_(1, index, dk_sel)
+        dv[:, :, h:h + 1].index_add_(1, index, dv_sel)
     return dq, dk, dv
 
 
