@@ -261,11 +261,20 @@ def init(timeout: float | datetime.timedelta = DEFAULT_TIMEOUT_S, backend: str |
                 ("RANK", place.rank), ("WORLD_SIZE", place.world),
                 ("LOCAL_RANK", place.local_rank), ("LOCAL_WORLD_SIZE", place.local_world),
                 ("MASTER_ADDR", place.addr), ("MASTER_PORT", place.port))})
-        # env:// also joins torchrun's own store (TORCHELASTIC_USE_AGENT_STORE) instead of
-        # opening a second server on its port.
-        dist.init_process_group(backend, init_method="env://", rank=place.rank,
-                                world_size=place.world, timeout=wait,
-                                device_id=device if backend == "nccl" else None)
+        device_id = device if backend == "nccl" else None
+        if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store for the whole job: a restarted attempt would
+            # find the dead attempt's connection keys there (and dial its closed ports), so
+            # each attempt gets keys of its own.
+            store = dist.PrefixStore(
+                f"seqpar/attempt{_int(environ, 'TORCHELASTIC_RESTART_COUNT', 0)}/",
+                dist.TCPStore(place.addr, place.port, place.world, is_master=False,
+                              timeout=wait))
+            dist.init_process_group(backend, store=store, rank=place.rank,
+                                    world_size=place.world, timeout=wait, device_id=device_id)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=place.rank,
+                                    world_size=place.world, timeout=wait, device_id=device_id)
     return Job(place.rank, place.world, place.local_rank, place.local_world, device, backend,
                launcher, _int(environ, "TORCHELASTIC_RESTART_COUNT", 0))
 
