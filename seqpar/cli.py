@@ -12,6 +12,7 @@ dependencies to itself. A new command (e.g. `seqpar bench ...`) is one new row.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import sys
 
@@ -30,10 +31,11 @@ def usage() -> str:
             f"\n\ncommands:\n{rows}")
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
+    """Installed version, read from package metadata (importing DeepSpeed alone takes seconds)."""
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except ImportError:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 
