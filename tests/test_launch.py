@@ -219,3 +219,17 @@ def test_only_launch_reads_launcher_variables():
                  if package / "launch" not in path.parents and names.search(path.read_text())]
     assert offenders == []
     assert names.search((package / "launch" / "env.py").read_text())  # the scan does see them
+
+
+def joined_view() -> dict:
+    from seqpar.launch import init
+    job = init(timeout=60)  # the harness started the group: nothing to initialise
+    return {"rank": job.rank, "world": job.world, "launcher": job.launcher,
+            "backend": job.backend, "same": init(timeout=60) == job}
+
+
+def test_init_inside_a_group_someone_else_started(worlds):
+    views = worlds(2).run(joined_view)
+    assert [(v["rank"], v["world"]) for v in views] == [(0, 2), (1, 2)]
+    assert all(v["backend"] == "gloo" and v["same"] for v in views)
+    assert all(v["launcher"] in ("external", "torchrun") for v in views)  # torchrun if under it
