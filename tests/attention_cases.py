@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
+from seqpar.comm.primitives import resolve_group
 from seqpar.kernels import attention_reference, use_kernel
 from seqpar.kernels.torch_cpu import flash_fwd
 from seqpar.layout import LAYOUTS
@@ -152,10 +153,10 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
     reference on purpose, to show it fails.
     """
-    # `group` may be a seqpar.SPMesh (backend "usp"): shard over its whole group.
-    sp_group = group.group if isinstance(group, seqpar.SPMesh) else group
-    world = dist.get_world_size(sp_group) if dist.is_initialized() else 1
-    rank = dist.get_rank(sp_group) if dist.is_initialized() else 0
+    # `group` may be a seqpar.SPMesh (backend "usp", or several sequence-parallel groups side
+    # by side): seqpar's functions take it as is and shard over its sequence-parallel group.
+    info = resolve_group(group)
+    world, rank = info.world, info.rank
     q, k, v, do, dlse = global_inputs(case, world)
     mask = (None if case.s2 is None else
             s2_token_mask(case.s2, q.shape[1], case.heads_q, case.heads_kv))
@@ -163,7 +164,7 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
                     case.scale if reference_scale is _SAME else reference_scale, mask)
 
     def local(t, dim=1):
-        return seqpar.shard(t, sp_group, dim=dim, layout=case.layout)
+        return seqpar.shard(t, group, dim=dim, layout=case.layout)
 
     q_l, k_l, v_l = (local(t).to(case.dtype).requires_grad_() for t in (q, k, v))
     options = {"s2": case.s2} if case.s2 is not None else {}

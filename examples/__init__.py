@@ -1,0 +1,1 @@
+"""Examples: python -m examples.<name> from the repository root."""

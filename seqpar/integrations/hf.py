@@ -1,0 +1,305 @@
+"""Hugging Face transformers: a model's attention layers on seqpar, its batch sharded along the
+sequence, its loss and gradients over the sequence-parallel group.
+
+    from seqpar.integrations import hf
+    hf.apply(model, group, backend="ring", layout="zigzag")         # once
+    local = hf.shard_batch({"input_ids": ids, "labels": ids}, group, layout="zigzag")
+    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"],
+                   use_cache=False).logits                           # this rank's tokens
+    loss = hf.loss(logits, local, group)                             # the global mean, every rank
+    loss.backward()
+    hf.sync_grads(model, group)                                      # = single-process gradients
+
+`group` is what `seqpar.attention` takes: None (WORLD), a ProcessGroup, or a `seqpar.SPMesh`
+(needed by backend "usp"; with a data-parallel axis, `sync_grads` also averages over it).
+
+How the attention function finds its group without a global: `apply` builds a
+`SeqparAttention` -- a frozen, callable object holding the group, backend, layout and backend
+options -- and registers that object itself through transformers' public
+`AttentionInterface.register(name, fn)`, under a name made from its settings
+("seqpar_ring_zigzag_..."); `model.set_attn_implementation(name)` points the model's config at
+it. transformers looks the function up by that name at every attention call, so each model
+reaches its own settings, two models with different groups get two names, and applying the same
+settings again reuses the entry. The object's `mask` is registered the same way
+(`AttentionMaskInterface`), so a padding mask is refused instead of silently dropped. No
+monkeypatching: only transformers' registries and its setter.
+
+Every layer call checks (on every rank, with the agreement `seqpar.attention` uses) that the
+layer asks for what seqpar computes exactly: no mask, no dropout, no sliding window or soft
+cap, no KV cache, and position ids that are the layout's global positions (so RoPE matches).
+
+Sharding (`shard_batch`): labels are shifted by one over the *whole* sequence before it is cut
+(the target of a rank's last token is the next rank's first), position ids are the tokens'
+global positions (RoPE sees the same angles as on one device), and the layout is the one the
+attention backend is told, so every rank's shards of q, k and v line up.
+
+Loss (`loss`): per-token cross entropy in fp32 over this rank's tokens, summed, divided by the
+number of labelled tokens of the whole sequence (one all-reduce). Its value is the global mean
+on every rank; its gradient is only this rank's share, so after `backward` the sum of the
+ranks' parameter gradients is the single-process gradient -- `sync_grads` all-reduces them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..api import BACKENDS, attention
+from ..comm.primitives import GroupInfo, Traffic, agree, resolve_group, start_all_reduce
+from ..layout import LAYOUTS, check_layout, positions, seq_len_error, shard
+from ..mesh import SPMesh
+
+IGNORE_INDEX = -100  # transformers' label for "no target"
+_BATCH_KEYS = ("input_ids", "labels", "attention_mask")
+_GRAD_BUCKET_BYTES = 32 * 2**20
+
+
+def _group_tag(group) -> str:
+    return "world" if group is None else f"{type(group).__name__.lower()}{id(group):x}"
+
+
+@dataclass(frozen=True, eq=False)
+class SeqparAttention:
+    """The attention function `apply` registers: transformers calls it with a layer's q, k, v
+    ([B, H, S_loc, D], this rank's tokens), it runs `seqpar.attention` and returns
+    ([B, S_loc, H, D], None). Causal flag and scaling come from the layer; GQA is native.
+
+    `mask` is registered too, as the model's mask builder: without one transformers would drop
+    a padding mask silently; this one refuses it (on every rank) and builds nothing, since the
+    backends apply the causal mask from global positions themselves."""
+
+    group: object
+    backend: str
+    layout: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1(repr(self.options).encode()).hexdigest()[:8]
+        return f"seqpar_{self.backend}_{self.layout}_{_group_tag(self.group)}_{digest}"
+
+    def mask(self, attention_mask=None, device="cpu", **_) -> None:
+        problem = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            problem = ValueError("the model got an attention_mask with zeros (padding), which "
+                                 "seqpar does not support yet; pack or crop sequences to a common "
+                                 "length without padding")
+        agree(resolve_group(self.group), "seqpar attention mask", {}, problem,
+              torch.device(device))
+        return None
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                 **kwargs):
+        info = resolve_group(self.group)
+        problem = _check_layer_call(query, key, attention_mask, dropout, kwargs)
+        offset, problem = _position_offset(kwargs.get("position_ids"), query.shape[2],
+                                           self.group, self.layout, problem)
+        agree(info, "seqpar attention", {POSITION_OFFSET: offset}, problem, query.device)
+        causal = kwargs.get("is_causal")
+        causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+        # bshd for seqpar; contiguous because the backends send whole tensors.
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+        out = attention(q, k, v, self.group, backend=self.backend, causal=causal, scale=scaling,
+                        layout=self.layout, **dict(self.options))
+        return out, None
+
+
+POSITION_OFFSET = "position_ids offset from the layout's global positions (pass shard_batch's)"
+
+
+def _check_layer_call(query, key, attention_mask, dropout, kwargs) -> Exception | None:
+    """What a layer may ask of seqpar: plain (causal or not) self-attention over its tokens."""
+    if attention_mask is not None:
+        return ValueError("got a ready-made attention mask, which seqpar cannot apply to a "
+                          "sharded sequence (padding and custom masks are not supported); call "
+                          "the model with shard_batch's output, which has no attention_mask")
+    if dropout:
+        return ValueError(f"attention dropout is not applied by seqpar (got dropout={dropout}); "
+                          f"set config.attention_dropout = 0.0")
+    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return ValueError(f"{name} is not supported (got {kwargs[name]!r}); only full or "
+                              f"causal softmax attention is exact here")
+    if key.shape[2] != query.shape[2]:
+        return ValueError(f"got {query.shape[2]} query tokens but {key.shape[2]} key tokens (a "
+                          f"KV cache?); call the model with use_cache=False")
+    return None
+
+
+def _position_offset(position_ids, seq_local: int, group, layout: str,
+                     problem: Exception | None) -> tuple[int, Exception | None]:
+    """RoPE must see each token's global position (up to one offset shared by every token of
+    every rank, which RoPE cannot tell apart): the offset, or the error."""
+    world = resolve_group(group).world
+    if problem is not None or position_ids is None or seq_len_error(seq_local * world, world,
+                                                                    layout):
+        return 0, problem  # nothing to compare (seqpar.attention judges the length)
+    expected = positions(seq_local * world, group, layout, device=position_ids.device)
+    shift = position_ids - expected
+    if position_ids.shape[-1] != seq_local or not bool((shift == shift.flatten()[0]).all()):
+        return 0, ValueError("position_ids are not this rank's global token positions (RoPE "
+                             "would rotate them wrongly; packed documents that restart "
+                             "positions are not supported either); pass the position_ids "
+                             "shard_batch returns, with the layout given to apply")
+    return int(shift.flatten()[0]), None
+
+
+def apply(model, group=None, backend: str = "ring", layout: str = "zigzag",
+          **backend_kwargs) -> str:
+    """Run `model`'s attention layers on seqpar (see the module docstring); returns the name
+    its attention implementation is registered under."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if backend not in BACKENDS:
+        raise ValueError(f"hf.apply: backend={backend!r} is not available; choose one of "
+                         f"{sorted(BACKENDS)}")
+    check_layout(layout, "hf.apply")
+    for taken in ("causal", "scale", "return_lse", "group", "layout", "backend"):
+        if taken in backend_kwargs:
+            raise ValueError(f"hf.apply: {taken}= is not a backend option (the layer gives its "
+                             f"causal flag and scaling; group, backend and layout are "
+                             f"arguments of apply); drop it")
+    resolve_group(group)  # a clear TypeError now for anything that is not a group
+    fn = SeqparAttention(group, backend, layout, tuple(sorted(backend_kwargs.items())))
+    AttentionInterface.register(fn.name, fn)
+    AttentionMaskInterface.register(fn.name, fn.mask)
+    model.set_attn_implementation(fn.name)
+    if model.config._attn_implementation != fn.name:
+        raise TypeError(f"hf.apply: {type(model).__name__} does not dispatch attention through "
+                        f"transformers.AttentionInterface, so seqpar cannot run its attention")
+    return fn.name
+
+
+def _checksum(t: torch.Tensor) -> int:
+    """56 bits of a hash of the tensor's values (an int the cross-rank check can compare)."""
+    digest = hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=7)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def _check_batch(batch, info: GroupInfo, layout: str) -> Exception | None:
+    if not isinstance(batch, Mapping):
+        return TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    unknown = sorted(set(batch) - set(_BATCH_KEYS))
+    if unknown:
+        return ValueError(f"batch has keys {unknown} that shard_batch does not know how to shard; "
+                          f"it takes {list(_BATCH_KEYS)}")
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return ValueError(f"batch['input_ids'] must be an integer tensor [batch, seq_len], got "
+                          f"{getattr(ids, 'shape', type(ids).__name__)}")
+    for name in ("labels", "attention_mask"):
+        value = batch.get(name)
+        if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
+            return ValueError(f"batch[{name!r}] must be a tensor shaped like input_ids "
+                              f"{tuple(ids.shape)}, got {getattr(value, 'shape', value)!r}")
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        return ValueError("batch['attention_mask'] has zeros (padding), which seqpar does not "
+                          "support yet; pack or crop sequences to a common length without "
+                          "padding (an all-ones mask is fine)")
+    problem = seq_len_error(ids.shape[1], info.world, layout)
+    return ValueError(f"batch['input_ids']: {problem}") if problem else None
+
+
+def shard_batch(batch: Mapping[str, torch.Tensor], group=None, layout: str = "zigzag"
+                ) -> dict[str, torch.Tensor]:
+    """This rank's model inputs from the full batch (every rank of the group passes the same
+    one; checked): local `input_ids` [B, S_loc], global `position_ids` [B, S_loc], and, when
+    the batch has labels, `shift_labels` [B, S_loc] (labels shifted by one over the whole
+    sequence, -100 after its last token, then sharded). `attention_mask`, if given, must be all
+    ones; it is not passed on."""
+    check_layout(layout, "hf.shard_batch")
+    info = resolve_group(group)
+    problem = _check_batch(batch, info, layout)
+    ok = problem is None
+    ids = batch["input_ids"] if ok else None
+    labels = batch.get("labels") if ok else None
+    agree(info, "hf.shard_batch", {
+        "layout": LAYOUTS.index(layout),
+        "batch size": ids.shape[0] if ok else -1,
+        "sequence length": ids.shape[1] if ok else -1,
+        "input_ids": _checksum(ids) if ok else 0,
+        "labels (present)": int(labels is not None),
+        "labels": _checksum(labels) if ok and labels is not None else 0,
+    }, problem, ids.device if ok else torch.device("cpu"))
+    local = {"input_ids": shard(ids, group, dim=1, layout=layout),
+             "position_ids": positions(ids.shape[1], group, layout, device=ids.device)
+             .unsqueeze(0).expand(ids.shape[0], -1)}
+    if labels is not None:
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)],
+                            dim=1)
+        local["shift_labels"] = shard(shifted, group, dim=1, layout=layout)
+    return local
+
+
+def loss(logits_local: torch.Tensor, local_batch: Mapping[str, torch.Tensor], group=None
+         ) -> torch.Tensor:
+    """The mean next-token cross entropy over the whole sequence (all ranks' labelled tokens),
+    the same value on every rank; backward gives this rank's share of the gradient (module
+    docstring). 0 when no token has a label."""
+    info = resolve_group(group)
+    labels = local_batch.get("shift_labels") if isinstance(local_batch, Mapping) else None
+    problem = None
+    if labels is None:
+        problem = ValueError("local_batch has no 'shift_labels'; pass the batch's labels to "
+                             "shard_batch, and its output here")
+    elif logits_local.dim() != 3 or logits_local.shape[:2] != labels.shape:
+        problem = ValueError(f"logits_local must be [B, S_loc, vocab] for shift_labels "
+                             f"{tuple(labels.shape)}, got {tuple(logits_local.shape)}")
+    agree(info, "hf.loss", {}, problem, logits_local.device)
+    token_losses = F.cross_entropy(logits_local.float().flatten(0, 1), labels.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+    counted = (labels != IGNORE_INDEX).sum()
+    # One all-reduce of (sum, count) in fp64: the count stays exact, the sum as good as fp32.
+    local = torch.stack([token_losses.detach().double(), counted.double()])
+    total_sum, total_count = start_all_reduce(local, info, Traffic.now("hf.loss")).wait()
+    count = total_count.clamp(min=1)
+    value = (total_sum / count).to(token_losses.dtype)
+    # The value is the global mean (identical everywhere); the gradient is this rank's share.
+    return value + (token_losses - token_losses.detach()) / count.to(token_losses.dtype)
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype and device, up to _GRAD_BUCKET_BYTES each."""
+    buckets, size = [], 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        same = buckets and (buckets[-1][0].dtype, buckets[-1][0].device) == (g.dtype, g.device)
+        if not same or size + nbytes > _GRAD_BUCKET_BYTES:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += nbytes
+    return buckets
+
+
+def sync_grads(model: torch.nn.Module, group=None) -> None:
+    """Sum every parameter gradient over the sequence-parallel group (the ranks' shares add up
+    to the single-process gradient). An SPMesh with data-parallel replicas also averages over
+    them, in the same all-reduce (over the whole mesh, then / dp)."""
+    mesh = group if isinstance(group, SPMesh) else None
+    info = mesh.dp_sp if mesh is not None else resolve_group(group)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    agree(info, "hf.sync_grads", {"parameters with gradients": len(grads),
+                                  "gradient elements": sum(g.numel() for g in grads)},
+          None, grads[0].device if grads else torch.device("cpu"))
+    replicas = mesh.dp_size if mesh is not None else 1
+    traffic = Traffic.now("hf.sync_grads")
+    pending = [(bucket, start_all_reduce(torch.cat([g.flatten() for g in bucket]), info, traffic))
+               for bucket in _buckets(grads)]
+    for bucket, reduced in pending:
+        flat = reduced.wait()
+        if replicas > 1:
+            flat /= replicas
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+__all__ = ["apply", "shard_batch", "loss", "sync_grads", "SeqparAttention", "IGNORE_INDEX"]
