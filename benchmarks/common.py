@@ -132,13 +132,39 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
+def results_stem(name: str, folder: Path | None = None) -> Path:
+    """<folder>/<name>-<host>-<date-time>: where a run's files go, named by machine and date."""
     folder = RESULTS if folder is None else Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"{name}-{socket.gethostname()}-{stamp}.json"
+    return folder / f"{name}-{socket.gethostname()}-{stamp}"
+
+
+def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
+    path = results_stem(name, folder).with_suffix(".json")
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def write_csv(path: Path, rows: Sequence[dict], keys: Sequence[str]) -> Path:
+    """The `keys` of every row as CSV (empty cells for missing values)."""
+    import csv
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(keys)
+        for row in rows:
+            writer.writerow(["" if row.get(key) is None else row[key] for key in keys])
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """columns: (key, title, format), as `table`; returns a GitHub markdown table."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join("-" if row.get(key) is None else format(row[key], fmt)
+                                       for key, _, fmt in columns) + " |")
+    return "\n".join(lines)
 
 
 def write_results(name: str, payload: dict, folder, plot) -> Path:

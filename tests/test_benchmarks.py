@@ -12,7 +12,7 @@ def test_attention_benchmark_runs_and_methods_agree(tmp_path, capsys):
     (result,) = tmp_path.glob("attention-*.json")
     rows = json.loads(result.read_text())["rows"]
     methods = {r["method"] for r in rows if r["P"] == 2}
-    assert methods == set(attention.METHODS)
+    assert methods == set(attention.default_methods())
     for row in rows:
         if row.get("diff") is not None:
             assert row["diff"] < 1e-5, row  # every method computes the same attention
@@ -43,3 +43,29 @@ def test_linear_scaling_benchmark_runs_with_constant_bytes(tmp_path, capsys):
     assert rows[0]["sent_bytes"] == rows[1]["sent_bytes"] == 2 * (2 * 8 * 16 * 4)
     assert (tmp_path / result.name.replace(".json", ".png")).exists()
     assert "bytes per rank the same at every S: yes" in capsys.readouterr().out
+
+
+def test_scaling_benchmark_writes_every_output(tmp_path, capsys):
+    from benchmarks import scaling
+    from seqpar.cost.traffic import Problem, ring_volume
+    methods = ["seqpar ring (zigzag)", "seqpar usp U2 (zigzag)", scaling.LASP2,
+               "torch ring (allgather)"]
+    scaling.main(["--worlds", "2", "--seqs", "256", "--heads", "4", "--dim", "16",
+                  "--repeats", "1", "--methods", *methods, "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("scaling-*.json")
+    stem = result.with_suffix("")
+    for suffix in (".csv", ".md", ".time.png", ".efficiency.png", ".memory.png", ".bytes.png"):
+        assert stem.with_name(stem.name + suffix).exists(), suffix
+    rows = {r["method"]: r for r in json.loads(result.read_text())["rows"] if r["P"] == 2}
+    assert set(rows) == set(methods)
+    fwd, bwd = ring_volume(Problem(batch=1, seq_len=256, heads_q=4, heads_kv=4, head_dim=16,
+                                   world=2, itemsize=4))
+    assert rows["seqpar ring (zigzag)"]["sent_bytes"] >= fwd.bytes + bwd.bytes  # + agree
+    for name in ("seqpar ring (zigzag)", "seqpar usp U2 (zigzag)"):
+        assert 0 <= rows[name]["exposed_s"] <= rows[name]["seconds"] * 1.5
+        assert rows[name]["predicted_s"] > 0  # the model, calibrated on the same ranks
+    assert rows["torch ring (allgather)"]["exposed_s"] is None  # peers are not instrumented
+    assert rows["seqpar usp U2 (zigzag)"]["diff"] < 1e-5
+    summary = stem.with_name(stem.name + ".md").read_text()
+    assert "# host " in summary and "## P = 2" in summary
+    assert "exposed" in capsys.readouterr().out
