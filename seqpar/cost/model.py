@@ -211,18 +211,18 @@ def ring_collective_seconds(hw: Profile, where: Placement, kind: str, shard: flo
     steps = where.world - 1
     if steps == 0:
         return 0.0, LinkBytes()
+    crossing = (where.node_count - 1) / where.world  # share of ring hops that leave a node
+    sent = LinkBytes(steps * shard * (1 - crossing), steps * shard * crossing,
+                     steps * (1 - crossing), steps * crossing)
     measured = hw.collective(kind)
     if measured is not None:
-        return measured.seconds(steps * shard, steps), LinkBytes(steps * shard, 0, steps, 0)
+        return measured.seconds(steps * shard, steps), sent
     if where.node_count == 1:
         link = Link(hw.intra.latency, hw.intra.bandwidth * (
             where.world - 1 if hw.fabric == "mesh" else 1))
-        return link.seconds(steps * shard, steps), LinkBytes(steps * shard, 0, steps, 0)
+        return link.seconds(steps * shard, steps), sent
     bus = min(hw.intra.bandwidth, hw.nics_per_node * hw.nic.bandwidth)
-    crossing = (where.node_count - 1) / where.world  # share of ring hops that leave a node
-    return (steps * hw.nic.latency + steps * shard / bus,
-            LinkBytes(steps * shard * (1 - crossing), steps * shard * crossing,
-                      steps * (1 - crossing), steps * crossing))
+    return steps * hw.nic.latency + steps * shard / bus, sent
 
 
 # ---------------------------------------------------------------- one pass
