@@ -149,11 +149,11 @@ def plot(rows: list[dict], stem, title: str) -> list[str]:
     seqs = sorted({r["S"] for r in parallel})
     methods = sorted({r["method"] for r in parallel})
     written = []
-    for suffix, key, label, across in (("time", "seconds", "fwd+bwd seconds", "S"),
-                                       ("memory", "peak_mib", "peak memory per rank (MiB)", "S"),
-                                       ("bytes", "sent_mib", "sent per rank (MiB)", "S"),
-                                       ("efficiency", "efficiency", "efficiency (single / parallel)",
-                                        "P")):
+    for suffix, key, label, across in (
+            ("time", "seconds", "fwd+bwd seconds", "S"),
+            ("memory", "peak_mib", "peak memory per rank (MiB)", "S"),
+            ("bytes", "sent_mib", "sent per rank (MiB)", "S"),
+            ("efficiency", "efficiency", "efficiency (single / parallel)", "P")):
         panels = worlds if across == "S" else seqs
         fig, axes = _axes(plt, panels, title)
         for ax, fixed in zip(axes, panels):

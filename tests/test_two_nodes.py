@@ -21,7 +21,8 @@ def needs_testbed() -> None:
 
 def nothing_left() -> bool:
     namespaces = two_nodes._run("ip", "netns", "list", check=False).stdout.split()
-    links = [v for v in VETHS if two_nodes._run("ip", "link", "show", v, check=False).returncode == 0]
+    links = [v for v in VETHS
+             if two_nodes._run("ip", "link", "show", v, check=False).returncode == 0]
     return not set(NAMESPACES) & set(namespaces) and not links
 
 

@@ -41,7 +41,8 @@ def _profile(name: str) -> Profile:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m seqpar.cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m seqpar.cost",
+                                     description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cal = commands.add_parser("calibrate", help="measure this machine, write a profile JSON")
     cal.add_argument("--ranks", type=int, default=2, help="CPU ranks to spawn (default 2)")

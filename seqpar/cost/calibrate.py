@@ -20,7 +20,7 @@ on a shared machine only ever adds time):
   fitted to the model's formulas (`model.all_to_all_seconds`, `ring_collective_seconds`);
 * overlap: a kernel alone, an exchange alone, and the two together:
   overlap = (kernel + exchange - together) / min(kernel, exchange);
-* linear-attention kernel (chunked, causal, with decay) FLOP/s.
+* linear-attention kernel (chunked, causal, with decay) FLOP/s, and a large matmul's FLOP/s.
 
 Nodes are told apart by host name and network namespace (two "nodes" on one machine are two
 namespaces), so ranks_per_node is what the job really has.
@@ -197,7 +197,8 @@ def _collectives(info: GroupInfo, sizes: tuple[int, int], repeats: int, device: 
                 call = (lambda o=out, s=shard: dist.all_to_all_single(o, s, group=info.group))
                 sent.append(shard.numel() * 4 * (world - 1) / world)
             elif kind == "all_gather":
-                call = (lambda w=whole, s=shard: dist.all_gather_into_tensor(w, s, group=info.group))
+                call = (lambda w=whole, s=shard:
+                        dist.all_gather_into_tensor(w, s, group=info.group))
                 sent.append(shard.numel() * 4 * (world - 1))
             else:
                 call = (lambda w=whole, s=shard: dist.reduce_scatter_tensor(s, w, group=info.group))
@@ -241,6 +242,12 @@ def _linear_rate(info, device, dtype, head_dim: int, heads: int, repeats: int) -
     return heads * linear_chunk_flops(p) / seconds
 
 
+def _matmul_rate(info, device, dtype, repeats: int) -> float:
+    n = 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / _slowest_best(lambda: a @ b, info, repeats, device)
+
+
 def _device_memory(device: torch.device, ranks_per_node: int) -> float:
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
@@ -257,8 +264,8 @@ def calibrate(group=None, head_dims: tuple[int, ...] = (64,), dtype: torch.dtype
     given (torch.set_num_threads), as the backends will."""
     info = resolve_group(group)
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if (
-            info.group is not None and dist.get_backend(info.group) == "nccl") else torch.device("cpu")
+        nccl = info.group is not None and dist.get_backend(info.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     nodes = _nodes(info, device) if info.world > 1 else [0]
     members = [[r for r in range(info.world) if nodes[r] == n] for n in sorted(set(nodes))]
     ranks_per_node = max(len(m) for m in members)
@@ -297,13 +304,15 @@ def calibrate(group=None, head_dims: tuple[int, ...] = (64,), dtype: torch.dtype
         overlap, measured["overlap"] = _overlap(info, device, dtype, head_dims[0], heads,
                                                 message_sizes[1], repeats)
     linear = _linear_rate(info, device, dtype, head_dims[0], heads, repeats)
-    measured.update(nodes_of_ranks=nodes, dtype=str(dtype), heads=heads, kernel_sizes=list(kernel_sizes),
+    measured.update(nodes_of_ranks=nodes, dtype=str(dtype), heads=heads,
+                    kernel_sizes=list(kernel_sizes),
                     message_sizes=list(message_sizes))
     return Profile(
         name=name or f"measured-{socket.gethostname()}-P{info.world}",
         ranks_per_node=ranks_per_node, intra=intra, nic=nic, nics_per_node=1,
         attention_fwd_flops=tuple(fwd_rates), attention_bwd_flops=tuple(bwd_rates),
-        linear_flops=linear, memory_bandwidth=memory_bandwidth,
+        linear_flops=linear, matmul_flops=_matmul_rate(info, device, dtype, repeats),
+        memory_bandwidth=memory_bandwidth,
         kernel_overhead=statistics.median(overheads),
         tile=_fit_tile(kernel_sizes, mean_ratios), overlap=overlap,
         memory_bytes=_device_memory(device, ranks_per_node), collectives=collectives,

@@ -36,11 +36,15 @@ import torch
 ATTENTION_FWD_EFFICIENCY = 0.6
 ATTENTION_BWD_EFFICIENCY = 0.45
 LINEAR_EFFICIENCY = 0.3  # chunked linear attention: small matmuls, elementwise decay
+MATMUL_EFFICIENCY = 0.7  # large GEMMs (projections, MLP) reach ~70% of dense peak
 # nccl-tests bus bandwidth typically reaches 75-85% of the NVLink / InfiniBand line rate.
 LINK_EFFICIENCY = 0.8
 GPU_KERNEL_OVERHEAD = 10e-6  # seconds per kernel launch
 NVLINK_LATENCY = 10e-6  # seconds per NCCL point-to-point operation inside a node
 IB_LATENCY = 20e-6  # seconds per message across nodes (RDMA + NCCL proxy)
+# A pipelined ring collective pays one operation's latency, then a few microseconds per hop
+# (nccl-tests' small-message all-gather latencies grow by ~2-5 us per rank).
+COLLECTIVE_STEP_LATENCY = 3e-6
 
 
 @dataclass(frozen=True)
@@ -66,12 +70,14 @@ class Profile:
     attention_fwd_flops: tuple[tuple[int, float], ...]  # (head dim, FLOP/s) of one rank
     attention_bwd_flops: tuple[tuple[int, float], ...]
     linear_flops: float  # chunked linear attention, FLOP/s of one rank
+    matmul_flops: float  # large matrix products (the rest of a transformer layer), FLOP/s
     memory_bandwidth: float  # bytes/s of one rank
     kernel_overhead: float  # seconds per kernel call
     tile: tuple[int, int]  # (query rows, keys) per tile: causal masking skips whole tiles
     overlap: float  # fraction of a transfer that hides behind computation beside it
     memory_bytes: float  # device memory of one rank
     fabric: str = "switched"
+    collective_step_latency: float = COLLECTIVE_STEP_LATENCY  # per hop of a ring collective
     # Measured collectives (latency per message, bandwidth over the bytes a rank sends),
     # replacing the link-derived estimate: "all_to_all", "all_gather", "reduce_scatter".
     collectives: tuple[tuple[str, Link], ...] = ()
@@ -131,7 +137,8 @@ def _gpu(name: str, bf16_dense: float, hbm_bandwidth: float, memory: float, link
                              (128, ATTENTION_FWD_EFFICIENCY * bf16_dense)),
         attention_bwd_flops=((64, 0.8 * ATTENTION_BWD_EFFICIENCY * bf16_dense),
                              (128, ATTENTION_BWD_EFFICIENCY * bf16_dense)),
-        linear_flops=LINEAR_EFFICIENCY * bf16_dense, memory_bandwidth=hbm_bandwidth,
+        linear_flops=LINEAR_EFFICIENCY * bf16_dense, matmul_flops=MATMUL_EFFICIENCY * bf16_dense,
+        memory_bandwidth=hbm_bandwidth,
         kernel_overhead=GPU_KERNEL_OVERHEAD, tile=(128, 128), overlap=1.0, memory_bytes=memory,
         fabric=fabric, source=source)
 
@@ -169,16 +176,21 @@ SPEC_SHEETS: dict[str, Profile] = {
                         fabric="mesh"),
 }
 
-# This project's CPU machines (gloo over loopback, the fused CPU flash op): a calibration run
-# with `python -m seqpar.cost calibrate --ranks 4` on the 2-core development VM, rounded. The
-# CPU kernel tiles (256 query rows, 512 keys) are those of PyTorch's CPU flash attention
-# (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp: qSplitSize 256, kvSplitSize 512).
+# This project's CPU machines (gloo over loopback, PyTorch's fused CPU flash op, one rank per
+# core): `python -m seqpar.cost calibrate --ranks 2` on the 2-core development VM, typical values
+# of several runs, rounded (a shared machine: every run differs). The causal tiles (256 query
+# rows, 512 keys) are those of PyTorch's CPU flash attention (FlashAttentionKernel.cpp: q split
+# 256 for long queries, kv split 512). gloo's collectives are measured apart: its all-gather and
+# reduce-scatter are several times slower than its point-to-point sends.
 CPU_DEFAULT = Profile(
-    name="cpu-gloo", ranks_per_node=64, intra=Link(1e-3, 0.4e9), nic=Link(2e-3, 0.1e9),
-    nics_per_node=1, attention_fwd_flops=((32, 12e9), (64, 20e9), (128, 22e9)),
-    attention_bwd_flops=((32, 10e9), (64, 18e9), (128, 20e9)), linear_flops=4e9,
-    memory_bandwidth=4e9, kernel_overhead=1e-4, tile=(256, 512), overlap=0.0, memory_bytes=16e9,
-    source="2-core CPU VM, 4 gloo ranks (calibration, rounded)")
+    name="cpu-gloo", ranks_per_node=64, intra=Link(5e-4, 0.8e9), nic=Link(5e-4, 0.8e9),
+    nics_per_node=1, attention_fwd_flops=((32, 25e9), (64, 30e9), (128, 35e9)),
+    attention_bwd_flops=((32, 25e9), (64, 30e9), (128, 32e9)), linear_flops=5e9,
+    matmul_flops=45e9, memory_bandwidth=12e9, kernel_overhead=1.2e-4, tile=(256, 512),
+    overlap=0.0, memory_bytes=12e9,
+    collectives=(("all_to_all", Link(1e-3, 1e9)), ("all_gather", Link(5e-4, 0.45e9)),
+                 ("reduce_scatter", Link(8e-4, 0.25e9))),
+    source="calibrate() with 2 gloo ranks on the 2-core development VM (typical, rounded)")
 
 _active: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("seqpar_cost_profile",
                                                                          default=None)

@@ -12,7 +12,8 @@ Communication. A message costs latency + bytes / bandwidth of its link class: in
 rank's port (switched fabric: its messages share it; mesh: one link per peer), across nodes a
 share of the node's network cards (the node's ranks sending off-node at the same time split
 them). Collectives use the measured (latency, bandwidth) of the profile when it has them,
-else the links: all-to-all as U - 1 pieces, all-gather / reduce-scatter as P - 1 ring steps.
+else the links: all-to-all as U - 1 pieces, all-gather / reduce-scatter as P - 1 pipelined
+ring hops (one operation's latency plus a small latency per hop).
 
 Schedules (per pass, the critical rank; combine(c, m) = c + m - overlap * min(c, m)):
 * ring: P steps, step t = max over ranks of combine(compute of block (r, r-t), K/V hop);
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .hardware import Link, Profile
+from .hardware import Profile
 from .traffic import (Problem, kv_block_bytes, kv_split, lasp2_state_bytes, tokenring_plan,
                       visible_rows)
 
@@ -217,12 +218,12 @@ def ring_collective_seconds(hw: Profile, where: Placement, kind: str, shard: flo
     measured = hw.collective(kind)
     if measured is not None:
         return measured.seconds(steps * shard, steps), sent
+    hops = steps * hw.collective_step_latency
     if where.node_count == 1:
-        link = Link(hw.intra.latency, hw.intra.bandwidth * (
-            where.world - 1 if hw.fabric == "mesh" else 1))
-        return link.seconds(steps * shard, steps), sent
+        bandwidth = hw.intra.bandwidth * (where.world - 1 if hw.fabric == "mesh" else 1)
+        return hw.intra.latency + hops + steps * shard / bandwidth, sent
     bus = min(hw.intra.bandwidth, hw.nics_per_node * hw.nic.bandwidth)
-    return steps * hw.nic.latency + steps * shard / bus, sent
+    return hw.nic.latency + hops + steps * shard / bus, sent
 
 
 # ---------------------------------------------------------------- one pass

@@ -96,7 +96,8 @@ def ring_volume(p: Problem, world: int | None = None, heads_kv: int | None = Non
         return Volume(), Volume()
     kv = kv_block_bytes(p, heads_kv, tokens)
     dkv = kv_block_bytes(p, heads_kv, tokens, p.acc_itemsize)
-    return Volume((world - 1) * kv, world - 1), Volume((world - 1) * kv + world * dkv, 2 * world - 1)
+    return (Volume((world - 1) * kv, world - 1),
+            Volume((world - 1) * kv + world * dkv, 2 * world - 1))
 
 
 # ---------------------------------------------------------------- tokenring
