@@ -11,7 +11,8 @@ fwd+bwd (B=1, H=8, D=64, fp32 by default) of each method that can split the head
 
 * seqpar ring, tokenring, ulysses, allgather (zigzag), usp with every Ulysses degree U of
   `attention.USP_DEGREES` dividing P (U x R, R = P / U; Ulysses inside groups of U consecutive
-  ranks), LASP-2 linear attention on the same shapes (timed, not compared);
+  ranks), LASP-2 linear attention on the same shapes (timed, not compared; its efficiency is
+  against the softmax single-process time);
 * the peers: PyTorch's ring (all-gather rotation) and DeepSpeed-Ulysses (when installed).
   DeepSpeed-Ulysses runs in processes of its own: once `deepspeed.init_distributed` has run,
   every other method in the same processes was measured slower (seqpar ring at P=2, S=512 on

@@ -208,14 +208,20 @@ def all_to_all_seconds(hw: Profile, where: Placement, ranks: int, sent: float
 def ring_collective_seconds(hw: Profile, where: Placement, kind: str, shard: float
                             ) -> tuple[float, LinkBytes]:
     """All-gather or reduce-scatter over the whole group, `shard` bytes per rank per step:
-    P - 1 ring steps; across nodes the ring's channels use every network card of a node."""
+    P - 1 ring steps (NCCL); across nodes the ring's channels use every network card of a
+    node. Measured collectives keep their own time; their bytes are split as direct exchanges
+    (gloo's all-gather sends a rank's shard to every other rank)."""
     steps = where.world - 1
     if steps == 0:
         return 0.0, LinkBytes()
-    crossing = (where.node_count - 1) / where.world  # share of ring hops that leave a node
+    measured = hw.collective(kind)
+    if measured is not None:
+        # a measured (gloo) collective exchanges pieces with every other rank directly
+        crossing = (steps - (min(where.world, where.ranks_per_node) - 1)) / steps
+    else:
+        crossing = (where.node_count - 1) / where.world  # share of ring hops leaving a node
     sent = LinkBytes(steps * shard * (1 - crossing), steps * shard * crossing,
                      steps * (1 - crossing), steps * crossing)
-    measured = hw.collective(kind)
     if measured is not None:
         return measured.seconds(steps * shard, steps), sent
     hops = steps * hw.collective_step_latency
