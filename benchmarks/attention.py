@@ -401,8 +401,8 @@ def plot(rows: list[dict], path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep and shape options `measure_world` reads (shared with benchmarks.scaling)."""
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--heads", type=int, default=8)
@@ -410,6 +410,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_problem_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=None,
                         help="default: all but the usp rows with a fixed U (see --list)")
     parser.add_argument("--list", action="store_true", help="print the method names and exit")

@@ -10,13 +10,14 @@ import os
 import platform
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from seqpar.cost.calibrate import timed  # noqa: F401 - the benchmarks time with it too
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -110,16 +111,6 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
     result.bytes = max(0, _read_status_kib("VmHWM") - base) * 1024
 
 
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     """columns: (key, title, format). Returns aligned text."""
     cells = [[title for _, title, _ in columns]]
@@ -174,6 +165,16 @@ def write_results(name: str, payload: dict, folder, plot) -> Path:
     plot(payload["rows"], path.with_suffix(".png"))
     print(f"# wrote {path} and {path.with_suffix('.png').name}")
     return path
+
+
+def save_figure(fig, stem: Path, suffix: str) -> str:
+    """Write `fig` to <stem>.<suffix>.png, close it, return the file name."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = stem.with_name(f"{stem.name}.{suffix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def mib(n: int | None) -> float | None:

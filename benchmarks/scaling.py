@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from benchmarks import attention
 from benchmarks.common import (header_text, launch, machine, markdown_table, mib, results_stem,
-                               start_rank, table, write_csv)
+                               save_figure, start_rank, table, write_csv)
 
 SEQPAR_BACKENDS = ("ring", "tokenring", "ulysses", "allgather")
 PEERS = (attention.BASELINE_PEER, attention.ULYSSES_PEER)
@@ -173,11 +173,7 @@ def plot(rows: list[dict], stem, title: str) -> list[str]:
             ax.set_title(f"{'P' if across == 'S' else 'S'}={fixed}")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=6)
-        fig.tight_layout()
-        path = stem.with_name(f"{stem.name}.{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path.name)
+        written.append(save_figure(fig, stem, suffix))
     return written
 
 
@@ -211,13 +207,7 @@ def summary(info: dict, args, rows: list[dict], agreed: int, clear: int, title: 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=3)
+    attention.add_problem_arguments(parser)
     parser.add_argument("--methods", nargs="+", default=None, help="default: see the docstring")
     parser.add_argument("--no-model", dest="model", action="store_false",
                         help="skip the calibration and the model's predictions")

@@ -31,7 +31,8 @@ import argparse
 import json
 import os
 
-from benchmarks.common import header_text, machine, markdown_table, results_stem, table, write_csv
+from benchmarks.common import (header_text, machine, markdown_table, results_stem, save_figure,
+                               table, write_csv)
 from seqpar.cost import SPEC_SHEETS, Problem, Profile, choose, predict
 from seqpar.cost.hardware import MATMUL_EFFICIENCY
 
@@ -198,11 +199,7 @@ def plot(rows: list[dict], stem, hw_name: str) -> list[str]:
             ax.set_title(f"{attention} attention, {fixed_key}={shown}, {hw_name}", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = stem.with_name(f"{stem.name}.{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path.name)
+        written.append(save_figure(fig, stem, suffix))
     return written
 
 

@@ -74,21 +74,27 @@ def _nodes(info: GroupInfo, device: torch.device) -> list[int]:
     return [order.setdefault(int(k.item()), len(order)) for k in keys]
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of fn() on `device` (CUDA: synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _slowest_best(fn: Callable[[], None], info: GroupInfo, repeats: int,
-                    device: torch.device) -> float:
+                  device: torch.device) -> float:
     """Best over `repeats` (after one warm-up) of the slowest rank's time of fn()."""
     times = []
     for attempt in range(repeats + 1):
         if info.world > 1:
             dist.barrier(group=info.group)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        seconds = timed(fn, device)
         if attempt:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     if info.world > 1:
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=info.group)
