@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.seqpar-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev
 
-.PHONY: demo test bench bench-linear clean
+.PHONY: demo test bench bench-linear bench-scaling bench-two-nodes simulate calibrate clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -29,6 +29,20 @@ bench: $(STAMP)
 
 bench-linear: $(STAMP)
 	$(PYTHON) -m benchmarks.linear_scaling
+
+bench-scaling: $(STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[deepspeed]" "$(TORCH)"
+	$(PYTHON) -m benchmarks.scaling
+
+bench-two-nodes: $(STAMP)
+	# needs root: network namespaces and a tc-shaped veth pair (removed afterwards)
+	$(PYTHON) -m benchmarks.two_nodes
+
+simulate: $(STAMP)
+	$(PYTHON) -m benchmarks.simulate
+
+calibrate: $(STAMP)
+	$(PYTHON) -m seqpar.cost calibrate --ranks 2 --out benchmarks/results/profile-$$(hostname).json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

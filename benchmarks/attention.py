@@ -24,8 +24,11 @@ and the single-process fused kernel on the whole sequence with all cores. Repeat
 round-robin over the methods. Reported per row: median fwd+bwd time over `--repeats` (slowest
 rank), efficiency = single-process time / parallel time, the ratios to PyTorch's ring
 (all-gather rotation, its default) and to DeepSpeed-Ulysses, bytes sent per rank, peak memory
-per rank, and the max difference of the gathered output from the first method's (a check that
-every method computes the same thing). Writes JSON and a PNG under benchmarks/results/.
+per rank, the communication left exposed (seqpar's backends: seconds blocked on communication
+in one extra step, slowest rank; `seqpar.comm_stats(time_waits=True)`), and the max difference
+of the gathered output from the first method's (a check that every method computes the same
+thing). Methods that cannot split the heads over P ranks are left out at that P. Writes JSON
+and a PNG under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -58,15 +61,29 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class StepResult:
+    """What one forward + backward of a method returns: the local output (bshd), the bytes this
+    rank sent, and -- for seqpar's backends, when asked -- the seconds it spent blocked on
+    communication (`seqpar.comm_stats(time_waits=True)`: communication left exposed)."""
+
+    out: torch.Tensor
+    sent_bytes: int
+    exposed_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     """A way to compute the attention. `prepare(inputs)` shards what it needs and returns a
-    step() doing one forward + backward and returning (local output in bshd, bytes sent by
-    this rank). `layout` says how the local output is sharded (to gather and compare)."""
+    step(time_waits=False) doing one forward + backward and returning a `StepResult`. `layout`
+    says how the local output is sharded (to gather and compare). `fits(world, config)`: can it
+    run these heads on this many ranks. `default`: part of the default `--methods`."""
 
     name: str
     layout: str
-    prepare: Callable[[Inputs], Callable[[], tuple[torch.Tensor, int]]]
+    prepare: Callable[[Inputs], Callable[..., StepResult]]
     comparable: bool = True  # computes softmax attention (its output is checked against others)
+    fits: Callable[[int, dict], bool] = lambda world, config: True
+    default: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -86,34 +103,55 @@ SEQPAR_RUNS = [("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"),
 
 
 def usp_degree(world: int) -> int:
-    """The Ulysses degree of the usp rows: 2 (Ulysses in pairs, ring across them) when it
-    divides P, else 1."""
+    """The Ulysses degree of the default usp rows: 2 (Ulysses in pairs, ring across them) when
+    it divides P, else 1."""
     return 2 if world % 2 == 0 else 1
 
 
-def seqpar_method(backend: str, layout: str, label: str = "", comparable: bool = True,
-                  **backend_kwargs) -> Method:
+# Ulysses degrees of the usp rows that name theirs ("seqpar usp U4 (zigzag)": U=4, R=P/4).
+USP_DEGREES = (1, 2, 4, 8)
+
+
+def seqpar_method(backend: str, layout: str, ulysses: int | None = None, label: str = "",
+                  comparable: bool = True, **backend_kwargs) -> Method:
+    """A seqpar backend; usp with Ulysses degree `ulysses` (None: `usp_degree(P)`). `label`
+    tells rows of one backend apart; `comparable=False` for rows that compute other attention."""
+    def degree(world: int) -> int:
+        return usp_degree(world) if ulysses is None else ulysses
+
     def prepare(inputs: Inputs):
         import seqpar
 
         local = [seqpar.shard(t, layout=layout) for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
         # usp needs its mesh, built once (collective: every rank prepares methods in one order)
-        group = seqpar.SPMesh(ulysses=usp_degree(inputs.world)) if backend == "usp" else None
+        group = seqpar.SPMesh(ulysses=degree(inputs.world)) if backend == "usp" else None
 
-        def step():
+        def step(time_waits: bool = False) -> StepResult:
             q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
-            with seqpar.comm_stats() as stats:
+            with seqpar.comm_stats(time_waits=time_waits) as stats:
                 o = seqpar.attention(q_l, k_l, v_l, group, backend=backend, causal=True,
                                      layout=layout, **backend_kwargs)
                 o.backward(local[3])
-            return o.detach(), stats.sent()
+            return StepResult(o.detach(), stats.sent(), stats.waited() if time_waits else None)
         return step
 
-    return Method(f"seqpar {backend}{label} ({layout})", layout, prepare, comparable)
+    def fits(world: int, config: dict) -> bool:
+        heads = config["heads"]
+        if backend in ("ulysses", "s2"):
+            return heads % world == 0
+        if backend == "usp":
+            return world % degree(world) == 0 and heads % degree(world) == 0
+        return True
+
+    name = (f"seqpar {backend}{label} ({layout})" if ulysses is None
+            else f"seqpar {backend}{label} U{ulysses} ({layout})")
+    return Method(name, layout, prepare, comparable, fits=fits, default=ulysses is None)
 
 
 for _backend, _layout in SEQPAR_RUNS:
     register(seqpar_method(_backend, _layout))
+for _degree in USP_DEGREES:
+    register(seqpar_method("usp", "zigzag", ulysses=_degree))
 
 # S2 sparse heads next to dense Ulysses (same all-to-alls): the row pair gives the local compute
 # saved by the pattern. Not the same attention, so its output is not compared.
@@ -140,12 +178,12 @@ def lasp2_method(layout: str) -> Method:
         k, v = (t.repeat_interleave(groups, dim=2) for t in (inputs.k, inputs.v))
         local = [seqpar.shard(t, layout=layout) for t in (inputs.q, k, v, inputs.do)]
 
-        def step():
+        def step(time_waits: bool = False) -> StepResult:
             q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
-            with seqpar.comm_stats() as stats:
+            with seqpar.comm_stats(time_waits=time_waits) as stats:
                 o = seqpar.linear_attention(q_l, k_l, v_l, causal=True, layout=layout)
                 o.backward(local[3])
-            return o.detach(), stats.sent()
+            return StepResult(o.detach(), stats.sent(), stats.waited() if time_waits else None)
         return step
 
     return Method(f"seqpar lasp2 linear ({layout})", layout, prepare, comparable=False)
@@ -193,10 +231,10 @@ def torch_ring_method(rotation: str) -> Method:
         local = [seqpar.shard(t, layout="zigzag").transpose(1, 2).contiguous()
                  for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
 
-        def step():
+        def step(time_waits: bool = False) -> StepResult:
             out, _ = torch_ring_step(*local, rotation)
-            return out.transpose(1, 2), torch_ring_bytes(inputs.world, local[1].numel(),
-                                                         local[1].element_size())
+            return StepResult(out.transpose(1, 2), torch_ring_bytes(
+                inputs.world, local[1].numel(), local[1].element_size()))
         return step
 
     return Method(f"torch ring ({rotation})", "zigzag", prepare)
@@ -235,20 +273,25 @@ def deepspeed_ulysses_method() -> Method:
         local = [seqpar.shard(t, layout="contiguous")
                  for t in (inputs.q, inputs.k, inputs.v, inputs.do)]
 
-        def step():
+        def step(time_waits: bool = False) -> StepResult:
             q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
             o = attention(q_l, k_l, v_l, 0)  # batch_dim_idx=0: [B, S/P, H, D] shards
             o.backward(local[3])
-            return o.detach(), deepspeed_ulysses_bytes(inputs.world, local[0].numel(),
-                                                       local[1].numel(), local[1].element_size())
+            return StepResult(o.detach(), deepspeed_ulysses_bytes(
+                inputs.world, local[0].numel(), local[1].numel(), local[1].element_size()))
         return step
 
-    return Method("deepspeed ulysses", "contiguous", prepare)
+    return Method("deepspeed ulysses", "contiguous", prepare,
+                  fits=lambda world, config: config["heads"] % world == 0)
 
 
 DEEPSPEED_AVAILABLE = importlib.util.find_spec("deepspeed") is not None
 if DEEPSPEED_AVAILABLE:
     register(deepspeed_ulysses_method())
+
+def default_methods() -> list[str]:
+    return [name for name, method in METHODS.items() if method.default]
+
 
 BASELINE_PEER = "torch ring (allgather)"
 ULYSSES_PEER = "deepspeed ulysses"
@@ -256,11 +299,14 @@ ULYSSES_PEER = "deepspeed ulysses"
 
 # ---------------------------------------------------------------- one rank
 
-def _worker(config: dict) -> list[dict]:
+def measure_world(config: dict, rank: int, world: int, device: torch.device,
+                  dtype: torch.dtype, progress: Callable[[str], None] | None = None
+                  ) -> list[dict]:
+    """Inside a launched rank: every method of config["methods"] that fits P, at every S of
+    config["seqs"]; rows as described in the module docstring (rank 0's are complete)."""
     import seqpar
 
-    rank, world, device, dtype = start_rank(config)
-    names = config["methods"]
+    names = [name for name in config["methods"] if METHODS[name].fits(world, config)]
     rows = []
     for seq in config["seqs"]:
         gen = torch.Generator().manual_seed(seq)
@@ -284,25 +330,42 @@ def _worker(config: dict) -> list[dict]:
                     times[name].append(timed(lambda: results.__setitem__(name, steps[name]()),
                                              device))
                 peaks.setdefault(name, peak.bytes)  # the first repeat's peak is reported
+        # One more step each, timing the waits on communication (on CUDA that synchronises
+        # around every wait, so it is kept out of the timed repeats).
+        exposed = {}
+        for name in names:
+            dist.barrier()
+            exposed[name] = steps[name](time_waits=True).exposed_s
         first_full = None
         for name in names:
             slowest = torch.tensor(times[name])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            out, sent = results[name]
+            result = results[name]
             diff = None
             if METHODS[name].comparable:
-                full = seqpar.gather(out, layout=METHODS[name].layout)  # global order
+                full = seqpar.gather(result.out, layout=METHODS[name].layout)  # global order
                 first_full = full if first_full is None else first_full
                 diff = (full.float() - first_full.float()).abs().max().item()
-            totals = torch.tensor([float(sent), float(peaks[name])])
+            totals = torch.tensor([float(result.sent_bytes), float(peaks[name]),
+                                   -1.0 if exposed[name] is None else exposed[name]])
             dist.all_reduce(totals, op=dist.ReduceOp.MAX)
             rows.append({"method": name, "P": world, "S": seq,
                          "seconds": statistics.median(slowest.tolist()), "times": slowest.tolist(),
                          "sent_bytes": int(totals[0].item()), "peak_bytes": int(totals[1].item()),
+                         "exposed_s": None if totals[2].item() < 0 else totals[2].item(),
                          "diff": diff})
-            if rank == 0:
-                print(f"  P={world} S={seq} {name}: {rows[-1]['seconds'] * 1e3:.0f} ms",
-                      file=sys.stderr, flush=True)
+            if rank == 0 and progress is not None:
+                progress(f"P={world} S={seq} {name}: {rows[-1]['seconds'] * 1e3:.0f} ms")
+    return rows
+
+
+def _print_progress(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _worker(config: dict) -> list[dict]:
+    rank, world, device, dtype = start_rank(config)
+    rows = measure_world(config, rank, world, device, dtype, _print_progress)
     dist.destroy_process_group()
     return rows
 
@@ -352,8 +415,8 @@ def plot(rows: list[dict], path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep and shape options `measure_world` reads (shared with benchmarks.scaling)."""
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--heads", type=int, default=8)
@@ -361,14 +424,20 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=None, help="default: all (see --list)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_problem_arguments(parser)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="default: all but the usp rows with a fixed U (see --list)")
     parser.add_argument("--list", action="store_true", help="print the method names and exit")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(METHODS))
         return
-    methods = args.methods or list(METHODS)
+    methods = args.methods or default_methods()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; --list shows the known ones")
@@ -404,6 +473,7 @@ def main(argv=None) -> None:
         row["vs_deepspeed"] = (row["seconds"] / ulysses_peer[0]["seconds"] if ulysses_peer
                                else None)
         row["sent_mib"], row["peak_mib"] = mib(row["sent_bytes"]), mib(row["peak_bytes"])
+        row["exposed_ms"] = None if row.get("exposed_s") is None else 1e3 * row["exposed_s"]
     rows.sort(key=lambda r: (r["P"], r["S"], r["method"]))
     print(f"# causal attention fwd+bwd, B=1, H={args.heads}, Hkv={kv_heads}, D={args.dim}, "
           f"{args.dtype}; {cores} cores shared by the P ranks (cores // P threads each); "
@@ -413,6 +483,7 @@ def main(argv=None) -> None:
                        ("vs_torch", f"time / {BASELINE_PEER}", ".2f"),
                        ("vs_deepspeed", f"time / {ULYSSES_PEER}", ".2f"),
                        ("sent_mib", "sent MiB/rank", ".1f"), ("peak_mib", "peak MiB/rank", ".1f"),
+                       ("exposed_ms", "exposed comm ms", ".1f"),
                        ("diff", "max |o - first o|", ".1e")]))
     write_results("attention", {"machine": info, "args": vars(args), "rows": rows}, args.out, plot)
 

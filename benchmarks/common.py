@@ -10,13 +10,14 @@ import os
 import platform
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from seqpar.cost.calibrate import timed  # noqa: F401 - the benchmarks time with it too
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -110,16 +111,6 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
     result.bytes = max(0, _read_status_kib("VmHWM") - base) * 1024
 
 
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     """columns: (key, title, format). Returns aligned text."""
     cells = [[title for _, title, _ in columns]]
@@ -132,13 +123,39 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
+def results_stem(name: str, folder: Path | None = None) -> Path:
+    """<folder>/<name>-<host>-<date-time>: where a run's files go, named by machine and date."""
     folder = RESULTS if folder is None else Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = folder / f"{name}-{socket.gethostname()}-{stamp}.json"
+    return folder / f"{name}-{socket.gethostname()}-{stamp}"
+
+
+def write_json(name: str, payload: dict, folder: Path | None = None) -> Path:
+    path = results_stem(name, folder).with_suffix(".json")
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def write_csv(path: Path, rows: Sequence[dict], keys: Sequence[str]) -> Path:
+    """The `keys` of every row as CSV (empty cells for missing values)."""
+    import csv
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(keys)
+        for row in rows:
+            writer.writerow(["" if row.get(key) is None else row[key] for key in keys])
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """columns: (key, title, format), as `table`; returns a GitHub markdown table."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join("-" if row.get(key) is None else format(row[key], fmt)
+                                       for key, _, fmt in columns) + " |")
+    return "\n".join(lines)
 
 
 def write_results(name: str, payload: dict, folder, plot) -> Path:
@@ -148,6 +165,16 @@ def write_results(name: str, payload: dict, folder, plot) -> Path:
     plot(payload["rows"], path.with_suffix(".png"))
     print(f"# wrote {path} and {path.with_suffix('.png').name}")
     return path
+
+
+def save_figure(fig, stem: Path, suffix: str) -> str:
+    """Write `fig` to <stem>.<suffix>.png, close it, return the file name."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = stem.with_name(f"{stem.name}.{suffix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def mib(n: int | None) -> float | None:

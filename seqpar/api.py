@@ -10,6 +10,12 @@ raise on every rank instead of hanging the next collective.
 A softmax backend is a function `(q, k, v, info, causal, scale, layout, return_lse, mesh) ->
 (o, lse)` registered in `BACKENDS`; lse may be None when return_lse is False (backends whose
 lse costs communication skip it), and mesh is the `SPMesh` passed as group, or None.
+
+backend="auto" asks the cost model (`seqpar.cost.choose`) for the predicted fastest legal
+exact backend of these shapes, heads, group size, mesh and hardware profile
+(`seqpar.cost.profile_for`: the one set with `seqpar.cost.use_profile`, else the device's spec
+sheet); `seqpar.cost.explain(seqpar.cost.problem_of(...), profile)` shows why. The choice goes
+through the same cross-rank agreement, so ranks with different profiles raise, never hang.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from .comm.ring import RingAttention, RingPlan
 from .comm.tokenring import TokenRingAttention, TokenRingPlan
 from .comm.ulysses import UlyssesAttention, UlyssesPlan
 from .comm.usp import usp_plan
+from .cost.hardware import profile_for
+from .cost.predict import AUTO_CANDIDATES, choose, problem_of
 from .kernels.dispatch import select_kernel, select_linear_kernel
 from .kernels.s2 import S2Pattern, warn_if_uncovered
 from .kernels.plan import accumulator_dtype
@@ -153,9 +161,9 @@ def _agreed_call_values(q, causal, scale, layout, ok: bool) -> dict[str, int]:
 def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
                           info: GroupInfo, mesh: SPMesh | None) -> Exception | None:
     """This rank's verdict on its arguments: the exception to raise, or None."""
-    if backend not in BACKENDS:
+    if backend not in BACKENDS and backend != "auto":
         return ValueError(f"backend={backend!r} is not available; choose one of "
-                          f"{sorted(BACKENDS)}")
+                          f"{sorted(BACKENDS) + ['auto']}")
     if layout not in LAYOUTS:
         return ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
     problem = _check_tensors(q, k, v)
@@ -229,6 +237,15 @@ def _check_head_sharding(backend: str, heads_q: int, info: GroupInfo, mesh: SPMe
     return None
 
 
+def _auto_backend(q, k, info: GroupInfo, mesh: SPMesh | None, causal: bool, layout: str,
+                  return_lse: bool) -> str:
+    """The backend the cost model predicts fastest among the registered exact ones."""
+    problem = problem_of(q, k, info.world, mesh.ulysses_size if mesh is not None else None,
+                         causal, layout, return_lse)
+    available = [name for name in AUTO_CANDIDATES if name in BACKENDS]
+    return choose(problem, profile_for(q.device), available).backend
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, backend: str = "ring",
               causal: bool = True, scale: float | None = None, layout: str = "zigzag",
               return_lse: bool = False, s2=None):
@@ -242,15 +259,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     group: None (WORLD), a ProcessGroup, or a `seqpar.SPMesh` (needed by backend="usp"; the
     other backends use its whole group). s2: the `seqpar.S2Pattern` backend "s2" attends with
     (Ulysses all-to-all + block-sparse S2 heads; causal only).
+    backend="auto": the cost model's predicted fastest legal exact backend (module docstring).
     """
     mesh = group if isinstance(group, SPMesh) else None
     info = mesh.info if mesh is not None else resolve_group(group)
     problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
                                     info, mesh)
+    requested = backend
     shapes_ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    if backend == "auto" and shapes_ok:
+        backend = _auto_backend(q, k, info, mesh, causal, layout, return_lse)
     agree(info, "seqpar.attention", {
-        "backend": sorted(BACKENDS).index(backend) if backend in BACKENDS else -1,
+        "backend='auto' requested": int(requested == "auto"),
+        ("backend chosen by backend='auto' (use the same cost profile on every rank)"
+         if requested == "auto" else "backend"):
+            sorted(BACKENDS).index(backend) if backend in BACKENDS else -1,
         **_agreed_call_values(q, causal, scale, layout, shapes_ok),
         "return_lse": int(bool(return_lse)) if isinstance(return_lse, bool) else -1,
         "SPMesh ulysses degree": mesh.ulysses_size if mesh is not None else 0,

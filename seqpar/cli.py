@@ -2,11 +2,13 @@
 
     seqpar launch --nproc-per-node 4 train.py     # = python -m seqpar.launch ... (torchrun / --mpi)
     seqpar info                                   # versions, backends, integrations, launcher
+    seqpar bench calibrate --ranks 2 --out p.json # measure kernels and links: a cost-model profile
+    seqpar bench explain --seq 1048576 --world 64 # auto's choice and every backend's prediction
 
 Each command is one row of `COMMANDS`: name -> (module, function, one-line help). The function
 takes the remaining arguments (a list of str) and returns an exit code. Its module is imported
 only when the command runs, so `seqpar --help` stays fast and each command keeps its
-dependencies to itself. A new command (e.g. `seqpar bench ...`) is one new row.
+dependencies to itself. A new command is one new row.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "launch": ("seqpar.launch.run", "main",
                "start a job: torchrun's options, or --mpi to start it with mpirun"),
     "info": ("seqpar.cli", "info", "versions, backends, installed integrations, the launcher seen"),
+    "bench": ("seqpar.cost.__main__", "bench",
+              "calibrate: measure this machine into a profile; explain: auto's choice"),
 }
 
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.comm.primitives import resolve_group
+from seqpar.cost import Problem
 from seqpar.kernels import attention_reference, use_kernel
 from seqpar.kernels.torch_cpu import flash_fwd
 from seqpar.layout import LAYOUTS
@@ -211,6 +212,15 @@ def run_case_and_count(case: AttnCase, traffic: Callable[[AttnCase, int], tuple[
 def itemsizes(dtype: torch.dtype) -> tuple[int, int]:
     """(bytes per element of the inputs, of the accumulators: fp32, or fp64 for fp64)."""
     return torch.empty(0, dtype=dtype).element_size(), (8 if dtype == torch.float64 else 4)
+
+
+def problem_of(case: AttnCase, world: int, **changes) -> Problem:
+    """The cost model's view of `case` on `world` ranks (its traffic formulas are the ones the
+    byte counts are asserted against)."""
+    b, a = itemsizes(case.dtype)
+    return Problem(batch=case.batch, seq_len=case.seq_local * world, heads_q=case.heads_q,
+                   heads_kv=case.heads_kv, head_dim=case.head_dim, world=world, itemsize=b,
+                   acc_itemsize=a, causal=case.causal, layout=case.layout, **changes)
 
 
 # Odd but legal shapes every softmax backend runs.

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 import seqpar
+from seqpar.cost import Problem
+from seqpar.cost.traffic import lasp2_state_bytes, lasp2_volume
 from seqpar.kernels import ChunkedLinearKernel, linear_attention_reference, use_linear_kernel
 from seqpar.kernels.plan import accumulator_dtype
 from tests.attention_cases import EXACT_REL, compare_results
@@ -99,12 +101,14 @@ def state_bytes(case: LinearCase) -> int:
 
 
 def lasp2_bytes(case: LinearCase, world: int) -> int:
-    """The documented traffic of one pass (forward and backward alike) per rank."""
-    if not case.causal and case.decay == "none":
-        return 2 * (world - 1) * -(-state_bytes(case) // world)  # all-reduce of K^T V
-    chunks = 2 if case.layout == "zigzag" else 1
-    directions = 1 if case.causal else 2
-    return (world - 1) * chunks * directions * state_bytes(case)
+    """The documented traffic of one pass (forward and backward alike) per rank
+    (`seqpar.cost.traffic.lasp2_volume`; state_bytes is its d x e state)."""
+    problem = Problem(batch=case.batch, seq_len=case.seq_local * world, heads_q=case.heads,
+                      heads_kv=case.heads, head_dim=case.key_dim, value_dim=case.value_dim,
+                      world=world, acc_itemsize=8 if case.dtype == torch.float64 else 4,
+                      causal=case.causal, layout=case.layout)
+    assert lasp2_state_bytes(problem) == state_bytes(case)
+    return lasp2_volume(problem, decayed=case.decay != "none").bytes
 
 
 _SAME = object()

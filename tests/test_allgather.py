@@ -11,16 +11,16 @@ from seqpar.comm.primitives import GroupInfo
 from seqpar.kernels.dispatch import KERNELS
 from seqpar.kernels.mask import MaskKind, causal_pairs, gathered_runs, runs_to_positions
 from seqpar.layout import LAYOUTS, all_local_runs
-from tests.attention_cases import (AttnCase, check_lse_only_gradient, itemsizes,
-                                   low_precision_case, odd_shapes, run_case_and_count)
+from seqpar.cost.traffic import allgather_volume
+from tests.attention_cases import (AttnCase, check_lse_only_gradient, low_precision_case,
+                                   odd_shapes, problem_of, run_case_and_count)
 
 
 def allgather_bytes(case: AttnCase, world: int) -> tuple[int, int]:
-    """The documented traffic: all-gather of K and V forward, reduce-scatter of the fp32
-    (fp64) dK and dV backward, (P - 1) local blocks each."""
-    block = 2 * case.batch * case.seq_local * case.heads_kv * case.head_dim
-    b, a = itemsizes(case.dtype)
-    return (world - 1) * block * b, (world - 1) * block * a
+    """The documented traffic (`seqpar.cost.traffic.allgather_volume`): all-gather of K and V
+    forward, reduce-scatter of the fp32 (fp64) dK and dV backward, (P - 1) local blocks each."""
+    fwd, bwd = allgather_volume(problem_of(case, world))
+    return fwd.bytes, bwd.bytes
 
 
 def check_allgather(case: AttnCase) -> dict:

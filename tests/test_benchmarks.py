@@ -13,7 +13,7 @@ def test_attention_benchmark_runs_and_methods_agree(tmp_path, capsys):
     (result,) = tmp_path.glob("attention-*.json")
     rows = json.loads(result.read_text())["rows"]
     methods = {r["method"] for r in rows if r["P"] == 2}
-    assert methods == set(attention.METHODS)
+    assert methods == set(attention.default_methods())
     for row in rows:
         if row.get("diff") is not None:
             assert row["diff"] < 1e-5, row  # every method computes the same attention
@@ -63,3 +63,75 @@ def test_kernels_benchmark_smoke_mode_runs(tmp_path):
     assert {r["backend"] for r in payload["end_to_end"]} == {"ring", "ulysses", "s2"}
     assert 0 < payload["sparse"][0]["kept"] < 1
     assert "TFLOP/s" in done.stdout
+
+
+def test_scaling_benchmark_writes_every_output(tmp_path, capsys):
+    from benchmarks import scaling
+    from seqpar.cost.traffic import Problem, ring_volume
+    methods = ["seqpar ring (zigzag)", "seqpar usp U2 (zigzag)", scaling.LASP2,
+               "torch ring (allgather)"]
+    scaling.main(["--worlds", "2", "--seqs", "256", "--heads", "4", "--dim", "16",
+                  "--repeats", "1", "--methods", *methods, "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("scaling-*.json")
+    stem = result.with_suffix("")
+    for suffix in (".csv", ".md", ".time.png", ".efficiency.png", ".memory.png", ".bytes.png"):
+        assert stem.with_name(stem.name + suffix).exists(), suffix
+    rows = {r["method"]: r for r in json.loads(result.read_text())["rows"] if r["P"] == 2}
+    assert set(rows) == set(methods)
+    fwd, bwd = ring_volume(Problem(batch=1, seq_len=256, heads_q=4, heads_kv=4, head_dim=16,
+                                   world=2, itemsize=4))
+    assert rows["seqpar ring (zigzag)"]["sent_bytes"] >= fwd.bytes + bwd.bytes  # + agree
+    for name in ("seqpar ring (zigzag)", "seqpar usp U2 (zigzag)"):
+        assert 0 <= rows[name]["exposed_s"] <= rows[name]["seconds"] * 1.5
+        assert rows[name]["predicted_s"] > 0  # the model, calibrated on the same ranks
+    assert rows["torch ring (allgather)"]["exposed_s"] is None  # peers are not instrumented
+    assert rows["seqpar usp U2 (zigzag)"]["diff"] < 1e-5
+    summary = stem.with_name(stem.name + ".md").read_text()
+    assert "# host " in summary and "## P = 2" in summary
+    assert "exposed" in capsys.readouterr().out
+
+
+def test_simulator_writes_every_output_and_reports_the_claims(tmp_path, capsys):
+    from benchmarks import simulate
+    simulate.main(["--gpus", "8", "64", "--tokens", "131072", "2097152", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("simulate-*.json")
+    stem = result.with_suffix("")
+    for suffix in (".csv", ".md", ".time_vs_P.png", ".time_vs_S.png", ".memory_vs_P.png",
+                   ".bytes_vs_P.png"):
+        assert stem.with_name(stem.name + suffix).exists(), suffix
+    payload = json.loads(result.read_text())
+    at64 = {r["backend"] for r in payload["rows"] if r["P"] == 64 and "ms" in r}
+    assert at64 == {"ring", "tokenring", "allgather", "usp U2", "usp U4", "usp U8", "usp U16",
+                    "usp U32", "lasp2", "ring_linear"}  # no ulysses: 64 ranks, 32 heads
+    assert all(r["choice"] for r in payload["rows"] if r["backend"] == "auto")
+    claims = "\n".join(payload["claims"])
+    for expected in ("LASP-2 vs ring, 64 GPUs x 2048K tokens, a100-sxm",
+                     "TokenRing vs ring, pcie-a100",
+                     "Ulysses at P=64 (32 query heads, 8 K/V heads), h100-sxm: needs query heads",
+                     "USP is the fastest"):
+        assert expected in claims, expected
+    assert "64 GPUs x 2048K tokens" in capsys.readouterr().out
+
+
+def test_the_model_supports_what_the_readme_reports():
+    """The "Which backend?" statements, checked against the model they come from."""
+    from seqpar.cost import SPEC_SHEETS, Problem, choose, predict
+    h100, mesh, pcie = (SPEC_SHEETS[n] for n in ("h100-sxm", "mi300x-mesh", "pcie-a100"))
+    llama = {"heads_q": 32, "heads_kv": 8, "head_dim": 128}
+    linear = Problem(batch=1, seq_len=2048 * 1024, world=64, heads_q=32, heads_kv=32,
+                     head_dim=128)
+    lasp2, ring = (predict(b, linear, h100).seconds for b in ("lasp2", "ring_linear"))
+    assert 100 * lasp2 < ring
+    # Ulysses' ceiling: P may not exceed (divide) the query heads
+    assert predict("ulysses", Problem(batch=1, seq_len=2 ** 21, world=32, **llama), h100).legal
+    assert not predict("ulysses", Problem(batch=1, seq_len=2 ** 21, world=64, **llama), h100).legal
+    # TokenRing: ahead of the ring with MHA on a full mesh, behind it with GQA across nodes
+    mha = Problem(batch=1, seq_len=2 ** 17, world=8, heads_q=32, heads_kv=32, head_dim=128)
+    assert predict("tokenring", mha, mesh).seconds < 0.8 * predict("ring", mha, mesh).seconds
+    gqa = Problem(batch=1, seq_len=2 ** 17, world=64, **llama)
+    for hw in (h100, pcie):
+        assert predict("tokenring", gqa, hw).seconds > 2 * predict("ring", gqa, hw).seconds
+    # USP with Ulysses inside the node wins once the ring crosses nodes on short sequences
+    many = Problem(batch=1, seq_len=2 ** 17, world=128, ulysses=8, **llama)
+    assert choose(many, h100).backend == "usp"
+    assert predict("usp", many, h100).seconds < 0.7 * predict("ring", many, h100).seconds

@@ -8,17 +8,17 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import (AttnCase, check_lse_only_gradient, fp32_grid, itemsizes,
-                                   low_precision_grid, odd_shape_grid, run_case,
+from seqpar.cost.traffic import ring_volume
+from tests.attention_cases import (AttnCase, check_lse_only_gradient, fp32_grid,
+                                   low_precision_grid, odd_shape_grid, problem_of, run_case,
                                    run_case_and_count)
 
 
 def ring_bytes(case: AttnCase, world: int) -> tuple[int, int]:
-    """The documented traffic formula: K/V hops forward; K/V hops + fp32 dK/dV hops backward."""
-    block = case.batch * case.seq_local * case.heads_kv * case.head_dim
-    b, a = itemsizes(case.dtype)
-    kv, dkv = 2 * block * b, 2 * block * a
-    return (world - 1) * kv, (world - 1) * kv + (world * dkv if world > 1 else 0)
+    """The documented traffic formula (`seqpar.cost.traffic.ring_volume`): K/V hops forward;
+    K/V hops + fp32 dK/dV hops backward."""
+    fwd, bwd = ring_volume(problem_of(case, world))
+    return fwd.bytes, bwd.bytes
 
 
 def check_ring(case: AttnCase) -> dict:

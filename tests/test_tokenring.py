@@ -12,37 +12,18 @@ import torch.distributed as dist
 import seqpar
 from seqpar.kernels import torch_cpu
 from seqpar.layout import LAYOUTS
+from seqpar.cost.traffic import tokenring_volume
 from tests.attention_cases import (AttnCase, fp32_grid, low_precision_grid, odd_shape_grid,
-                                   run_case)
-
-# Rows of rank x's queries that see a key of rank y != x, for a causal layout where x < y
-# (x > y or non-causal: every row). Independent of the plan code: read off the layouts.
-ROWS_BEFORE = {"contiguous": lambda s: 0, "zigzag": lambda s: s // 2, "striped": lambda s: s - 1}
-
+                                   problem_of, run_case)
 
 def tokenring_traffic(case: AttnCase, world: int, rank: int) -> dict[str, int]:
-    """The documented formula (seqpar/comm/tokenring.py): bytes and messages this rank sends.
-
-    Query blocks go on while a rank further along sees them; a partial goes home only for
-    rows that see a key, and not at all when none does.
-    """
-    s = case.seq_local
-
-    def rows(x: int, y: int) -> int:
-        return s if not case.causal or x > y else ROWS_BEFORE[case.layout](s)
-
-    def forwarded(x: int, step: int) -> bool:
-        return any(rows(x, (x + later) % world) for later in range(step + 1, world))
-
-    b = torch.empty(0, dtype=case.dtype).element_size()
-    a = 8 if case.dtype == torch.float64 else 4
-    n, d = case.batch * case.heads_q, case.head_dim
-    queries = sum(forwarded((rank - t) % world, t) for t in range(world - 1))
-    partials = [rows((rank - t) % world, rank) for t in range(1, world)]
-    sent = sum(1 for r in partials if r)
-    return {"bytes_fwd": queries * n * s * d * b + sum(n * r * (d * b + a) for r in partials),
-            "bytes_bwd": queries * n * s * (2 * d * b + 2 * a) + sum(n * r * d * a for r in partials),
-            "messages_fwd": queries + sent, "messages_bwd": queries + sent}
+    """The documented formula (`seqpar.cost.traffic.tokenring_volume`, itself checked against
+    a rule read off the layouts in tests/test_cost.py): bytes and messages this rank sends.
+    Query blocks go on while a rank further along sees them; a partial goes home only for rows
+    that see a key, and not at all when none does."""
+    fwd, bwd = tokenring_volume(problem_of(case, world), rank)
+    return {"bytes_fwd": fwd.bytes, "bytes_bwd": bwd.bytes, "messages_fwd": fwd.messages,
+            "messages_bwd": bwd.messages}
 
 
 def check_tokenring(case: AttnCase, group=None) -> dict:

@@ -15,31 +15,19 @@ import seqpar
 from seqpar.comm.ulysses import kv_heads_per_rank
 from seqpar.kernels import attention_reference
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import (AttnCase, check_lse_only_gradient, itemsizes,
-                                   low_precision_case, odd_shapes, run_case_and_count)
+from seqpar.cost.traffic import kv_split, ulysses_volume
+from tests.attention_cases import (AttnCase, check_lse_only_gradient, low_precision_case,
+                                   odd_shapes, problem_of, run_case_and_count)
 from tests.checks import assert_close
 
-
-def kv_path(heads_q: int, heads_kv: int, ranks: int) -> tuple[int, bool]:
-    """(K/V heads per rank n, replicated?) as comm/ulysses.py documents them."""
-    if heads_kv % ranks == 0:
-        return heads_kv // ranks, False
-    if ranks % heads_kv == 0:
-        return 1, True
-    return heads_q // ranks, True
+kv_path = kv_split  # (K/V heads per rank n, replicated?) as comm/ulysses.py documents them
 
 
 def ulysses_bytes(case: AttnCase, ranks: int, return_lse: bool = True) -> tuple[int, int]:
-    """The documented all-to-all traffic per rank (forward, backward) for `ranks` Ulysses ranks."""
-    b, a = itemsizes(case.dtype)
-    m = case.heads_q // ranks
-    n, replicated = kv_path(case.heads_q, case.heads_kv, ranks)
-    c = a if replicated else b
-    tokens, d = case.batch * case.seq_local, case.head_dim
-    lse = (ranks - 1) * tokens * m * a if return_lse else 0
-    fwd = (ranks - 1) * tokens * d * (2 * m + 2 * n) * b + lse
-    bwd = (ranks - 1) * tokens * d * (2 * m * b + 2 * n * c) + lse
-    return fwd, bwd
+    """The documented all-to-all traffic per rank (forward, backward) for `ranks` Ulysses ranks
+    (`seqpar.cost.traffic.ulysses_volume`)."""
+    fwd, bwd = ulysses_volume(problem_of(case, ranks, return_lse=return_lse), ranks)
+    return fwd.bytes, bwd.bytes
 
 
 def check_ulysses(case: AttnCase) -> dict:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -12,9 +11,8 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.layout import LAYOUTS
-from tests.attention_cases import AttnCase, run_case
-from tests.test_ring import ring_bytes
-from tests.test_ulysses import kv_path, ulysses_bytes
+from seqpar.cost.traffic import usp_volume
+from tests.attention_cases import AttnCase, problem_of, run_case
 
 # Meshes live in the rank processes for the whole session: building one is collective and
 # creates process groups, so each (group size, U) is built once per world.
@@ -28,14 +26,11 @@ def mesh(ulysses: int) -> seqpar.SPMesh:
 
 
 def usp_bytes(case: AttnCase, ulysses: int, rings: int) -> dict[str, int]:
-    """The documented traffic: Ulysses all-to-alls over U ranks, and the ring over R ranks on
-    blocks of U * S_loc tokens with the n K/V heads each rank holds after the all-to-all."""
-    fwd, bwd = ulysses_bytes(case, ulysses)
-    n, _ = kv_path(case.heads_q, case.heads_kv, ulysses)
-    ring_case = dataclasses.replace(case, seq_local=ulysses * case.seq_local, heads_kv=n)
-    ring_fwd, ring_bwd = ring_bytes(ring_case, rings)
-    return {"usp.fwd.all_to_all": fwd, "usp.bwd.all_to_all": bwd, "usp.fwd.ring": ring_fwd,
-            "usp.bwd.ring": ring_bwd}
+    """The documented traffic (`seqpar.cost.traffic.usp_volume`): Ulysses all-to-alls over U
+    ranks, and the ring over R ranks on blocks of U * S_loc tokens with the n K/V heads each
+    rank holds after the all-to-all."""
+    problem = problem_of(case, ulysses * rings, ulysses=ulysses, return_lse=True)
+    return {op: volume.bytes for op, volume in usp_volume(problem).items()}
 
 
 def check_usp(case: AttnCase, ulysses: int) -> dict:

@@ -7,6 +7,12 @@
   collectives are recorded at the volume of their bandwidth-optimal algorithm
   (all-gather and reduce-scatter: (P-1) shards sent and received; all-to-all: the P-1 pieces
   for the other ranks; all-reduce: 2 (P-1) / P of the buffer).
+  `comm_stats(time_waits=True)` also records, per operation, the seconds this rank spent
+  blocked on its communication: every wait on a posted exchange or collective, and the whole
+  of every synchronous collective. That is the communication left exposed after overlap (time
+  the transfer still needed once the computation posted beside it was done, plus time waiting
+  for a slower peer to send); on CUDA the device is synchronised around each wait, so queued
+  kernels are not counted as waiting.
 * `RingExchange`: send to the next rank / receive from the previous one, asynchronously and
   double-buffered (the block being sent and computed on is never the one being received into),
   refusing misuse (wait before start, start twice). A step may also carry `DirectMessages` to
@@ -33,11 +39,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------- groups
@@ -88,19 +98,31 @@ class OpTraffic:
     bytes_sent: int = 0
     bytes_received: int = 0
     messages: int = 0
+    wait_seconds: float = 0.0  # blocked on this op's communication (time_waits=True only)
 
 
 @dataclass
 class CommStats:
-    """Traffic of this rank, per operation name. Read it after the `comm_stats()` block."""
+    """Traffic of this rank, per operation name. Read it after the `comm_stats()` block.
+
+    time_waits: also time the waits on communication (`waited`)."""
 
     ops: dict[str, OpTraffic] = field(default_factory=dict)
+    time_waits: bool = False
 
     def add(self, op: str, sent: int, received: int, messages: int) -> None:
         entry = self.ops.setdefault(op, OpTraffic())
         entry.bytes_sent += sent
         entry.bytes_received += received
         entry.messages += messages
+
+    def add_wait(self, op: str, seconds: float) -> None:
+        self.ops.setdefault(op, OpTraffic()).wait_seconds += seconds
+
+    def waited(self, prefix: str = "") -> float:
+        """Seconds blocked on the communication of operations whose name starts with `prefix`:
+        the communication time left exposed after overlap (needs time_waits=True)."""
+        return sum(t.wait_seconds for name, t in self.ops.items() if name.startswith(prefix))
 
     def sent(self, prefix: str = "") -> int:
         """Bytes sent by operations whose name starts with `prefix` (all by default)."""
@@ -123,13 +145,15 @@ _active_stats: contextvars.ContextVar[tuple[CommStats, ...]] = contextvars.Conte
 
 
 @contextlib.contextmanager
-def comm_stats() -> Iterator[CommStats]:
+def comm_stats(time_waits: bool = False) -> Iterator[CommStats]:
     """Count the bytes this rank sends and receives inside the block (nesting allowed).
 
     Backward passes are counted by the blocks active when their forward ran *and* by those
     active where backward is called, so `with comm_stats() as s: loss.backward()` works too.
+    time_waits=True also records the seconds blocked on communication (`CommStats.waited`);
+    on CUDA that synchronises the device around every wait, so keep it for measurements.
     """
-    stats = CommStats()
+    stats = CommStats(time_waits=time_waits)
     token = _active_stats.set(_active_stats.get() + (stats,))
     try:
         yield stats
@@ -152,6 +176,25 @@ class Traffic:
     def add(self, sent: int, received: int, messages: int = 1) -> None:
         for stats in self.recorders:
             stats.add(self.op, sent, received, messages)
+
+    def wait(self, blocking: Callable[[], _T]) -> _T:
+        """Run `blocking` (a wait on this op's communication, or a synchronous collective) and
+        add the seconds it blocked to the recorders that time waits."""
+        timers = [stats for stats in self.recorders if stats.time_waits]
+        if not timers:
+            return blocking()
+        _synchronize_device()  # queued kernels finish first: they are computation, not waiting
+        start = time.perf_counter()
+        result = blocking()
+        _synchronize_device()  # a CUDA wait only orders streams; the transfer ends here
+        for stats in timers:
+            stats.add_wait(self.op, time.perf_counter() - start)
+        return result
+
+
+def _synchronize_device() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def active_recorders() -> tuple[CommStats, ...]:
@@ -266,8 +309,7 @@ class RingExchange:
             raise RuntimeError("RingExchange.wait: no exchange in flight; call start() first")
         requests, receive = self._pending
         self._pending = None
-        for request in requests:
-            request.wait()
+        self.traffic.wait(lambda: [request.wait() for request in requests])
         return receive
 
 
@@ -285,10 +327,14 @@ class PendingCollective:
 
     work: object | None
     result: torch.Tensor
+    traffic: Traffic | None = None  # where the time blocked in wait() is recorded
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
-            self.work.wait()
+            if self.traffic is None:
+                self.work.wait()
+            else:
+                self.traffic.wait(self.work.wait)
             self.work = None
         return self.result
 
@@ -302,7 +348,7 @@ def start_all_gather(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> Pend
     gathered = torch.empty((info.world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
     work = dist.all_gather(list(gathered.unbind(0)), x, group=info.group, async_op=True)
     traffic.add(nbytes([x]) * (info.world - 1), nbytes([x]) * (info.world - 1), info.world - 1)
-    return PendingCollective(work, gathered)
+    return PendingCollective(work, gathered, traffic)
 
 
 def start_all_reduce(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> PendingCollective:
@@ -313,7 +359,7 @@ def start_all_reduce(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> Pend
     work = dist.all_reduce(total, op=dist.ReduceOp.SUM, group=info.group, async_op=True)
     moved = all_reduce_bytes(nbytes([total]), info.world)
     traffic.add(moved, moved, 2 * (info.world - 1))
-    return PendingCollective(work, total)
+    return PendingCollective(work, total, traffic)
 
 
 def _split_dim(x: torch.Tensor, dim: int, outer: int) -> torch.Tensor:
@@ -355,7 +401,8 @@ def _all_to_all(pieces: torch.Tensor, info: GroupInfo, traffic: Traffic) -> torc
     if info.world == 1:
         return pieces
     received = torch.empty_like(pieces)
-    dist.all_to_all_single(received.view(-1), pieces.view(-1), group=info.group)
+    traffic.wait(lambda: dist.all_to_all_single(received.view(-1), pieces.view(-1),
+                                                group=info.group))
     moved = nbytes([pieces[0]]) * (info.world - 1)
     traffic.add(moved, moved, info.world - 1)
     return received
@@ -428,7 +475,8 @@ def gather_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor | None, 
     x = x.contiguous()
     pieces = x.new_empty((info.world,) + tuple(x.shape))
     if info.world > 1:
-        dist.all_gather_into_tensor(pieces.view(-1), x.view(-1), group=info.group)
+        traffic.wait(lambda: dist.all_gather_into_tensor(pieces.view(-1), x.view(-1),
+                                                         group=info.group))
         traffic.add(nbytes([x]) * (info.world - 1), nbytes([x]) * (info.world - 1), info.world - 1)
     else:
         pieces[0] = x
@@ -443,7 +491,8 @@ def reduce_scatter_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor 
     if info.world == 1:
         return pieces[0]
     out = pieces.new_empty(pieces.shape[1:])
-    dist.reduce_scatter_tensor(out.view(-1), pieces.view(-1), group=info.group)
+    traffic.wait(lambda: dist.reduce_scatter_tensor(out.view(-1), pieces.view(-1),
+                                                    group=info.group))
     moved = nbytes([out]) * (info.world - 1)
     traffic.add(moved, moved, info.world - 1)
     return out
@@ -503,9 +552,10 @@ def agree(info: GroupInfo, where: str, values: dict[str, int], local_error: Exce
     for name in names:
         vector += [int(values[name]), -int(values[name])]
     packed = torch.tensor(vector, dtype=torch.int64, device=info.comm_device(device))
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=info.group)
+    traffic = Traffic.now("agree")
+    traffic.wait(lambda: dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=info.group))
     moved = all_reduce_bytes(packed.numel() * 8, info.world)
-    Traffic.now("agree").add(moved, moved, 2 * (info.world - 1))
+    traffic.add(moved, moved, 2 * (info.world - 1))
     result = packed.tolist()
     if failed:
         raise type(local_error)(f"{where}: {local_error}")

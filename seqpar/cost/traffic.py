@@ -1,0 +1,248 @@
+"""Bytes and messages each backend sends per rank: the formulas the backends document and the
+tests assert against `seqpar.comm_stats`, in one place the cost model also uses.
+
+A `Problem` is one attention call: global shapes, the group size P, the layout, and for USP the
+Ulysses degree U (ring degree R = P / U). b = input itemsize, a = accumulator itemsize (4; 8
+for fp64), C = S / P local tokens, N = B * C. Per rank, forward and backward (each a `Volume`):
+
+    ring        fwd (P-1) K/V blocks 2 N Hkv D b          bwd the same + P fp32 dK/dV blocks
+    tokenring   queries Q_x on to r + 1 while a rank further along sees them, and partials
+                (o, lse) of the visiting rows that saw a key straight home (`tokenring_volume`)
+    ulysses     all-to-alls over U ranks of q, k+v, o (+ lse); n K/V heads per rank (`kv_split`)
+    usp         ulysses over U ranks + ring over R ranks on U C tokens, n K/V heads
+    allgather   fwd all-gather of K/V (P-1) 2 N Hkv D b   bwd reduce-scatter of dK/dV in a
+    lasp2       one all-gather of d x e states per pass, independent of S (`lasp2_volume`)
+
+Messages: one per point-to-point transfer (packed tensors travel as one), P - 1 per
+all-to-all / all-gather / reduce-scatter, 2 (P - 1) per all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention call as the cost model sees it.
+
+    seq_len is the global length S; world the group size P; ulysses the Ulysses degree U of a
+    USP mesh (None: no mesh). head_dim is D (linear attention: the key dim Dk, with value_dim Dv).
+    itemsize / acc_itemsize: bytes per input element / per accumulator element.
+    """
+
+    batch: int
+    seq_len: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    world: int
+    itemsize: int = 2
+    acc_itemsize: int = 4
+    causal: bool = True
+    layout: str = "zigzag"
+    ulysses: int | None = None
+    return_lse: bool = False
+    value_dim: int | None = None
+
+    @property
+    def seq_local(self) -> int:
+        return self.seq_len // self.world
+
+    @property
+    def dv(self) -> int:
+        return self.value_dim or self.head_dim
+
+    @property
+    def tokens(self) -> int:
+        """N = B * C: local tokens (all batch entries) of one rank."""
+        return self.batch * self.seq_local
+
+    def with_(self, **changes) -> "Problem":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """What one rank sends in one pass (forward or backward)."""
+
+    bytes: int = 0
+    messages: int = 0
+
+    def __add__(self, other: "Volume") -> "Volume":
+        return Volume(self.bytes + other.bytes, self.messages + other.messages)
+
+
+# ---------------------------------------------------------------- ring
+
+def kv_block_bytes(p: Problem, heads_kv: int | None = None, tokens: int | None = None,
+                   itemsize: int | None = None) -> int:
+    """One packed (K, V) block of a rank: 2 N Hkv D elements."""
+    heads = p.heads_kv if heads_kv is None else heads_kv
+    return 2 * (p.tokens if tokens is None else tokens) * heads * p.head_dim * (
+        p.itemsize if itemsize is None else itemsize)
+
+
+def ring_volume(p: Problem, world: int | None = None, heads_kv: int | None = None,
+                tokens: int | None = None) -> tuple[Volume, Volume]:
+    """(forward, backward): K/V hops; K/V hops + fp32 dK/dV hops (`comm/ring.py`). `world`,
+    `heads_kv`, `tokens` override the problem's for the ring inside USP."""
+    world = p.world if world is None else world
+    if world == 1:
+        return Volume(), Volume()
+    kv = kv_block_bytes(p, heads_kv, tokens)
+    dkv = kv_block_bytes(p, heads_kv, tokens, p.acc_itemsize)
+    return (Volume((world - 1) * kv, world - 1),
+            Volume((world - 1) * kv + world * dkv, 2 * world - 1))
+
+
+# ---------------------------------------------------------------- tokenring
+
+def _rows_before(layout: str, seq_local: int) -> int:
+    """Causal: rows of rank x's queries that see a key of rank y > x (y's tokens come later),
+    read off the layouts: contiguous none, zigzag the later chunk, striped all but the first."""
+    return {"contiguous": 0, "zigzag": seq_local // 2, "striped": seq_local - 1}[layout]
+
+
+def visible_rows(p: Problem) -> np.ndarray:
+    """[P, P]: rows of rank x's queries that see some key of rank y (the rows a TokenRing
+    partial of x computed on y carries)."""
+    world, s = p.world, p.seq_local
+    rows = np.full((world, world), s, dtype=np.int64)
+    if p.causal:
+        x, y = np.indices((world, world))
+        rows[x < y] = _rows_before(p.layout, s)
+    return rows
+
+
+def tokenring_plan(p: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """(forwarded [P, P], returned rows [P, P]) indexed [step, rank]:
+    forwarded[t, r] -- rank r sends the visiting queries of x = r - t on to r + 1 during step t
+    (some rank further along, x + t + 1 .. x + P - 1, sees them);
+    rows[t, r] -- rows of the partial rank r computes at step t >= 1 for x's queries (0: none),
+    sent home during step t + 1."""
+    world = p.world
+    rows = visible_rows(p)
+    step, rank = np.indices((world, world))
+    owner = (rank - step) % world
+    # seen[x, j]: rank x + j sees x's queries; forwarded at step t iff any j > t does.
+    x, j = np.indices((world, world))
+    seen = rows[x, (x + j) % world] > 0
+    later = np.flip(np.logical_or.accumulate(np.flip(seen, axis=1), axis=1), axis=1)
+    later_than = np.zeros_like(later)
+    later_than[:, :-1] = later[:, 1:]  # any j > t
+    forwarded = later_than[owner, step]
+    forwarded[-1] = False  # the last step forwards nothing
+    returned = np.where(step > 0, rows[owner, rank], 0)
+    return forwarded, returned
+
+
+def tokenring_volume(p: Problem, rank: int) -> tuple[Volume, Volume]:
+    """(forward, backward) of `rank`: forwarded query blocks and returned partials
+    (`comm/tokenring.py`): forward Q (N Hq D b) per block, o rows + fp32 lse per partial;
+    backward Q, dO (b) + lse, delta (a) per block, fp32 dQ rows per partial."""
+    if p.world == 1:
+        return Volume(), Volume()
+    forwarded, returned = tokenring_plan(p)
+    blocks = int(forwarded[:, rank].sum())
+    rows = returned[:, rank]
+    partials = int((rows > 0).sum())
+    n, d, b, a = p.batch * p.heads_q, p.head_dim, p.itemsize, p.acc_itemsize
+    s, total_rows = p.seq_local, int(rows.sum())
+    fwd = blocks * n * s * d * b + n * total_rows * (d * b + a)
+    bwd = blocks * n * s * (2 * d * b + 2 * a) + n * total_rows * d * a
+    return Volume(fwd, blocks + partials), Volume(bwd, blocks + partials)
+
+
+# ---------------------------------------------------------------- ulysses, usp
+
+def kv_split(heads_q: int, heads_kv: int, ranks: int) -> tuple[int, bool]:
+    """(K/V heads per rank n, replicated?) after the Ulysses all-to-all over `ranks`
+    (`comm/ulysses.py`): a partition when ranks divide Hkv, one replicated head when Hkv
+    divides ranks, else one K/V head per local query head."""
+    if heads_kv % ranks == 0:
+        return heads_kv // ranks, False
+    if ranks % heads_kv == 0:
+        return 1, True
+    return heads_q // ranks, True
+
+
+def ulysses_volume(p: Problem, ranks: int | None = None) -> tuple[Volume, Volume]:
+    """(forward, backward) all-to-all traffic of `ranks` Ulysses ranks (default P): q, k+v, o
+    forward, dO, dq, dk+dv backward, (+ lse / dlse with return_lse), each sending the (U-1)
+    pieces bound for the other ranks; dK/dV of replicated heads travel in the accumulator dtype."""
+    ranks = p.world if ranks is None else ranks
+    if ranks == 1:
+        return Volume(), Volume()
+    b, a = p.itemsize, p.acc_itemsize
+    m = p.heads_q // ranks
+    n, replicated = kv_split(p.heads_q, p.heads_kv, ranks)
+    c = a if replicated else b
+    tokens, d = p.tokens, p.head_dim
+    lse = (ranks - 1) * tokens * m * a if p.return_lse else 0
+    collectives = (4 if p.return_lse else 3) * (ranks - 1)
+    fwd = (ranks - 1) * tokens * d * (2 * m + 2 * n) * b + lse
+    bwd = (ranks - 1) * tokens * d * (2 * m * b + 2 * n * c) + lse
+    return Volume(fwd, collectives), Volume(bwd, collectives)
+
+
+def usp_volume(p: Problem) -> dict[str, Volume]:
+    """USP traffic per op: "usp.fwd.all_to_all", "usp.bwd.all_to_all" over U ranks and
+    "usp.fwd.ring", "usp.bwd.ring" over R = P / U ranks on U C tokens with n K/V heads."""
+    u = p.ulysses or 1
+    a2a_fwd, a2a_bwd = ulysses_volume(p, u)
+    n, _ = kv_split(p.heads_q, p.heads_kv, u)
+    ring_fwd, ring_bwd = ring_volume(p, p.world // u, heads_kv=n, tokens=u * p.tokens)
+    return {"usp.fwd.all_to_all": a2a_fwd, "usp.bwd.all_to_all": a2a_bwd,
+            "usp.fwd.ring": ring_fwd, "usp.bwd.ring": ring_bwd}
+
+
+# ---------------------------------------------------------------- allgather, lasp2
+
+def allgather_volume(p: Problem) -> tuple[Volume, Volume]:
+    """(forward, backward): all-gather of K and V, reduce-scatter of dK and dV in the
+    accumulator dtype, (P - 1) local blocks each (`comm/allgather.py`)."""
+    if p.world == 1:
+        return Volume(), Volume()
+    return (Volume((p.world - 1) * kv_block_bytes(p), p.world - 1),
+            Volume((p.world - 1) * kv_block_bytes(p, itemsize=p.acc_itemsize), p.world - 1))
+
+
+def lasp2_state_bytes(p: Problem) -> int:
+    """One d x e state per batch entry and head, in the accumulator dtype."""
+    return p.batch * p.heads_q * p.head_dim * p.dv * p.acc_itemsize
+
+
+def lasp2_volume(p: Problem, decayed: bool) -> Volume:
+    """One pass (forward and backward alike) of LASP-2 (`comm/lasp2.py`): causal, one
+    all-gather of a state per local chunk; non-causal with decay, two states (prefix and
+    suffix); non-causal without decay, one all-reduce of K^T V."""
+    world = p.world
+    if world == 1:
+        return Volume()
+    if not p.causal and not decayed:
+        return Volume(2 * (world - 1) * -(-lasp2_state_bytes(p) // world), 2 * (world - 1))
+    chunks = 2 if p.layout == "zigzag" else 1
+    directions = 1 if p.causal else 2
+    return Volume((world - 1) * chunks * directions * lasp2_state_bytes(p), world - 1)
+
+
+def backend_volume(backend: str, p: Problem, rank: int = 0) -> tuple[Volume, Volume]:
+    """(forward, backward) bytes and messages `rank` sends for a softmax backend."""
+    if backend == "ring":
+        return ring_volume(p)
+    if backend == "tokenring":
+        return tokenring_volume(p, rank)
+    if backend == "ulysses":
+        return ulysses_volume(p)
+    if backend == "usp":
+        ops = usp_volume(p)
+        return (ops["usp.fwd.all_to_all"] + ops["usp.fwd.ring"],
+                ops["usp.bwd.all_to_all"] + ops["usp.bwd.ring"])
+    if backend == "allgather":
+        return allgather_volume(p)
+    raise ValueError(f"backend_volume: no traffic formula for backend {backend!r}")
