@@ -59,7 +59,7 @@ def test_group_work_is_what_the_usp_ring_computes(world, ulysses, layout):
     for group in range(rings):
         plan = UlyssesPlan.build(GroupInfo(None, 0, ulysses), GroupInfo(None, group, rings),
                                  runs, ulysses, 1, True, 1.0, KERNELS["flash"], (), False, "usp")
-        for step, blocks in enumerate(plan.ring.step_blocks):
+        for step, blocks in enumerate(plan.inner.step_blocks):
             assert per_step[step, group] == causal_pairs(blocks), (group, step)
 
 
