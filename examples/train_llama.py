@@ -1,5 +1,5 @@
-"""Train a tiny Llama on *Alice's Adventures in Wonderland* (bytes as tokens) with seqpar
-sequence parallelism -- and data parallelism when asked -- surviving crashes.
+"""Train a tiny Llama on Lewis Carroll's two Alice books (bytes as tokens) with seqpar sequence
+parallelism -- and data parallelism when asked -- surviving crashes.
 
     python -m seqpar.launch --nproc-per-node 2 -m examples.train_llama            # 2-rank SP
     python -m seqpar.launch --nproc-per-node 4 -m examples.train_llama --dp 2     # 2 x 2-rank SP
@@ -42,7 +42,9 @@ import seqpar
 from seqpar.integrations import hf
 from seqpar.launch import init
 
-TEXT = Path(__file__).resolve().parent / "data" / "alice.txt"
+DATA = Path(__file__).resolve().parent / "data"
+# The corpus, in this order: a fixed order gives every run (and every rank) the same bytes.
+TEXTS = (DATA / "alice.txt", DATA / "looking_glass.txt")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -86,6 +88,11 @@ def batch_of(text: torch.Tensor, args: argparse.Namespace, step: int, replica: i
     starts = torch.randint(0, text.numel() - args.seq_len, (args.dp * args.batch,), generator=gen)
     mine = starts[replica * args.batch:(replica + 1) * args.batch]
     return torch.stack([text[s:s + args.seq_len] for s in mine.tolist()])
+
+
+def corpus() -> bytes:
+    """The books of TEXTS, each ending in a newline, one blank line between them."""
+    return b"\n".join(path.read_bytes() for path in TEXTS)
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:
@@ -157,7 +164,7 @@ def train(args: argparse.Namespace) -> dict:
             stale.unlink()  # a write the crash interrupted
     log("resume", step=start)
 
-    text = torch.frombuffer(bytearray(TEXT.read_bytes()), dtype=torch.uint8).long()
+    text = torch.frombuffer(bytearray(corpus()), dtype=torch.uint8).long()
     progress = None
     if job.is_main:
         from tqdm import tqdm
