@@ -129,18 +129,30 @@ def _visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start, sks, svs, dims, dim_ok,
-              n_k, KPOS, k_start, k_step, scale_log2,
-              MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """One key tile of the online softmax: returns the updated (row max, row sum, output)."""
+def _key_tile_scores(q, q_pos, row_ok, k_base, v_base, start, sks, svs, dims, dim_ok, n_k, KPOS,
+                     k_start, k_step, scale_log2, MASK_MODE: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The key tile at `start` seen from a query tile (forward and dQ alike): its K and V
+    tiles, the base-2 scores q k^T * scale * log2(e), and which (query, key) pairs are visible."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
     v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
     k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    s = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE), s, float("-inf"))
+    return k, v, s, _visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE)
+
+
+@triton.jit
+def _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start, sks, svs, dims, dim_ok,
+              n_k, KPOS, k_start, k_step, scale_log2,
+              MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """One key tile of the online softmax: returns the updated (row max, row sum, output)."""
+    k, v, s, visible = _key_tile_scores(q, q_pos, row_ok, k_base, v_base, start, sks, svs, dims,
+                                        dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
+                                        MASK_MODE, UPCAST, BLOCK_N, PRECISION)
+    s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
@@ -310,14 +322,11 @@ def _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, s
              dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
              MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
              PRECISION: tl.constexpr):
-    cols = start + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_k
-    k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
-    v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
-    k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    p = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE),
-                 tl.exp2(s - lse_log2[:, None]), 0.0)
+    """One key tile of dQ: returns dq plus this tile's dS @ K."""
+    k, v, s, visible = _key_tile_scores(q, q_pos, row_ok, k_base, v_base, start, sks, svs, dims,
+                                        dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
+                                        MASK_MODE, UPCAST, BLOCK_N, PRECISION)
+    p = tl.where(visible, tl.exp2(s - lse_log2[:, None]), 0.0)
     ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
