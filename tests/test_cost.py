@@ -283,15 +283,16 @@ MEASURED_BACKENDS = ("ring", "tokenring", "ulysses", "allgather")
 SWEEP = ((256, 64, 64, 128, "zigzag", True), (1024, 8, 8, 64, "striped", True),
          (256, 32, 1, 128, "zigzag", False), (128, 4, 4, 32, "zigzag", True),
          (2048, 8, 8, 64, "zigzag", True))
-REPEATS = 3
+REPEATS = 4
 CLEARLY = 1.15  # a pair counts when its medians differ by this factor and every repeat agrees
+ENOUGH_PAIRS, MAX_SWEEPS = 16, 3  # sweeps are pooled until they hold this many clear pairs
 
 
 def calibrate_and_measure() -> dict:
     """Calibrate, then time fwd+bwd of every backend on every problem of SWEEP, repeats going
     round-robin over the backends (drifts of a shared machine hit all alike); per repeat the
     slowest rank's time."""
-    profile = calibrate(head_dims=(32, 64, 128), repeats=2)
+    profile = calibrate(head_dims=(32, 64, 128), repeats=3)
     measured = []
     for seq, heads_q, heads_kv, dim, layout, causal in SWEEP:
         gen = torch.Generator().manual_seed(seq)
@@ -338,15 +339,24 @@ def test_model_order_agrees_with_measurement(worlds):
     whose times clearly differ. Two ranks, one per core of the 2-core CI machine: four ranks
     would time-share two cores, a regime of scheduler waits no alpha-beta model describes."""
     world = 2
-    result = worlds(world).run(calibrate_and_measure, timeout=240)[0]
-    profile = Profile.from_json(result["profile"])
+    # Every sweep (calibration included) is measured afresh and all their pairs are pooled:
+    # one 2-core sweep gives 4-14 clear pairs, too few for an 80% verdict that noise cannot
+    # flip; sweeps are added until the pool holds enough, and none is ever dropped.
+    agreed = clear = 0
+    pairs = []
+    for sweep in range(MAX_SWEEPS):
+        result = worlds(world).run(calibrate_and_measure, timeout=240)[0]
+        profile = Profile.from_json(result["profile"])
+        sweep_agreed, sweep_clear, sweep_pairs = agreement(profile, world, result["measured"])
+        agreed, clear, pairs = agreed + sweep_agreed, clear + sweep_clear, pairs + sweep_pairs
+        if clear >= ENOUGH_PAIRS:
+            break
     assert Profile.from_json(profile.to_json()) == profile
     assert all(rate > 0 for _, rate in profile.attention_fwd_flops + profile.attention_bwd_flops)
-    agreed, clear, pairs = agreement(profile, world, result["measured"])
     report = "\n".join(f"S={p[0]} {p[1]}: {p[2]} {p[4] * 1e3:.0f} ms vs {p[3]} {p[5] * 1e3:.0f} ms"
                        f" measured, {p[6] * 1e3:.0f} vs {p[7] * 1e3:.0f} predicted"
                        f"{'' if p[-1] else '  <- order differs'}" for p in pairs)
-    assert clear >= 5, f"only {clear} clearly different pairs:\n{report}"
+    assert clear >= 10, f"only {clear} clearly different pairs:\n{report}"
     assert agreed >= 0.8 * clear, f"{agreed}/{clear} pairs in the predicted order:\n{report}"
 
 

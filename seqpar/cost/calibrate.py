@@ -20,7 +20,11 @@ on a shared machine only ever adds time):
   fitted to the model's formulas (`model.all_to_all_seconds`, `ring_collective_seconds`);
 * overlap: a kernel alone, an exchange alone, and the two together:
   overlap = (kernel + exchange - together) / min(kernel, exchange);
-* linear-attention kernel (chunked, causal, with decay) FLOP/s, and a large matmul's FLOP/s.
+* linear-attention kernel (chunked, causal, with decay) FLOP/s, and a large matmul's FLOP/s;
+* call overhead per backend: `seqpar.attention` forward, and forward + backward, on a problem
+  too small for compute or bytes to matter, less what the model above already predicts for it
+  (argument checks and their agreement all-reduce, Python, autograd: what decides short
+  sequences on CPU).
 
 Nodes are told apart by host name and network namespace (two "nodes" on one machine are two
 namespaces), so ranks_per_node is what the job really has.
@@ -47,6 +51,7 @@ from ..kernels.mask import MaskKind, SubBlock
 from .hardware import Link, Profile
 from .model import (BWD_FLOPS_PER_PAIR, FWD_FLOPS_PER_PAIR, causal_block_products,
                     linear_chunk_flops)
+from .predict import predict
 from .traffic import Problem
 
 CHAIN = 4  # exchanges and collectives are timed as chains of this many, one after another
@@ -313,7 +318,7 @@ def calibrate(group=None, head_dims: tuple[int, ...] = (64,), dtype: torch.dtype
     measured.update(nodes_of_ranks=nodes, dtype=str(dtype), heads=heads,
                     kernel_sizes=list(kernel_sizes),
                     message_sizes=list(message_sizes))
-    return Profile(
+    profile = Profile(
         name=name or f"measured-{socket.gethostname()}-P{info.world}",
         ranks_per_node=ranks_per_node, intra=intra, nic=nic, nics_per_node=1,
         attention_fwd_flops=tuple(fwd_rates), attention_bwd_flops=tuple(bwd_rates),
@@ -324,6 +329,38 @@ def calibrate(group=None, head_dims: tuple[int, ...] = (64,), dtype: torch.dtype
         memory_bytes=_device_memory(device, ranks_per_node), collectives=collectives,
         source=f"calibrate() on {socket.gethostname()}, {info.world} ranks, {len(members)} node(s)",
         measured=measured)
+    return profile.with_(call_overhead=_call_overheads(info, device, dtype, profile, repeats))
+
+
+# The backends whose call overhead calibration measures (usp needs a mesh, lasp2 other inputs:
+# theirs counts as 0).
+OVERHEAD_BACKENDS = ("ring", "tokenring", "ulysses", "allgather")
+OVERHEAD_REPEATS = 8  # at least; the best of few millisecond-calls is noisy on a shared machine
+
+
+def _call_overheads(info: GroupInfo, device: torch.device, dtype: torch.dtype, profile: Profile,
+                    repeats: int) -> tuple[tuple[str, float, float], ...]:
+    """(backend, forward s, backward s) of each backend's host time beyond the model's
+    schedule: P heads, 2 tokens per rank, D=8, causal zigzag (every backend runs it)."""
+    from ..api import attention  # the api imports the cost model (backend="auto")
+    heads, local, dim = info.world, 2, 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(1, local, heads, dim, generator=gen, device=device, dtype=dtype)
+                   for _ in range(4))
+    problem = Problem(batch=1, seq_len=local * info.world, heads_q=heads, heads_kv=heads,
+                      head_dim=dim, world=info.world, itemsize=q.element_size(), causal=True,
+                      layout="zigzag")
+    overheads, repeats = [], max(repeats, OVERHEAD_REPEATS)  # tiny calls: cheap to repeat
+    for backend in OVERHEAD_BACKENDS:
+        def forward(backend=backend) -> torch.Tensor:
+            q_l, k_l, v_l = (t.detach().requires_grad_() for t in (q, k, v))
+            return attention(q_l, k_l, v_l, info.group, backend=backend, layout="zigzag")
+        fwd = _slowest_best(forward, info, repeats, device)
+        both = _slowest_best(lambda: forward().backward(do), info, repeats, device)
+        modelled = predict(backend, problem, profile)
+        overheads.append((backend, max(0.0, fwd - modelled.fwd.seconds),
+                          max(0.0, both - fwd - modelled.bwd.seconds)))
+    return tuple(overheads)
 
 
 def _spawned_rank(rank: int, world: int, folder: str, threads: int, kwargs: dict) -> None:

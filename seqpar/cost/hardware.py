@@ -81,6 +81,10 @@ class Profile:
     # Measured collectives (latency per message, bandwidth over the bytes a rank sends),
     # replacing the link-derived estimate: "all_to_all", "all_gather", "reduce_scatter".
     collectives: tuple[tuple[str, Link], ...] = ()
+    # Measured host time of one seqpar.attention call that the schedule does not describe
+    # (argument checks and their agreement all-reduce, Python, autograd): (backend, forward s,
+    # backward s). Dominates short sequences on CPU; spec sheets leave it out (0).
+    call_overhead: tuple[tuple[str, float, float], ...] = ()
     source: str = ""
     measured: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -98,9 +102,17 @@ class Profile:
     def collective(self, kind: str) -> Link | None:
         return dict(self.collectives).get(kind)
 
+    def overhead_of(self, backend: str) -> tuple[float, float]:
+        """(forward, backward) seconds of `backend`'s measured call overhead; 0 if unmeasured."""
+        for name, fwd, bwd in self.call_overhead:
+            if name == backend:
+                return fwd, bwd
+        return 0.0, 0.0
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["collectives"] = {kind: asdict(link) for kind, link in self.collectives}
+        data["call_overhead"] = {name: [fwd, bwd] for name, fwd, bwd in self.call_overhead}
         return data
 
     @classmethod
@@ -112,6 +124,8 @@ class Profile:
         data["tile"] = tuple(data["tile"])
         data["collectives"] = tuple((kind, Link(**link))
                                     for kind, link in data.get("collectives", {}).items())
+        data["call_overhead"] = tuple((name, float(fwd), float(bwd))
+                                      for name, (fwd, bwd) in data.get("call_overhead", {}).items())
         return cls(**data)
 
     def save(self, path) -> Path:

@@ -115,6 +115,9 @@ def predict(backend: str, p: Problem, hw: Profile) -> Prediction:
         never = Pass(float("inf"), float("inf"))
         return Prediction(backend, never, never, float("nan"), False, structural)
     fwd, bwd = PASSES[backend](hw, p)
+    fwd_overhead, bwd_overhead = hw.overhead_of(backend)
+    fwd.seconds += fwd_overhead
+    bwd.seconds += bwd_overhead
     too_big = _memory_problem(backend, p, hw)
     return Prediction(backend, fwd, bwd, memory_bytes(backend, p), not too_big, too_big)
 
