@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks import attention, linear_scaling
+from tests.markers import needs_triton
 
 
 def test_attention_benchmark_runs_and_methods_agree(tmp_path, capsys):
@@ -46,6 +47,7 @@ def test_linear_scaling_benchmark_runs_with_constant_bytes(tmp_path, capsys):
     assert "bytes per rank the same at every S: yes" in capsys.readouterr().out
 
 
+@needs_triton
 def test_kernels_benchmark_smoke_mode_runs(tmp_path):
     """The GPU kernel benchmark's code paths, at toy size on CPU under the Triton interpreter
     (a process of its own: the interpreter is chosen when triton decorates the kernels)."""

@@ -14,7 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.kernels import attention_reference
+pytest.importorskip("triton", reason="triton is not installed (pip install 'seqpar[gpu]'): "
+                                     "the Triton kernels are not tested")
+
+from seqpar.kernels import attention_reference  # noqa: E402 - after the skip, like flash
 from seqpar.kernels.flash import FULL, TOP_LEFT_CAUSAL, MaskMode, MaskSpec, SparseBlocks, flash_bwd, flash_fwd
 from seqpar.kernels.s2 import BlockLists, S2Pattern, block_mask
 from seqpar.kernels.torch_cpu import flash_bwd as torch_flash_bwd, flash_fwd as torch_flash_fwd

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from tests.attention_cases import AttnCase, run_case
+from tests.markers import needs_triton
+
+pytestmark = needs_triton
 
 CASES = [
     AttnCase(backend="ring", layout="zigzag", heads_q=4, heads_kv=2, kernel="triton"),
