@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.mask import Runs, SubBlock, plan_blocks
+from ..kernels.mask import MaskRule, Runs, SubBlock, as_rule, plan_blocks
 from ..kernels.merge import merge_into
 from ..kernels.plan import PlanKernel, accumulator_dtype, softmax_delta
 from .primitives import CommStats, DirectMessages, GroupInfo, RingExchange, Traffic
@@ -102,21 +102,30 @@ class TokenRingPlan:
     returns: tuple[RowSpan | None, ...]
 
     @classmethod
-    def build(cls, info: GroupInfo, runs: tuple[Runs, ...], causal: bool, scale: float,
+    def build(cls, info: GroupInfo, runs: tuple[Runs, ...], causal: bool | MaskRule, scale: float,
               kernel: PlanKernel, recorders: tuple[CommStats, ...]) -> "TokenRingPlan":
         world, rank = info.world, info.rank
+        rule = as_rule(causal)
+        causal = rule.causal
         bounds = [_first_and_last(r) for r in runs]
+        seen: dict[tuple[int, int], bool] = {}
 
         def sees(x: int, y: int) -> bool:
-            """Does some query of rank x see some key of rank y (causal: first key <= last query)?"""
-            return not causal or bounds[y % world][0] <= bounds[x % world][1]
+            """Does some query of rank x see some key of rank y (causal: first key <= last
+            query; a window or documents: the plan of the pair is not empty)?"""
+            x, y = x % world, y % world
+            if not rule.masked:
+                return not causal or bounds[y][0] <= bounds[x][1]
+            if (x, y) not in seen:
+                seen[x, y] = bool(plan_blocks(runs[x], runs[y], rule))
+            return seen[x, y]
 
         def forwarded(x: int, step: int) -> bool:
             """Do rank x's queries go on from rank x + step, i.e. does a rank after it see them?"""
             return any(sees(x, x + later) for later in range(step + 1, world))
 
         def span(x: int, y: int) -> tuple[RowSpan | None, tuple[SubBlock, ...]]:
-            blocks = plan_blocks(runs[x % world], runs[y % world], causal)
+            blocks = plan_blocks(runs[x % world], runs[y % world], rule)
             if bool(blocks) != sees(x, y):
                 raise AssertionError(f"TokenRingPlan: plan_blocks and sees() disagree on {x, y}")
             if not blocks:
