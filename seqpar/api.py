@@ -41,7 +41,7 @@ from .kernels.mask import MaskRule
 from .kernels.s2 import S2Pattern, warn_if_uncovered
 from .kernels.sinks import AttentionSinks
 from .kernels.plan import accumulator_dtype
-from .layout import LAYOUTS, all_local_runs, local_runs
+from .layout import LAYOUTS, all_local_runs, document_bounds_error, local_runs
 from .mesh import SPMesh
 
 BACKENDS: dict[str, Callable] = {}
@@ -311,39 +311,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     return (o, lse) if return_lse else o
 
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
-
-
 def _check_cu_seqlens(cu_seqlens, q, seq_len: int) -> Exception | None:
-    """1-D increasing int boundaries 0 = c[0] < ... < c[-1] = S of a B = 1 packed sequence."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        return TypeError(f"cu_seqlens must be None or a 1-D integer tensor of document "
-                         f"boundaries, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in _INDEX_DTYPES:
-        return TypeError(f"cu_seqlens.dtype={cu_seqlens.dtype} is not supported; pass the "
-                         f"document boundaries as torch.int32 or torch.int64")
-    if cu_seqlens.dim() != 1:
-        return ValueError(f"cu_seqlens must be 1-D [n_docs + 1], got shape "
-                          f"{tuple(cu_seqlens.shape)}; pass one boundary list for the packed "
-                          f"sequence (B = 1)")
-    if q.shape[0] != 1:
-        return ValueError(f"cu_seqlens needs batch size 1 (the documents are packed into one "
-                          f"sequence), got q.shape[0]={q.shape[0]}; pack the batch into one row")
-    bounds = cu_seqlens.tolist()
-    if len(bounds) < 2:
-        return ValueError(f"cu_seqlens needs at least 2 entries [0, S], got {bounds}")
-    if bounds[0] != 0:
-        return ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={bounds[0]}")
-    if bounds[-1] != seq_len:
-        return ValueError(f"cu_seqlens must end at the global sequence length S={seq_len} "
-                          f"(local length x group size), got cu_seqlens[-1]={bounds[-1]}; "
-                          f"boundaries are GLOBAL positions")
-    for i in range(1, len(bounds)):
-        if bounds[i] <= bounds[i - 1]:
-            return ValueError(f"cu_seqlens must be strictly increasing, got cu_seqlens[{i - 1}]="
-                              f"{bounds[i - 1]} >= cu_seqlens[{i}]={bounds[i]}; drop empty "
-                              f"documents")
-    return None
+    """Boundaries 0 = c[0] < ... < c[-1] = S (`layout.document_bounds_error`) of a B = 1 batch."""
+    problem = document_bounds_error(cu_seqlens, seq_len)
+    if problem is None and q.shape[0] != 1:
+        problem = ValueError(f"cu_seqlens needs batch size 1 (the documents are packed into one "
+                             f"sequence), got q.shape[0]={q.shape[0]}; pack the batch into one row")
+    return problem
 
 
 def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, sinks
