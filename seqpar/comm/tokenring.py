@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +100,7 @@ class TokenRingPlan:
     forward: tuple[bool, ...]
     arrives: tuple[bool, ...]
     returns: tuple[RowSpan | None, ...]
+    direct: bool = False  # windows / documents: query rows go straight to the rank that sees them
 
     @classmethod
     def build(cls, info: GroupInfo, runs: tuple[Runs, ...], causal: bool | MaskRule, scale: float,
@@ -135,13 +136,42 @@ class TokenRingPlan:
                                    for b in blocks)
 
         visits = [span(rank - step, rank) for step in range(world)]
+        direct = rule.masked and world > 1
         return cls(info, causal, scale, kernel, recorders,
                    rows=tuple(rows for rows, _ in visits),
                    blocks=tuple(blocks for _, blocks in visits),
-                   forward=tuple(forwarded(rank - step, step) for step in range(world)),
-                   arrives=tuple(forwarded(rank - 1 - step, step) for step in range(world)),
+                   forward=tuple(not direct and forwarded(rank - step, step)
+                                 for step in range(world)),
+                   arrives=tuple(not direct and forwarded(rank - 1 - step, step)
+                                 for step in range(world)),
                    returns=tuple(span(rank, rank + step)[0] if step else None
-                                 for step in range(world)))
+                                 for step in range(world)),
+                   direct=direct)
+
+    def query_messages(self, rows_of: Callable[[RowSpan], torch.Tensor], step: int,
+                       empty: Callable[[int], torch.Tensor]
+                       ) -> tuple[DirectMessages, torch.Tensor | None]:
+        """The direct schedule's queries of `step` (posted one step early): the rows of ours
+        that rank r + step sees (`rows_of(span)`, a contiguous message) out, and the rows of
+        rank r - step's queries that we see in (`empty(n)`: a buffer for n rows)."""
+        rank, world = self.info.rank, self.info.world
+        if step >= world:
+            return DirectMessages(), None
+        ours, theirs = self.returns[step], self.rows[step]
+        buffer = None if theirs is None else empty(theirs[1] - theirs[0])
+        return (DirectMessages(send=[] if ours is None else [rows_of(ours)],
+                               to=(rank + step) % world,
+                               receive=[] if buffer is None else [buffer],
+                               source=(rank - step) % world), buffer)
+
+    def partial_messages(self, step: int, outgoing: torch.Tensor | None,
+                         incoming: torch.Tensor | None) -> DirectMessages:
+        """Our partial of step - 1 home to r - step + 1, and ours from r + step - 1 in."""
+        rank, world = self.info.rank, self.info.world
+        return DirectMessages(send=[] if outgoing is None else [outgoing],
+                              to=(rank - step + 1) % world,
+                              receive=[] if incoming is None else [incoming],
+                              source=(rank + step - 1) % world)
 
     def start_step(self, ring: RingExchange, step: int, queries: torch.Tensor,
                    outgoing: torch.Tensor | None, incoming: torch.Tensor | None) -> None:
@@ -207,6 +237,8 @@ def tokenring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Token
     if world == 1:
         plan.kernel.fwd_into(o, lse, q, k, v, plan.blocks[0], plan.scale)
         return o, lse
+    if plan.direct:
+        return _direct_fwd(q, k, v, o, lse, plan)
     ring = RingExchange(plan.info, Traffic.now("tokenring.fwd", plan.recorders))
     visiting, outgoing = q.contiguous(), None
     for step in range(world + 1):  # step == world: the last partial goes home
@@ -244,6 +276,8 @@ def tokenring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if world == 1:
         plan.kernel.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, plan.blocks[0], plan.scale)
         return dq, dk, dv
+    if plan.direct:
+        return _direct_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, plan)
     # What travels with the queries: lse and delta (accumulator dtype) first, then q and dO.
     travelling = [((batch, heads, seq), acc_dtype)] * 2 + [(tuple(q.shape), q.dtype)] * 2
     own = _pack(lse.to(acc_dtype), softmax_delta(do, o, dlse), q, do)
@@ -270,6 +304,84 @@ def tokenring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dq[:, back[0]:back[1]] += incoming
         visiting = arrived[0] if arrived else None
         outgoing = partial
+    return dq, dk, dv
+
+
+def _direct_fwd(q, k, v, o, lse, plan: TokenRingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows / documents: step t's batch carries the query rows of step t + 1 (ours that
+    r + t + 1 sees out, those of r - t - 1 that we see in) and the partial of step t - 1 home."""
+    world = plan.info.world
+    ring = RingExchange(plan.info, Traffic.now("tokenring.fwd", plan.recorders))
+    batch, _, heads, dim = q.shape
+
+    def rows_of(span: RowSpan) -> torch.Tensor:
+        return q[:, span[0]:span[1]].contiguous()
+
+    def empty(n: int) -> torch.Tensor:
+        return q.new_empty((batch, n, heads, dim))
+
+    visiting, outgoing = None, None
+    for step in range(world + 1):  # step == world: the last partial goes home
+        back = plan.incoming_rows(step)
+        incoming = None if back is None else _empty_message(_partial_parts(q, back), q.device)
+        queries, arriving = plan.query_messages(rows_of, step + 1, empty)
+        ring.start([], send=False, receive=False,
+                   direct=[queries, plan.partial_messages(step, outgoing, incoming)])
+        partial = None
+        if step == 0:
+            plan.kernel.fwd_into(o, lse, q, k, v, plan.blocks[0], plan.scale)
+        elif step < world and visiting is not None:
+            part_o, part_lse = plan.kernel.fwd(visiting, k, v, plan.blocks[step], plan.scale)
+            partial = _pack(part_lse, part_o.to(q.dtype))
+        ring.wait()
+        if incoming is not None:
+            lo, hi = back
+            back_lse, back_o = _unpack(incoming, _partial_parts(q, back))
+            merge_into(o[:, lo:hi], lse[:, :, lo:hi], back_o, back_lse)
+        visiting, outgoing = arriving, partial
+    return o, lse
+
+
+def _direct_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, plan: TokenRingPlan):
+    """The direct schedule's backward: query rows travel with their dO, lse and delta."""
+    world = plan.info.world
+    acc_dtype = accumulator_dtype(q.dtype)
+    batch, _, heads, dim = q.shape
+    lse_acc, delta = lse.to(acc_dtype), softmax_delta(do, o, dlse)
+
+    def parts(n: int):
+        return [((batch, heads, n), acc_dtype)] * 2 + [((batch, n, heads, dim), q.dtype)] * 2
+
+    def rows_of(span: RowSpan) -> torch.Tensor:
+        lo, hi = span
+        return _pack(lse_acc[:, :, lo:hi], delta[:, :, lo:hi], q[:, lo:hi], do[:, lo:hi])
+
+    def empty(n: int) -> torch.Tensor:
+        return _empty_message(parts(n), q.device)
+
+    ring = RingExchange(plan.info, Traffic.now("tokenring.bwd", plan.recorders))
+    visiting, outgoing = None, None
+    for step in range(world + 1):
+        back = plan.incoming_rows(step)
+        incoming = None if back is None else torch.empty(
+            (batch, back[1] - back[0], heads, dim), dtype=acc_dtype, device=q.device)
+        queries, arriving = plan.query_messages(rows_of, step + 1, empty)
+        ring.start([], send=False, receive=False,
+                   direct=[queries, plan.partial_messages(step, outgoing, incoming)])
+        partial = None
+        if step == 0:
+            plan.kernel.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, plan.blocks[0],
+                                 plan.scale)
+        elif step < world and visiting is not None:
+            n = plan.rows[step][1] - plan.rows[step][0]
+            lse_v, delta_v, q_v, do_v = _unpack(visiting, parts(n))
+            partial = torch.zeros((batch, n, heads, dim), dtype=acc_dtype, device=q.device)
+            plan.kernel.bwd_into(partial, dk, dv, do_v, q_v, k, v, None, lse_v, None,
+                                 plan.blocks[step], plan.scale, delta=delta_v)
+        ring.wait()
+        if incoming is not None:
+            dq[:, back[0]:back[1]] += incoming
+        visiting, outgoing = arriving, partial
     return dq, dk, dv
 
 
