@@ -88,6 +88,8 @@ def document_bounds(pattern: str | None, seq_len: int) -> torch.Tensor | None:
     "random" seeded lengths in [1, S // 3]."""
     if pattern is None:
         return None
+    if "," in pattern:  # explicit boundaries, e.g. "0,6,20,32"
+        return torch.tensor([int(b) for b in pattern.split(",")], dtype=torch.int64)
     if pattern == "span":
         bounds = [0, 1, 2, seq_len - 1, seq_len] if seq_len > 3 else [0, seq_len]
     else:

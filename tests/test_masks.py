@@ -55,3 +55,46 @@ def run_masked(case: AttnCase) -> dict:
 @pytest.mark.parametrize("world,case", mask_grid())
 def test_masks_match_reference(worlds, world, case):
     worlds(world).run(run_masked, case)
+
+
+# ---------------------------------------------------------------- bytes: only what is seen moves
+
+def bytes_of(case: AttnCase) -> tuple[int, int]:
+    errors = run_case(case)  # exact as well as cheap
+    return errors["bytes_fwd"], errors["bytes_bwd"]
+
+
+# B = 1, Hq = 4, Hkv = 2, D = 8, fp32: one K/V row (k and v) is 2 * 2 * 8 * 4 = 128 bytes;
+# one query row for TokenRing N * D * b = 4 * 8 * 4 = 128, its forward partial 4 * (32 + 4) = 144,
+# its backward pack 4 * (64 + 8) = 288, its dq partial 4 * 32 = 128.
+TRAFFIC = [
+    # ring, contiguous, causal W = 5: rank r < P-1 sends the last W-1 = 4 rows of K/V to r + 1
+    # (backward: again, plus the fp32 dK/dV of the 4 rows it received from r - 1, home).
+    # The same at P = 2 and S_loc = 32: independent of P and S.
+    ("ring", 4, "contiguous", 16, None, 5, [512, 512, 512, 0], [512, 1024, 1024, 512]),
+    ("ring", 2, "contiguous", 32, None, 5, [512, 0], [512, 512]),
+    # zigzag (chunks of 8): rank r sends 2 rows of chunk r to r + 1 and 2 of chunk 2P-1-r
+    # to r - 1 (rank 0's chunk 7 and rank 3's chunk 3 feed nobody else).
+    ("ring", 4, "zigzag", 16, None, 3, [256, 512, 512, 256], [512, 1024, 1024, 512]),
+    # documents [0, 6) [6, 20) [20, 32), causal, contiguous S_loc = 8: rank 0 sends rows 6, 7
+    # to ranks 1 and 2; rank 1 all 8 rows to rank 2; rank 2 rows 4..7 to rank 3.
+    ("ring", 4, "contiguous", 8, "0,6,20,32", None, [512, 1024, 512, 0],
+     [512, 1024 + 256, 512 + 1280, 512]),
+    # TokenRing, contiguous, causal W = 5: the first 4 query rows of r >= 1 go to r - 1, which
+    # returns their 4-row partial.
+    ("tokenring", 4, "contiguous", 16, None, 5, [576, 512 + 576, 512 + 576, 512],
+     [512, 1152 + 512, 1152 + 512, 1152]),
+]
+
+
+@pytest.mark.parametrize("backend,world,layout,seq_local,docs,window,fwd,bwd", TRAFFIC)
+def test_masked_traffic_equals_the_documented_formula(worlds, backend, world, layout, seq_local,
+                                                      docs, window, fwd, bwd):
+    case = AttnCase(backend=backend, layout=layout, heads_q=4, heads_kv=2, head_dim=8,
+                    seq_local=seq_local, docs=docs, window=window)
+    sent = worlds(world).run(bytes_of, case)
+    assert [f for f, _ in sent] == fwd
+    assert [b for _, b in sent] == bwd
+    if window is not None:
+        chunk = seq_local // (2 if layout == "zigzag" else 1)
+        assert max(fwd) <= 2 * chunk * 2 * 2 * 8 * 4  # at most two chunks' K/V (ring)

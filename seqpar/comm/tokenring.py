@@ -52,6 +52,19 @@ Ring attention moves K and V of Hkv heads instead: forward (P - 1) * 2 * B * S_l
 MHA (Hq == Hkv): Q + O partial ~ K + V, the same bytes split over two directions; backward
 TokenRing sends less (no travelling fp32 dK/dV). GQA: TokenRing moves Hq / Hkv times more.
 
+Windows and documents (a `MaskRule` that hides more than causality; `direct`): the queries do
+not walk the ring. At step t rank r sends straight to rank r + t the rows of its queries that
+r + t's keys serve (the hull [lo, hi) of `returns[t]`; nothing when none) and receives from
+r - t the rows of its queries it serves (`rows[t]`); the partials go home as above. Each step's
+queries are posted one step early, with the previous step's partial. Traffic per rank, with
+q_t = |returns[t]| (rows of ours rank r + t sees) and rows_t = |rows[t]| (rows of r - t's we
+serve):
+    forward   sum_t N * q_t * D * b             +  sum_t N * rows_t * (D * b + a)
+    backward  sum_t N * q_t * (2 D b + 2 a)      +  sum_t N * rows_t * D * a
+With a window W <= S_loc, contiguous and causal, only r - 1 sees rank r's first W - 1 queries:
+q_(P-1) = W - 1 (rank 0: none) and rows_1 = W - 1 (rank P - 1: none) -- neighbours only,
+bytes independent of P and S.
+
 Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc].
 """
 
