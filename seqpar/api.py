@@ -241,10 +241,12 @@ def _check_head_sharding(backend: str, heads_q: int, info: GroupInfo, mesh: SPMe
 
 
 def _auto_backend(q, k, info: GroupInfo, mesh: SPMesh | None, causal: bool, layout: str,
-                  return_lse: bool) -> str:
-    """The backend the cost model predicts fastest among the registered exact ones."""
+                  return_lse: bool, window: int | None = None, cu_seqlens=None) -> str:
+    """The backend the cost model predicts fastest among the registered exact ones (with a
+    window or documents: their visible work and the ring's / TokenRing's reduced traffic)."""
     problem = problem_of(q, k, info.world, mesh.ulysses_size if mesh is not None else None,
-                         causal, layout, return_lse)
+                         causal, layout, return_lse, window,
+                         None if cu_seqlens is None else tuple(cu_seqlens.tolist()))
     available = [name for name in AUTO_CANDIDATES if name in BACKENDS]
     return choose(problem, profile_for(q.device), available).backend
 
@@ -285,7 +287,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     shapes_ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     if backend == "auto" and shapes_ok:
-        backend = _auto_backend(q, k, info, mesh, causal, layout, return_lse)
+        backend = _auto_backend(q, k, info, mesh, causal, layout, return_lse, window, cu_seqlens)
     agree(info, "seqpar.attention", {
         "backend='auto' requested": int(requested == "auto"),
         ("backend chosen by backend='auto' (use the same cost profile on every rank)"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import seqpar
-from tests.attention_cases import AttnCase, run_case
+from seqpar.cost.traffic import backend_volume
+from tests.attention_cases import AttnCase, problem_of, run_case
 
 SOFTMAX = ("ring", "tokenring", "ulysses", "usp", "allgather")
 LAYOUT_CYCLE = ("zigzag", "contiguous", "striped")
@@ -44,6 +45,12 @@ def mask_grid() -> list:
                             dtype=torch.float64 if (i + j) % 3 == 0 else torch.float32)
             params.append(pytest.param(world, case, id=f"{world}-{case}"))
     return params
+
+
+def test_auto_runs_masked_attention_exactly(worlds):
+    case = AttnCase(backend="auto", layout="zigzag", heads_q=4, heads_kv=2, head_dim=8,
+                    seq_local=12, docs="mixed", window=4, sinks=True, dtype=torch.float64)
+    worlds(2).run(run_case, case)
 
 
 def run_masked(case: AttnCase) -> dict:
@@ -95,6 +102,11 @@ def test_masked_traffic_equals_the_documented_formula(worlds, backend, world, la
     sent = worlds(world).run(bytes_of, case)
     assert [f for f, _ in sent] == fwd
     assert [b for _, b in sent] == bwd
+    # ... and the cost model's traffic formulas (seqpar.cost.traffic) say the same
+    problem = problem_of(case, world, window=window,
+                         documents=None if docs is None else tuple(int(b) for b in docs.split(",")))
+    model = [backend_volume(backend, problem, rank) for rank in range(world)]
+    assert [f.bytes for f, _ in model] == fwd and [b.bytes for _, b in model] == bwd
     if window is not None:
         chunk = seq_local // (2 if layout == "zigzag" else 1)
         assert max(fwd) <= 2 * chunk * 2 * 2 * 8 * 4  # at most two chunks' K/V (ring)
