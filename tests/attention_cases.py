@@ -235,13 +235,15 @@ def compare_results(names, actual, expected, dtype: torch.dtype, context: str,
 _SAME = object()
 
 
-def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, float]:
+def run_case(case: AttnCase, group=None, reference_scale=_SAME,
+             reference_masks: dict | None = None) -> dict[str, float]:
     """Run on every rank; assert this rank's results; return its errors (for reporting).
 
     `group`: None, a ProcessGroup, or a seqpar.SPMesh (passed to seqpar.attention as is).
 
-    `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
-    reference on purpose, to show it fails.
+    `reference_scale` (default: the case's scale) and `reference_masks` (mask keyword
+    arguments that replace the case's in the reference only) let a test feed the comparison a
+    wrong reference on purpose, to show it fails.
     """
     # `group` may be a seqpar.SPMesh (backend "usp", or several sequence-parallel groups side
     # by side): seqpar's functions take it as is and shard over its sequence-parallel group.
@@ -254,7 +256,7 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     masks = mask_options(case, q.shape[1])
     ref = reference(q, k, v, do, dlse, case.causal,
                     case.scale if reference_scale is _SAME else reference_scale, mask, sinks,
-                    **masks)
+                    **{**masks, **(reference_masks or {})})
 
     def local(t, dim=1):
         return seqpar.shard(t, group, dim=dim, layout=case.layout)

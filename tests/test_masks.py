@@ -110,3 +110,57 @@ def test_masked_traffic_equals_the_documented_formula(worlds, backend, world, la
     if window is not None:
         chunk = seq_local // (2 if layout == "zigzag" else 1)
         assert max(fwd) <= 2 * chunk * 2 * 2 * 8 * 4  # at most two chunks' K/V (ring)
+
+
+@pytest.mark.parametrize("backend", ["ring", "tokenring"])
+def test_masks_in_bf16(worlds, backend):
+    """bf16: within 2x the error of the same-precision single-device computation (seqpar's own
+    CPU kernel on the whole masked sequence in one process, sinks applied after) plus eps/4 of
+    the magnitude (`attention_cases` module docstring): per-block partials are rounded to bf16
+    before the fp32 merge, the single-device run rounds once per block of its own plan."""
+    case = AttnCase(backend=backend, layout="zigzag", heads_q=8, heads_kv=2, head_dim=32,
+                    seq_local=32, docs="random", window=9, sinks=True, dtype=torch.bfloat16)
+    worlds(4).run(run_case, case)
+
+
+def sinks_on_rows_that_see_nothing() -> None:
+    """Rows with L' = -inf (nothing visible) under a sink: o = 0, L = sink, finite gradients;
+    and the sink step's gradient is exact (fp64 gradcheck, lse gradient included)."""
+    from seqpar.kernels.sinks import AttentionSinks
+    g = torch.Generator().manual_seed(0)
+    o_inner = torch.randn(1, 3, 2, 4, generator=g, dtype=torch.float64)
+    lse_inner = torch.randn(1, 2, 3, generator=g, dtype=torch.float64)
+    o_inner[:, 1], lse_inner[:, :, 1] = 0.0, float("-inf")
+    sinks = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (o_inner, lse_inner, sinks)]
+    o, lse = AttentionSinks.apply(*leaves)
+    assert torch.equal(o[:, 1], torch.zeros_like(o[:, 1])) and torch.equal(lse[0, :, 1], sinks)
+    (o.sum() + lse.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    finite = [t.clone().requires_grad_() for t in (o_inner, torch.randn(1, 2, 3, generator=g,
+                                                                        dtype=torch.float64), sinks)]
+    assert torch.autograd.gradcheck(lambda a, b, c: AttentionSinks.apply(a, b, c), finite)
+
+
+def wrong_masks_are_caught() -> list[str]:
+    """The comparison fails when the reference's mask differs slightly from seqpar's: a window
+    one wider, one document boundary moved by one, a soft cap 10% off."""
+    case = AttnCase(layout="zigzag", heads_q=4, heads_kv=2, head_dim=8, seq_local=8,
+                    docs="0,5,16", window=4, softcap=1.0)
+    run_case(case)  # the right one passes
+    caught = []
+    for name, wrong in (("window", {"window": 5}), ("cu_seqlens", {"cu_seqlens": torch.tensor([0, 6, 16])}),
+                        ("softcap", {"softcap": 1.1})):
+        try:
+            run_case(case, reference_masks=wrong)
+        except AssertionError:
+            caught.append(name)
+    return caught
+
+
+def test_comparison_rejects_a_wrong_mask(worlds):
+    assert worlds(2).run(wrong_masks_are_caught) == [["window", "cu_seqlens", "softcap"]] * 2
+
+
+def test_sinks_step_is_exact_and_nan_free():
+    sinks_on_rows_that_see_nothing()
