@@ -21,6 +21,7 @@ through the same cross-rank agreement, so ranks with different profiles raise, n
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 from collections.abc import Callable
 
@@ -36,60 +37,62 @@ from .comm.usp import usp_plan
 from .cost.hardware import profile_for
 from .cost.predict import AUTO_CANDIDATES, choose, problem_of
 from .kernels.dispatch import select_kernel, select_linear_kernel
+from .kernels.mask import MaskRule
 from .kernels.s2 import S2Pattern, warn_if_uncovered
+from .kernels.sinks import AttentionSinks
 from .kernels.plan import accumulator_dtype
-from .layout import LAYOUTS, all_local_runs, local_runs
+from .layout import LAYOUTS, all_local_runs, document_bounds_error, local_runs
 from .mesh import SPMesh
 
 BACKENDS: dict[str, Callable] = {}
 
 
-def _ring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+def _ring(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, return_lse: bool,
           mesh: SPMesh | None):
     seq_len = q.shape[1] * info.world
     plan = RingPlan.build(info, local_runs(seq_len, info.world, info.rank, layout),
-                          all_local_runs(seq_len, info.world, layout), causal, scale,
+                          all_local_runs(seq_len, info.world, layout), mask, scale,
                           select_kernel(q.device, q.dtype), active_recorders())
     return RingAttention.apply(q, k, v, plan)
 
 
-def _ulysses(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+def _ulysses(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, return_lse: bool,
              mesh: SPMesh | None, s2: S2Pattern | None = None):
     plan = UlyssesPlan.build(info, GroupInfo(None, 0, 1),
                              all_local_runs(q.shape[1] * info.world, info.world, layout),
-                             q.shape[2], k.shape[2], causal, scale,
+                             q.shape[2], k.shape[2], mask, scale,
                              select_kernel(q.device, q.dtype), active_recorders(), return_lse,
                              op="s2" if s2 is not None else "ulysses", s2=s2)
     return UlyssesAttention.apply(q, k, v, plan)
 
 
-def _s2(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+def _s2(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, return_lse: bool,
         mesh: SPMesh | None, s2: S2Pattern):
     """Ulysses with the block-sparse S2 kernel in the middle (the same all-to-alls)."""
     warn_if_uncovered(s2, q.shape[1] * info.world // s2.block_size, k.shape[2], q.shape[2])
-    return _ulysses(q, k, v, info, causal, scale, layout, return_lse, mesh, s2)
+    return _ulysses(q, k, v, info, mask, scale, layout, return_lse, mesh, s2)
 
 
-def _usp(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str, return_lse: bool,
+def _usp(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, return_lse: bool,
          mesh: SPMesh | None):
     plan = usp_plan(mesh.ulysses, mesh.ring,
                     all_local_runs(q.shape[1] * info.world, info.world, layout), q.shape[2],
-                    k.shape[2], causal, scale, select_kernel(q.device, q.dtype),
+                    k.shape[2], mask, scale, select_kernel(q.device, q.dtype),
                     active_recorders(), return_lse)
     return UlyssesAttention.apply(q, k, v, plan)
 
 
-def _allgather(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str,
+def _allgather(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str,
                return_lse: bool, mesh: SPMesh | None):
     plan = AllGatherPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
-                               causal, scale, select_kernel(q.device, q.dtype), active_recorders())
+                               mask, scale, select_kernel(q.device, q.dtype), active_recorders())
     return AllGatherAttention.apply(q, k, v, plan)
 
 
-def _tokenring(q, k, v, info: GroupInfo, causal: bool, scale: float, layout: str,
+def _tokenring(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str,
                return_lse: bool, mesh: SPMesh | None):
     plan = TokenRingPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
-                               causal, scale, select_kernel(q.device, q.dtype), active_recorders())
+                               mask, scale, select_kernel(q.device, q.dtype), active_recorders())
     return TokenRingAttention.apply(q, k, v, plan)
 
 
@@ -238,17 +241,21 @@ def _check_head_sharding(backend: str, heads_q: int, info: GroupInfo, mesh: SPMe
 
 
 def _auto_backend(q, k, info: GroupInfo, mesh: SPMesh | None, causal: bool, layout: str,
-                  return_lse: bool) -> str:
-    """The backend the cost model predicts fastest among the registered exact ones."""
+                  return_lse: bool, window: int | None = None, cu_seqlens=None) -> str:
+    """The backend the cost model predicts fastest among the registered exact ones (with a
+    window or documents: their visible work and the ring's / TokenRing's reduced traffic)."""
     problem = problem_of(q, k, info.world, mesh.ulysses_size if mesh is not None else None,
-                         causal, layout, return_lse)
+                         causal, layout, return_lse, window,
+                         None if cu_seqlens is None else tuple(cu_seqlens.tolist()))
     available = [name for name in AUTO_CANDIDATES if name in BACKENDS]
     return choose(problem, profile_for(q.device), available).backend
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, backend: str = "ring",
               causal: bool = True, scale: float | None = None, layout: str = "zigzag",
-              return_lse: bool = False, s2=None):
+              return_lse: bool = False, s2=None, *, cu_seqlens: torch.Tensor | None = None,
+              window: int | None = None, softcap: float | None = None,
+              sinks: torch.Tensor | None = None):
     """Softmax attention over a sequence sharded across `group`.
 
     q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D] (Hq % Hkv == 0): this rank's tokens, sharded
@@ -260,16 +267,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     other backends use its whole group). s2: the `seqpar.S2Pattern` backend "s2" attends with
     (Ulysses all-to-all + block-sparse S2 heads; causal only).
     backend="auto": the cost model's predicted fastest legal exact backend (module docstring).
+
+    Masks (DESIGN §2 / §4 "Masks"; every backend but "s2", every layout): `cu_seqlens` the
+    GLOBAL document boundaries [n_docs + 1] of a packed B = 1 sequence (0 = c[0] < ... < c[-1]
+    = S, the same on every rank; a token sees only its own document), `window` W >= 1 (key j
+    visible to query i only if |i - j| < W), `softcap` c > 0 (scores become c tanh(s / c)),
+    `sinks` [Hq] (one extra logit per head in every denominator; lse includes it; its gradient
+    is this rank's tokens' share). The mask reaches every backend through one plan
+    (`kernels.mask.plan_blocks` with a `MaskRule`); sinks are applied once to the merged
+    result (`kernels.sinks`).
     """
     mesh = group if isinstance(group, SPMesh) else None
     info = mesh.info if mesh is not None else resolve_group(group)
     problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
                                     info, mesh)
+    if problem is None:
+        problem = _check_masks(q, backend, info, cu_seqlens, window, softcap, sinks)
     requested = backend
     shapes_ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     if backend == "auto" and shapes_ok:
-        backend = _auto_backend(q, k, info, mesh, causal, layout, return_lse)
+        backend = _auto_backend(q, k, info, mesh, causal, layout, return_lse, window, cu_seqlens)
     agree(info, "seqpar.attention", {
         "backend='auto' requested": int(requested == "auto"),
         ("backend chosen by backend='auto' (use the same cost profile on every rank)"
@@ -282,11 +300,83 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
         "key/value heads": k.shape[2] if shapes_ok else -1,
         "head dim": q.shape[3] if shapes_ok else -1,
         **_s2_values(s2 if shapes_ok else None),
+        **_mask_values(cu_seqlens, window, softcap, sinks, shapes_ok),
     }, problem, device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     options = {"s2": s2} if backend == "s2" else {}
-    o, lse = BACKENDS[backend](q, k, v, info, causal, scale, layout, return_lse, mesh, **options)
+    mask = MaskRule(causal, window, None if cu_seqlens is None else tuple(cu_seqlens.tolist()),
+                    None if softcap is None else float(softcap))
+    o, lse = BACKENDS[backend](q, k, v, info, mask, scale, layout,
+                               return_lse or sinks is not None, mesh, **options)
+    if sinks is not None:
+        o, lse = AttentionSinks.apply(o, lse, sinks)
     return (o, lse) if return_lse else o
+
+
+def _check_cu_seqlens(cu_seqlens, q, seq_len: int) -> Exception | None:
+    """Boundaries 0 = c[0] < ... < c[-1] = S (`layout.document_bounds_error`) of a B = 1 batch."""
+    problem = document_bounds_error(cu_seqlens, seq_len)
+    if problem is None and q.shape[0] != 1:
+        problem = ValueError(f"cu_seqlens needs batch size 1 (the documents are packed into one "
+                             f"sequence), got q.shape[0]={q.shape[0]}; pack the batch into one row")
+    return problem
+
+
+def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, sinks
+                 ) -> Exception | None:
+    """This rank's verdict on the mask arguments (q is already known to be well formed)."""
+    if backend == "s2" and not (cu_seqlens is None and window is None and softcap is None
+                                and sinks is None):
+        return ValueError("backend='s2' does not take cu_seqlens, window, softcap or sinks (its "
+                          "block-sparse pattern is its mask); use backend='ring', 'tokenring', "
+                          "'ulysses', 'usp' or 'allgather' for these masks")
+    if cu_seqlens is not None:
+        problem = _check_cu_seqlens(cu_seqlens, q, q.shape[1] * info.world)
+        if problem:
+            return problem
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            return TypeError(f"window must be None or an int W >= 1 (key j visible to query i "
+                             f"iff |i - j| < W), got {window!r}")
+        if window < 1:
+            return ValueError(f"window must be >= 1 (window=1: each token sees only itself), "
+                              f"got {window}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            return TypeError(f"softcap must be None or a positive number, got {softcap!r}")
+        if not math.isfinite(softcap) or softcap <= 0:
+            return ValueError(f"softcap must be a positive finite number (scores become "
+                              f"softcap * tanh(s / softcap)), got {softcap!r}; pass None for "
+                              f"no cap")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            return TypeError(f"sinks must be None or a tensor [Hq] of per-head logits, got "
+                             f"{type(sinks).__name__}")
+        if sinks.dtype not in _DTYPE_CODES:
+            return TypeError(f"sinks.dtype={sinks.dtype} is not supported; pass the sink logits "
+                             f"as a floating tensor (e.g. torch.float32)")
+        if tuple(sinks.shape) != (q.shape[2],):
+            return ValueError(f"sinks must have shape [Hq] = [{q.shape[2]}] (one logit per "
+                              f"query head), got {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            return ValueError(f"sinks is on {sinks.device} but q is on {q.device}; move it to "
+                              f"q's device")
+    return None
+
+
+def _mask_values(cu_seqlens, window, softcap, sinks, ok: bool) -> dict[str, int]:
+    """The mask arguments as integers every rank must share (zeros where absent)."""
+    cu_ok = ok and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1
+    bounds = tuple(cu_seqlens.tolist()) if cu_ok else ()
+    return {
+        "cu_seqlens (None or a tensor)": int(cu_seqlens is not None),
+        "number of cu_seqlens entries": len(bounds),
+        # hash of a tuple of ints is the same in every process (no string hashing involved)
+        "cu_seqlens": hash(bounds) & ((1 << 62) - 1) if cu_ok else 0,
+        "window": int(window) if ok and isinstance(window, numbers.Integral) else 0,
+        "softcap": _float_bits(float(softcap)) if ok and isinstance(softcap, numbers.Real) else 0,
+        "sinks (None or a tensor)": int(sinks is not None),
+    }
 
 
 def _s2_values(s2: S2Pattern | None) -> dict[str, int]:

@@ -55,6 +55,15 @@ class AttnCase:
     kernel: str | None = None  # force a local kernel ("flash" / "chunked" / "triton")
     s2: seqpar.S2Pattern | None = None  # backend "s2": the pattern (the reference masks with it)
     seed: int = 0
+    docs: str | None = None  # packed documents: a `document_bounds` pattern name
+    window: int | None = None
+    softcap: float | None = None
+    sinks: bool = False  # a random [Hq] sink logit per head (its gradient is checked too)
+
+    @property
+    def masked(self) -> bool:
+        return (self.docs is not None or self.window is not None or self.softcap is not None
+                or self.sinks)
 
     def __str__(self) -> str:
         return (f"{self.backend}/{self.layout}/{'causal' if self.causal else 'full'}/"
@@ -64,7 +73,36 @@ class AttnCase:
                 + (f"/{self.kernel}" if self.kernel else "")
                 + ("" if self.s2 is None else
                    f"/s2:b{self.s2.block_size}l{self.s2.local_blocks}v{self.s2.vert_stride}"
-                   f"{'het' if self.s2.heterogeneous else 'hom'}+{self.s2.head_offset}"))
+                   f"{'het' if self.s2.heterogeneous else 'hom'}+{self.s2.head_offset}")
+                + (f"/docs:{self.docs}" if self.docs else "")
+                + (f"/W{self.window}" if self.window is not None else "")
+                + (f"/cap{self.softcap}" if self.softcap is not None else "")
+                + ("/sinks" if self.sinks else ""))
+
+
+def document_bounds(pattern: str | None, seq_len: int) -> torch.Tensor | None:
+    """Global document boundaries for a named pattern (no padding anywhere):
+    "mixed"  lengths 1, 3, 1, 7, 2, 11, 5, ... cycling (the last one cut at S): documents of
+             length 1, and documents crossing shard boundaries at odd places;
+    "span"   [0, 1, 2, S - 1, S]: two 1-token documents, one spanning every rank, one more 1-token;
+    "random" seeded lengths in [1, S // 3]."""
+    if pattern is None:
+        return None
+    if "," in pattern:  # explicit boundaries, e.g. "0,6,20,32"
+        return torch.tensor([int(b) for b in pattern.split(",")], dtype=torch.int64)
+    if pattern == "span":
+        bounds = [0, 1, 2, seq_len - 1, seq_len] if seq_len > 3 else [0, seq_len]
+    else:
+        if pattern == "mixed":
+            lengths = [1, 3, 1, 7, 2, 11, 5]
+        else:
+            g = torch.Generator().manual_seed(seq_len)
+            lengths = torch.randint(1, max(2, seq_len // 3), (seq_len,), generator=g).tolist()
+        bounds, i = [0], 0
+        while bounds[-1] < seq_len:
+            bounds.append(min(seq_len, bounds[-1] + lengths[i % len(lengths)]))
+            i += 1
+    return torch.tensor(bounds, dtype=torch.int64)
 
 
 def global_inputs(case: AttnCase, world: int):
@@ -82,13 +120,64 @@ def global_inputs(case: AttnCase, world: int):
     return q, k, v, do, dlse
 
 
-def reference(q, k, v, do, dlse, causal, scale, mask=None):
-    """fp64 output, lse and input gradients of loss = <o, dO> + <lse, dLSE> (finite lse only)."""
+def global_sinks(case: AttnCase) -> torch.Tensor | None:
+    """[Hq] sink logits around the size of a typical score (so they change every result)."""
+    if not case.sinks:
+        return None
+    gen = torch.Generator().manual_seed(case.seed + 100)
+    return torch.randn(case.heads_q, generator=gen, dtype=torch.float64)
+
+
+def mask_options(case: AttnCase, seq_len: int) -> dict:
+    """The reference's / seqpar.attention's mask keyword arguments of `case` (without sinks)."""
+    return {"cu_seqlens": document_bounds(case.docs, seq_len), "window": case.window,
+            "softcap": case.softcap}
+
+
+def reference(q, k, v, do, dlse, causal, scale, mask=None, sinks=None, **masks):
+    """fp64 output, lse and input gradients of loss = <o, dO> + <lse, dLSE> (finite lse only);
+    with `sinks`, their gradient too (a sixth result)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o, lse = attention_reference(q, k, v, causal=causal, scale=scale, mask=mask)
+    inputs = (q, k, v)
+    if sinks is not None:
+        sinks = sinks.detach().clone().requires_grad_()
+        inputs += (sinks,)
+    o, lse = attention_reference(q, k, v, causal=causal, scale=scale, mask=mask, sinks=sinks,
+                                 **masks)
     loss = (o * do).sum() + (torch.where(torch.isfinite(lse), lse, 0) * dlse).sum()
-    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
-    return o.detach(), lse.detach(), dq, dk, dv
+    grads = torch.autograd.grad(loss, inputs)
+    return (o.detach(), lse.detach()) + tuple(grads)
+
+
+def masked_single_device_errors(q, k, v, do, dlse, case: AttnCase, sinks, ref) -> dict[str, float]:
+    """Errors of seqpar's own CPU kernel path in `case.dtype` on the whole masked sequence in
+    one process (the plan of one rank holding everything; sinks applied after): the
+    same-precision single-device computation a masked low-precision case is bounded by."""
+    from seqpar.kernels import KERNELS
+    from seqpar.kernels.mask import MaskRule, Run, plan_blocks
+    from seqpar.kernels.sinks import sinks_bwd, sinks_fwd
+    seq = q.shape[1]
+    opts = mask_options(case, seq)
+    docs = opts["cu_seqlens"]
+    rule = MaskRule(case.causal, case.window, None if docs is None else tuple(docs.tolist()),
+                    case.softcap)
+    blocks = plan_blocks((Run(0, seq),), (Run(0, seq),), rule)
+    scale = case.scale if case.scale is not None else q.shape[-1] ** -0.5
+    qx, kx, vx, dox = (t.to(case.dtype) for t in (q, k, v, do))
+    kernel = KERNELS["flash"]
+    o_inner, lse_inner = kernel.fwd(qx, kx, vx, blocks, scale)
+    o_inner = o_inner.to(case.dtype)
+    o, lse = o_inner, lse_inner
+    dlse_x = torch.where(torch.isfinite(ref[1]), dlse, 0).float()
+    do_in, dlse_in, extra = dox, dlse_x, ()
+    if sinks is not None:
+        sinks_x = sinks.to(case.dtype)
+        o, lse = sinks_fwd(o_inner, lse_inner, sinks_x)
+        do_in, dlse_in, dsinks = sinks_bwd(dox, dlse_x, o, lse_inner, sinks_x)
+        extra = (dsinks,)
+    dq, dk, dv = kernel.bwd(do_in, qx, kx, vx, o_inner, lse_inner, dlse_in, blocks, scale)
+    names = ("o", "lse", "dq", "dk", "dv", "dsinks")
+    return {n: max_error(a, b) for n, a, b in zip(names, (o, lse, dq, dk, dv) + extra, ref)}
 
 
 def single_device_errors(q, k, v, do, dlse, causal, scale, dtype, ref) -> dict[str, float]:
@@ -136,13 +225,15 @@ def compare_results(names, actual, expected, dtype: torch.dtype, context: str,
 _SAME = object()
 
 
-def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, float]:
+def run_case(case: AttnCase, group=None, reference_scale=_SAME,
+             reference_masks: dict | None = None) -> dict[str, float]:
     """Run on every rank; assert this rank's results; return its errors (for reporting).
 
     `group`: None, a ProcessGroup, or a seqpar.SPMesh (passed to seqpar.attention as is).
 
-    `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
-    reference on purpose, to show it fails.
+    `reference_scale` (default: the case's scale) and `reference_masks` (mask keyword
+    arguments that replace the case's in the reference only) let a test feed the comparison a
+    wrong reference on purpose, to show it fails.
     """
     # `group` may be a seqpar.SPMesh (backend "usp", or several sequence-parallel groups side
     # by side): seqpar's functions take it as is and shard over its sequence-parallel group.
@@ -151,14 +242,23 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     q, k, v, do, dlse = global_inputs(case, world)
     mask = (None if case.s2 is None else
             s2_rule_token_mask(case.s2, q.shape[1], case.heads_q, case.heads_kv))
+    sinks = global_sinks(case)
+    masks = mask_options(case, q.shape[1])
     ref = reference(q, k, v, do, dlse, case.causal,
-                    case.scale if reference_scale is _SAME else reference_scale, mask)
+                    case.scale if reference_scale is _SAME else reference_scale, mask, sinks,
+                    **{**masks, **(reference_masks or {})})
 
     def local(t, dim=1):
         return seqpar.shard(t, group, dim=dim, layout=case.layout)
 
     q_l, k_l, v_l = (local(t).to(case.dtype).requires_grad_() for t in (q, k, v))
     options = {"s2": case.s2} if case.s2 is not None else {}
+    if case.masked:
+        options.update({name: value for name, value in masks.items() if value is not None})
+    sinks_l = None
+    if sinks is not None:
+        sinks_l = sinks.to(case.dtype).requires_grad_()
+        options["sinks"] = sinks_l
     with seqpar.comm_stats() as stats, (use_kernel(case.kernel) if case.kernel
                                         else contextlib.nullcontext()):
         o, lse = seqpar.attention(q_l, k_l, v_l, group, backend=case.backend, causal=case.causal,
@@ -170,15 +270,27 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
 
     assert o.dtype == case.dtype and q_l.grad.dtype == case.dtype and k_l.grad.dtype == case.dtype
     assert lse.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
-    expected = [local(ref[0]), local(ref[1], dim=2)] + [local(g) for g in ref[2:]]
+    expected = [local(ref[0]), local(ref[1], dim=2)] + [local(g) for g in ref[2:5]]
     actual = [o, lse, q_l.grad, k_l.grad, v_l.grad]
     names = ("o", "lse", "dq", "dk", "dv")
+    if sinks_l is not None:
+        # Each rank holds its tokens' share of dsinks; their sum is the reference's gradient.
+        total = sinks_l.grad.detach().double().clone()
+        if world > 1:
+            torch.distributed.all_reduce(total, group=info.group)
+        expected.append(ref[5])
+        actual.append(total)
+        names += ("dsinks",)
     if mask is not None and case.dtype not in EXACT_REL:
         raise ValueError("low-precision S2 cases have no single-device fused kernel to compare "
                          "with; run them in fp32 or fp64")
+    if case.masked:
+        single = lambda: masked_single_device_errors(q, k, v, do, dlse, case, sinks, ref)  # noqa: E731
+    else:
+        single = lambda: single_device_errors(q, k, v, do, dlse, case.causal, case.scale,  # noqa: E731
+                                              case.dtype, ref)
     errors = compare_results(names, actual, expected, case.dtype, f"rank {rank}/{world} {case}:",
-                             lambda: single_device_errors(q, k, v, do, dlse, case.causal,
-                                                          case.scale, case.dtype, ref))
+                             single)
     for direction in ("fwd", "bwd"):
         op = stats.ops.get(f"{case.backend}.{direction}")
         errors[f"bytes_{direction}"] = stats.sent(f"{case.backend}.{direction}")

@@ -314,3 +314,28 @@ def test_seqpar_bench_command_explains_and_calibrates(tmp_path, capsys):
     assert "cli-test" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["bench", "explain", "--seq", "4096", "--world", "2", "--profile", "nowhere"])
+
+
+def test_auto_counts_the_work_and_traffic_a_mask_removes():
+    """Deterministic: on an H100 spec sheet, 128K tokens over 8 ranks, dense causal attention
+    goes to Ulysses; with a 2K window or 4K documents every backend is predicted faster, the
+    model charges exactly the visible pairs, and the choice moves to a ring-family backend
+    (they move only the slices that are seen, the all-to-alls move everything)."""
+    from seqpar.cost.hardware import SPEC_SHEETS
+    from seqpar.cost.traffic import masked_work
+    hw = SPEC_SHEETS["h100-sxm"]
+    dense = Problem(batch=1, seq_len=131072, heads_q=32, heads_kv=8, head_dim=128, world=8,
+                    causal=True, layout="zigzag")
+    windowed = dense.with_(window=2048)
+    packed = dense.with_(documents=tuple(range(0, 131072 + 1, 4096)))
+    assert choose(dense, hw).backend == "ulysses"
+    for masked in (windowed, packed):
+        assert choose(masked, hw).backend in ("ring", "tokenring")
+        for backend in AUTO_CANDIDATES:
+            if backend != "usp":
+                assert predict(backend, masked, hw).seconds < predict(backend, dense, hw).seconds / 5
+    small = Problem(batch=1, seq_len=1024, heads_q=4, heads_kv=4, head_dim=64, world=4,
+                    layout="zigzag", window=100)
+    visible = sum(min(i + 1, 100) for i in range(1024))
+    assert masked_work(small, 4)[0].sum() == visible  # every rank pair, exact pairs
+    assert masked_work(small, 1)[0].sum() == visible  # one group: the Ulysses plan

@@ -90,3 +90,28 @@ def test_gather_with_mismatched_shards_raises_on_every_rank(worlds):
     messages = worlds(2).run(mismatched_gather)
     for m in messages:
         assert "x_local.shape[1] differs across ranks" in m and "min: 4, max: 6" in m
+
+
+def test_positions_restart_in_every_document():
+    """RoPE positions of packed documents: each document counts from 0, across rank borders."""
+    cu = torch.tensor([0, 1, 6, 13, 16], dtype=torch.int32)
+    every = torch.cat([torch.arange(1), torch.arange(5), torch.arange(7), torch.arange(3)])
+    assert seqpar.positions(16, layout="contiguous", cu_seqlens=cu).tolist() == every.tolist()
+    with pytest.raises(ValueError, match=r"seqpar.positions: cu_seqlens must end at the global "
+                                         r"sequence length S=16"):
+        seqpar.positions(16, layout="contiguous", cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(TypeError, match=r"cu_seqlens.dtype=torch.float32"):
+        seqpar.positions(16, layout="contiguous", cu_seqlens=torch.tensor([0.0, 16.0]))
+
+
+def positions_of_packed_documents(layout: str) -> list[int]:
+    cu = torch.tensor([0, 3, 4, 15, 16])
+    pos = seqpar.positions(16, layout=layout, cu_seqlens=cu)
+    every = torch.cat([torch.arange(3), torch.arange(1), torch.arange(11), torch.arange(1)])
+    assert torch.equal(pos, every[seqpar.positions(16, layout=layout)])
+    return pos.tolist()
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_positions_restart_per_document_on_every_rank(worlds, layout):
+    worlds(2).run(positions_of_packed_documents, layout)

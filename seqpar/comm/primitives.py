@@ -314,7 +314,9 @@ class RingExchange:
         return ops
 
     def start(self, tensors: Sequence[torch.Tensor], *, send: bool = True, receive: bool = True,
-              direct: DirectMessages | None = None) -> None:
+              direct: DirectMessages | Sequence[DirectMessages] | None = None) -> None:
+        """Post the step. `direct`: one `DirectMessages` or several (each its own peers),
+        posted in the order given -- every rank must list them in the same order."""
         if self._pending is not None:
             raise RuntimeError("RingExchange.start: the previous exchange was not waited for; "
                                "call wait() once per start()")
@@ -322,8 +324,10 @@ class RingExchange:
         for t in tensors:
             if send and not t.is_contiguous():
                 raise ValueError("RingExchange.start: tensors must be contiguous")
-        direct = direct or DirectMessages()
-        direct_ops = self._direct_ops(direct)
+        directs = [direct] if isinstance(direct, DirectMessages) else list(direct or ())
+        direct_ops = [op for d in directs for op in self._direct_ops(d)]
+        direct = DirectMessages(send=[t for d in directs for t in d.send],
+                                receive=[t for d in directs for t in d.receive])
         group = self.info.group
         sent = tensors if send else []
         receive_into = self._free_buffer_set(tensors) if receive else []

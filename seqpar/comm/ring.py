@@ -21,6 +21,24 @@ Each transfer is posted before the compute of the current block and waited for a
 communication overlaps computation. With the zigzag layout every rank does the same number of
 (query, key) products at every step, so no rank waits for another.
 
+Windows and documents (a `MaskRule` that hides more than causality): the K/V a rank needs of
+another rank is usually a small slice, so the K/V go *directly* to the ranks that see them,
+never hop by hop. At step t (1 <= t < P) rank r sends to rank r + t the rows of its K/V that
+some query of r + t sees -- per run of its layout the hull [first, end) of those keys
+(`kernels.mask.visible_key_span`) -- and receives from r - t the rows of r - t's K/V it sees;
+a step with nothing to move sends nothing, a pair with no visible entry is never planned.
+Backward: the same K/V slices again, and the fp32 dK/dV of each received slice goes straight
+back to its owner (one message, the step after it is computed), which adds it into its own.
+Traffic per rank, with n_t = rows rank r sends at step t, m_t = rows it receives at step t:
+    forward   sum_t n_t * 2 * B * Hkv * D * b
+    backward  sum_t n_t * 2 * B * Hkv * D * b  +  sum_t m_t * 2 * B * Hkv * D * 4
+Window W <= chunk, contiguous: causal n_1 = W - 1 (rank P - 1: 0), non-causal also
+n_(P-1) = W - 1 to r - 1 (rank 0: 0); zigzag (two chunks of C = S / 2P per rank): rank r sends
+W - 1 rows of its first chunk to r + 1 (r < P - 1) and W - 1 of its second to r - 1 (r > 0),
+causal or not (non-causal adds the mirror rows the other way). So a rank exchanges with its
+neighbours only, and its bytes do not depend on P or S. Documents: n_t is the hull of the keys
+of r in documents (and, causal, positions) that rank r + t's queries reach.
+
 Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc].
 """
 
@@ -31,9 +49,39 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.mask import Runs, SubBlock, plan_blocks
+from ..kernels.mask import MaskRule, Run, Runs, SubBlock, as_rule, plan_blocks, visible_key_span
 from ..kernels.plan import PlanKernel, accumulator_dtype
-from .primitives import CommStats, GroupInfo, RingExchange, Traffic
+from .primitives import CommStats, DirectMessages, GroupInfo, RingExchange, Traffic
+
+
+Span = tuple[int, int]  # local rows [first, end) of a K/V block
+
+
+def _needed_rows(key_runs: Runs, query_runs: Runs, rule: MaskRule) -> tuple[Span, ...]:
+    """The local rows of a K/V block (laid out as `key_runs`) that some query of
+    `query_runs` sees: one hull per run, empty runs left out."""
+    spans, offset = [], 0
+    for run, (first, end) in zip(key_runs, visible_key_span(query_runs, key_runs, rule)):
+        if end > first:
+            spans.append((offset + first, offset + end))
+        offset += run.length
+    return tuple(spans)
+
+
+def _rows_as_runs(key_runs: Runs, spans: tuple[Span, ...]) -> Runs:
+    """The global positions of the rows `spans` of a block laid out as `key_runs`."""
+    out, offset = [], 0
+    for run in key_runs:
+        for first, end in spans:
+            lo, hi = max(first, offset), min(end, offset + run.length)
+            if lo < hi:
+                out.append(Run(run.start + (lo - offset) * run.stride, hi - lo, run.stride))
+        offset += run.length
+    return tuple(out)
+
+
+def _take_rows(x: torch.Tensor, spans: tuple[Span, ...], dim: int) -> torch.Tensor:
+    return torch.cat([x.narrow(dim, first, end - first) for first, end in spans], dim=dim)
 
 
 @dataclass(frozen=True)
@@ -44,26 +92,48 @@ class RingPlan:
     this rank's queries. step_blocks[t] is the kernel plan for the block seen at step t.
     Traffic is recorded under "<op>.fwd<op_suffix>" / "<op>.bwd<op_suffix>": "ring.fwd" for the
     ring backend, "usp.fwd.ring" for the ring part inside USP (so "usp.fwd" counts both parts).
+    direct: the windowed / document schedule (module docstring): sends[t] are the rows of our
+    K/V that rank r + t sees, receives[t] the rows of rank r - t's K/V we see (and
+    step_blocks[t] is planned against exactly those rows).
     """
 
     info: GroupInfo
     q_runs: Runs
     kv_runs: tuple[Runs, ...]
-    causal: bool
+    causal: bool | MaskRule
     scale: float
     kernel: PlanKernel
     recorders: tuple[CommStats, ...]
     step_blocks: tuple[tuple[SubBlock, ...], ...]
     op: str = "ring"
     op_suffix: str = ""
+    direct: bool = False
+    sends: tuple[tuple[Span, ...], ...] = ()
+    receives: tuple[tuple[Span, ...], ...] = ()
 
     @classmethod
-    def build(cls, info: GroupInfo, q_runs: Runs, kv_runs: tuple[Runs, ...], causal: bool,
+    def build(cls, info: GroupInfo, q_runs: Runs, kv_runs: tuple[Runs, ...], causal: bool | MaskRule,
               scale: float, kernel: PlanKernel, recorders: tuple[CommStats, ...],
               op: str = "ring", op_suffix: str = "") -> "RingPlan":
-        steps = tuple(plan_blocks(q_runs, kv_runs[(info.rank - t) % info.world], causal)
-                      for t in range(info.world))
-        return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps, op, op_suffix)
+        """kv_runs[p]: the tokens of ring rank p, whose queries are the same tokens."""
+        rule = as_rule(causal)
+        world, rank = info.world, info.rank
+        if not rule.masked or world == 1:
+            steps = tuple(plan_blocks(q_runs, kv_runs[(rank - t) % world], rule)
+                          for t in range(world))
+            return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps, op,
+                       op_suffix)
+        sends = tuple(() if t == 0 else
+                      _needed_rows(kv_runs[rank], kv_runs[(rank + t) % world], rule)
+                      for t in range(world))
+        receives = tuple(() if t == 0 else
+                         _needed_rows(kv_runs[(rank - t) % world], q_runs, rule)
+                         for t in range(world))
+        steps = (plan_blocks(q_runs, kv_runs[rank], rule),) + tuple(
+            plan_blocks(q_runs, _rows_as_runs(kv_runs[(rank - t) % world], receives[t]), rule)
+            for t in range(1, world))
+        return cls(info, q_runs, kv_runs, causal, scale, kernel, recorders, steps, op,
+                   op_suffix, True, sends, receives)
 
     def traffic(self, direction: str) -> Traffic:
         return Traffic.now(f"{self.op}.{direction}{self.op_suffix}", self.recorders)
@@ -74,6 +144,33 @@ class RingPlan:
 
     def bwd(self, do, q, k, v, o, lse, dlse):
         return ring_bwd(do, q, k, v, o, lse, dlse, self)
+
+    # ------------------------------------------------------------ the direct (masked) schedule
+    def kv_messages(self, kv: torch.Tensor, step: int) -> tuple[DirectMessages, torch.Tensor | None]:
+        """Step `step`'s K/V slices: ours to r + step, rank r - step's into a new buffer."""
+        rank, world = self.info.rank, self.info.world
+        send, recv = self.sends[step], self.receives[step]
+        out = [_take_rows(kv, send, 2).contiguous()] if send else []
+        buffer = None
+        if recv:
+            rows = sum(end - first for first, end in recv)
+            buffer = kv.new_empty(kv.shape[:2] + (rows,) + kv.shape[3:])
+        return (DirectMessages(send=out, to=(rank + step) % world,
+                               receive=[] if buffer is None else [buffer],
+                               source=(rank - step) % world), buffer)
+
+    def dkv_messages(self, dkv: torch.Tensor | None, step: int, like: torch.Tensor
+                     ) -> tuple[DirectMessages, torch.Tensor | None]:
+        """dK/dV of rank r - step's slice (computed at `step`) home, ours from r + step in."""
+        rank, world = self.info.rank, self.info.world
+        sent = self.sends[step]
+        buffer = None
+        if sent:
+            rows = sum(end - first for first, end in sent)
+            buffer = like.new_empty(like.shape[:2] + (rows,) + like.shape[3:])
+        return (DirectMessages(send=[] if dkv is None else [dkv], to=(rank - step) % world,
+                               receive=[] if buffer is None else [buffer],
+                               source=(rank + step) % world), buffer)
 
 
 def _pack(*tensors: torch.Tensor) -> torch.Tensor:
@@ -87,6 +184,8 @@ def ring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
     world = plan.info.world
     if world == 1:
         return plan.kernel.fwd(q, k, v, plan.step_blocks[0], plan.scale)
+    if plan.direct:
+        return _direct_fwd(q, k, v, plan)
     kv = _pack(k, v)
     ring = RingExchange(plan.info, plan.traffic("fwd"))
     for step in range(world):
@@ -108,6 +207,8 @@ def ring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     world = plan.info.world
     if world == 1:
         return plan.kernel.bwd(do, q, k, v, o, lse, dlse, plan.step_blocks[0], plan.scale)
+    if plan.direct:
+        return _direct_bwd(do, q, k, v, o, lse, dlse, plan)
     acc_dtype = accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dkv_local = torch.zeros((2,) + tuple(k.shape), dtype=acc_dtype, device=q.device)
@@ -133,6 +234,69 @@ def ring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             kv = kv_ring.wait()[0]
     dkv_home = dkv_ring.wait()[0]
     return dq, dkv_home[0], dkv_home[1]
+
+
+def _direct_fwd(q, k, v, plan: RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked schedule: step t's slices travel while step t - 1's block is computed."""
+    world = plan.info.world
+    kv = _pack(k, v)
+    exchange = RingExchange(plan.info, plan.traffic("fwd"))
+    message, incoming = plan.kv_messages(kv, 1)
+    exchange.start([], send=False, receive=False, direct=message)
+    o, lse = plan.kernel.fwd(q, k, v, plan.step_blocks[0], plan.scale)
+    for step in range(1, world):
+        exchange.wait()
+        block = incoming
+        if step + 1 < world:
+            message, incoming = plan.kv_messages(kv, step + 1)
+            exchange.start([], send=False, receive=False, direct=message)
+        if block is not None:
+            plan.kernel.fwd_into(o, lse, q, block[0], block[1], plan.step_blocks[step], plan.scale)
+    return o, lse
+
+
+def _direct_bwd(do, q, k, v, o, lse, dlse, plan: RingPlan):
+    """The masked schedule's backward. The batch posted at step t carries the K/V slices of
+    step t + 1 and the dK/dV of the slice computed at step t - 1 home to its owner (ours come
+    back in from rank r + t - 1); it travels while step t's slice is computed."""
+    world = plan.info.world
+    acc_dtype = accumulator_dtype(q.dtype)
+    kv = _pack(k, v)
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)
+    exchange = RingExchange(plan.info, plan.traffic("bwd"))
+    message, incoming = plan.kv_messages(kv, 1)
+    exchange.start([], send=False, receive=False, direct=[message])
+    plan.kernel.bwd_into(dq, dkv[0], dkv[1], do, q, k, v, o, lse, dlse, plan.step_blocks[0],
+                         plan.scale)
+    outgoing = None  # dK/dV of the slice computed at the previous step
+    coming_home = None  # (buffer, rows) of our own dK/dV in the batch in flight
+    for step in range(1, world + 1):
+        exchange.wait()
+        if coming_home is not None:
+            dkv.index_add_(2, _row_index(coming_home[1], q.device), coming_home[0])
+        block, incoming, messages = incoming, None, []
+        if step + 1 < world:
+            message, incoming = plan.kv_messages(kv, step + 1)
+            messages.append(message)
+        home, buffer = plan.dkv_messages(outgoing, step - 1, dkv) if step > 1 else (None, None)
+        if home is not None:
+            messages.append(home)
+        coming_home = None if buffer is None else (buffer, plan.sends[step - 1])
+        exchange.start([], send=False, receive=False, direct=messages)
+        outgoing = None
+        if step < world and block is not None:
+            outgoing = torch.zeros(block.shape, dtype=acc_dtype, device=q.device)
+            plan.kernel.bwd_into(dq, outgoing[0], outgoing[1], do, q, block[0], block[1], o, lse,
+                                 dlse, plan.step_blocks[step], plan.scale)
+    exchange.wait()
+    if coming_home is not None:
+        dkv.index_add_(2, _row_index(coming_home[1], q.device), coming_home[0])
+    return dq, dkv[0], dkv[1]
+
+
+def _row_index(spans: tuple[Span, ...], device) -> torch.Tensor:
+    return torch.cat([torch.arange(first, end, device=device) for first, end in spans])
 
 
 def finish_forward(ctx, q, k, v, plan, o: torch.Tensor, lse: torch.Tensor

@@ -52,6 +52,19 @@ Ring attention moves K and V of Hkv heads instead: forward (P - 1) * 2 * B * S_l
 MHA (Hq == Hkv): Q + O partial ~ K + V, the same bytes split over two directions; backward
 TokenRing sends less (no travelling fp32 dK/dV). GQA: TokenRing moves Hq / Hkv times more.
 
+Windows and documents (a `MaskRule` that hides more than causality; `direct`): the queries do
+not walk the ring. At step t rank r sends straight to rank r + t the rows of its queries that
+r + t's keys serve (the hull [lo, hi) of `returns[t]`; nothing when none) and receives from
+r - t the rows of its queries it serves (`rows[t]`); the partials go home as above. Each step's
+queries are posted one step early, with the previous step's partial. Traffic per rank, with
+q_t = |returns[t]| (rows of ours rank r + t sees) and rows_t = |rows[t]| (rows of r - t's we
+serve):
+    forward   sum_t N * q_t * D * b             +  sum_t N * rows_t * (D * b + a)
+    backward  sum_t N * q_t * (2 D b + 2 a)      +  sum_t N * rows_t * D * a
+With a window W <= S_loc, contiguous and causal, only r - 1 sees rank r's first W - 1 queries:
+q_(P-1) = W - 1 (rank 0: none) and rows_1 = W - 1 (rank P - 1: none) -- neighbours only,
+bytes independent of P and S.
+
 Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc].
 """
 
@@ -59,12 +72,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..kernels.mask import Runs, SubBlock, plan_blocks
+from ..kernels.mask import MaskRule, Runs, SubBlock, as_rule, plan_blocks
 from ..kernels.merge import merge_into
 from ..kernels.plan import PlanKernel, accumulator_dtype, softmax_delta
 from .primitives import CommStats, DirectMessages, GroupInfo, RingExchange, Traffic
@@ -100,23 +113,33 @@ class TokenRingPlan:
     forward: tuple[bool, ...]
     arrives: tuple[bool, ...]
     returns: tuple[RowSpan | None, ...]
+    direct: bool = False  # windows / documents: query rows go straight to the rank that sees them
 
     @classmethod
-    def build(cls, info: GroupInfo, runs: tuple[Runs, ...], causal: bool, scale: float,
+    def build(cls, info: GroupInfo, runs: tuple[Runs, ...], causal: bool | MaskRule, scale: float,
               kernel: PlanKernel, recorders: tuple[CommStats, ...]) -> "TokenRingPlan":
         world, rank = info.world, info.rank
+        rule = as_rule(causal)
+        causal = rule.causal
         bounds = [_first_and_last(r) for r in runs]
+        seen: dict[tuple[int, int], bool] = {}
 
         def sees(x: int, y: int) -> bool:
-            """Does some query of rank x see some key of rank y (causal: first key <= last query)?"""
-            return not causal or bounds[y % world][0] <= bounds[x % world][1]
+            """Does some query of rank x see some key of rank y (causal: first key <= last
+            query; a window or documents: the plan of the pair is not empty)?"""
+            x, y = x % world, y % world
+            if not rule.masked:
+                return not causal or bounds[y][0] <= bounds[x][1]
+            if (x, y) not in seen:
+                seen[x, y] = bool(plan_blocks(runs[x], runs[y], rule))
+            return seen[x, y]
 
         def forwarded(x: int, step: int) -> bool:
             """Do rank x's queries go on from rank x + step, i.e. does a rank after it see them?"""
             return any(sees(x, x + later) for later in range(step + 1, world))
 
         def span(x: int, y: int) -> tuple[RowSpan | None, tuple[SubBlock, ...]]:
-            blocks = plan_blocks(runs[x % world], runs[y % world], causal)
+            blocks = plan_blocks(runs[x % world], runs[y % world], rule)
             if bool(blocks) != sees(x, y):
                 raise AssertionError(f"TokenRingPlan: plan_blocks and sees() disagree on {x, y}")
             if not blocks:
@@ -126,13 +149,42 @@ class TokenRingPlan:
                                    for b in blocks)
 
         visits = [span(rank - step, rank) for step in range(world)]
+        direct = rule.masked and world > 1
         return cls(info, causal, scale, kernel, recorders,
                    rows=tuple(rows for rows, _ in visits),
                    blocks=tuple(blocks for _, blocks in visits),
-                   forward=tuple(forwarded(rank - step, step) for step in range(world)),
-                   arrives=tuple(forwarded(rank - 1 - step, step) for step in range(world)),
+                   forward=tuple(not direct and forwarded(rank - step, step)
+                                 for step in range(world)),
+                   arrives=tuple(not direct and forwarded(rank - 1 - step, step)
+                                 for step in range(world)),
                    returns=tuple(span(rank, rank + step)[0] if step else None
-                                 for step in range(world)))
+                                 for step in range(world)),
+                   direct=direct)
+
+    def query_messages(self, rows_of: Callable[[RowSpan], torch.Tensor], step: int,
+                       empty: Callable[[int], torch.Tensor]
+                       ) -> tuple[DirectMessages, torch.Tensor | None]:
+        """The direct schedule's queries of `step` (posted one step early): the rows of ours
+        that rank r + step sees (`rows_of(span)`, a contiguous message) out, and the rows of
+        rank r - step's queries that we see in (`empty(n)`: a buffer for n rows)."""
+        rank, world = self.info.rank, self.info.world
+        if step >= world:
+            return DirectMessages(), None
+        ours, theirs = self.returns[step], self.rows[step]
+        buffer = None if theirs is None else empty(theirs[1] - theirs[0])
+        return (DirectMessages(send=[] if ours is None else [rows_of(ours)],
+                               to=(rank + step) % world,
+                               receive=[] if buffer is None else [buffer],
+                               source=(rank - step) % world), buffer)
+
+    def partial_messages(self, step: int, outgoing: torch.Tensor | None,
+                         incoming: torch.Tensor | None) -> DirectMessages:
+        """Our partial of step - 1 home to r - step + 1, and ours from r + step - 1 in."""
+        rank, world = self.info.rank, self.info.world
+        return DirectMessages(send=[] if outgoing is None else [outgoing],
+                              to=(rank - step + 1) % world,
+                              receive=[] if incoming is None else [incoming],
+                              source=(rank + step - 1) % world)
 
     def start_step(self, ring: RingExchange, step: int, queries: torch.Tensor,
                    outgoing: torch.Tensor | None, incoming: torch.Tensor | None) -> None:
@@ -198,6 +250,8 @@ def tokenring_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Token
     if world == 1:
         plan.kernel.fwd_into(o, lse, q, k, v, plan.blocks[0], plan.scale)
         return o, lse
+    if plan.direct:
+        return _direct_fwd(q, k, v, o, lse, plan)
     ring = RingExchange(plan.info, Traffic.now("tokenring.fwd", plan.recorders))
     visiting, outgoing = q.contiguous(), None
     for step in range(world + 1):  # step == world: the last partial goes home
@@ -235,6 +289,8 @@ def tokenring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if world == 1:
         plan.kernel.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, plan.blocks[0], plan.scale)
         return dq, dk, dv
+    if plan.direct:
+        return _direct_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, plan)
     # What travels with the queries: lse and delta (accumulator dtype) first, then q and dO.
     travelling = [((batch, heads, seq), acc_dtype)] * 2 + [(tuple(q.shape), q.dtype)] * 2
     own = _pack(lse.to(acc_dtype), softmax_delta(do, o, dlse), q, do)
@@ -261,6 +317,84 @@ def tokenring_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
             dq[:, back[0]:back[1]] += incoming
         visiting = arrived[0] if arrived else None
         outgoing = partial
+    return dq, dk, dv
+
+
+def _direct_fwd(q, k, v, o, lse, plan: TokenRingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows / documents: step t's batch carries the query rows of step t + 1 (ours that
+    r + t + 1 sees out, those of r - t - 1 that we see in) and the partial of step t - 1 home."""
+    world = plan.info.world
+    ring = RingExchange(plan.info, Traffic.now("tokenring.fwd", plan.recorders))
+    batch, _, heads, dim = q.shape
+
+    def rows_of(span: RowSpan) -> torch.Tensor:
+        return q[:, span[0]:span[1]].contiguous()
+
+    def empty(n: int) -> torch.Tensor:
+        return q.new_empty((batch, n, heads, dim))
+
+    visiting, outgoing = None, None
+    for step in range(world + 1):  # step == world: the last partial goes home
+        back = plan.incoming_rows(step)
+        incoming = None if back is None else _empty_message(_partial_parts(q, back), q.device)
+        queries, arriving = plan.query_messages(rows_of, step + 1, empty)
+        ring.start([], send=False, receive=False,
+                   direct=[queries, plan.partial_messages(step, outgoing, incoming)])
+        partial = None
+        if step == 0:
+            plan.kernel.fwd_into(o, lse, q, k, v, plan.blocks[0], plan.scale)
+        elif step < world and visiting is not None:
+            part_o, part_lse = plan.kernel.fwd(visiting, k, v, plan.blocks[step], plan.scale)
+            partial = _pack(part_lse, part_o.to(q.dtype))
+        ring.wait()
+        if incoming is not None:
+            lo, hi = back
+            back_lse, back_o = _unpack(incoming, _partial_parts(q, back))
+            merge_into(o[:, lo:hi], lse[:, :, lo:hi], back_o, back_lse)
+        visiting, outgoing = arriving, partial
+    return o, lse
+
+
+def _direct_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, plan: TokenRingPlan):
+    """The direct schedule's backward: query rows travel with their dO, lse and delta."""
+    world = plan.info.world
+    acc_dtype = accumulator_dtype(q.dtype)
+    batch, _, heads, dim = q.shape
+    lse_acc, delta = lse.to(acc_dtype), softmax_delta(do, o, dlse)
+
+    def parts(n: int):
+        return [((batch, heads, n), acc_dtype)] * 2 + [((batch, n, heads, dim), q.dtype)] * 2
+
+    def rows_of(span: RowSpan) -> torch.Tensor:
+        lo, hi = span
+        return _pack(lse_acc[:, :, lo:hi], delta[:, :, lo:hi], q[:, lo:hi], do[:, lo:hi])
+
+    def empty(n: int) -> torch.Tensor:
+        return _empty_message(parts(n), q.device)
+
+    ring = RingExchange(plan.info, Traffic.now("tokenring.bwd", plan.recorders))
+    visiting, outgoing = None, None
+    for step in range(world + 1):
+        back = plan.incoming_rows(step)
+        incoming = None if back is None else torch.empty(
+            (batch, back[1] - back[0], heads, dim), dtype=acc_dtype, device=q.device)
+        queries, arriving = plan.query_messages(rows_of, step + 1, empty)
+        ring.start([], send=False, receive=False,
+                   direct=[queries, plan.partial_messages(step, outgoing, incoming)])
+        partial = None
+        if step == 0:
+            plan.kernel.bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, plan.blocks[0],
+                                 plan.scale)
+        elif step < world and visiting is not None:
+            n = plan.rows[step][1] - plan.rows[step][0]
+            lse_v, delta_v, q_v, do_v = _unpack(visiting, parts(n))
+            partial = torch.zeros((batch, n, heads, dim), dtype=acc_dtype, device=q.device)
+            plan.kernel.bwd_into(partial, dk, dv, do_v, q_v, k, v, None, lse_v, None,
+                                 plan.blocks[step], plan.scale, delta=delta_v)
+        ring.wait()
+        if incoming is not None:
+            dq[:, back[0]:back[1]] += incoming
+        visiting, outgoing = arriving, partial
     return dq, dk, dv
 
 

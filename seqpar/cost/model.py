@@ -5,6 +5,8 @@ Work. `work_matrix` counts the (query, key) products the kernel computes for the
 rank x against the keys of rank y, per batch entry and head, from the layout's closed forms
 (the same counts `kernels.mask.plan_blocks` plans, tested against it) plus the tile waste of a
 causal diagonal block (the kernel skips whole tiles above the diagonal, not single products).
+With a window or documents the work is the visible pairs of the plans themselves
+(`traffic.masked_work`; no tile waste) and the ring / TokenRing move only what is seen.
 A kernel call costs  max(flops / FLOP/s, bytes / memory bandwidth) + overhead  (roofline),
 with 4 flops per product and head dim forward, 10 backward (FlashAttention's 5 matmuls).
 
@@ -37,8 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .hardware import Profile
-from .traffic import (Problem, kv_block_bytes, kv_split, lasp2_state_bytes, tokenring_plan,
-                      visible_rows)
+from .traffic import (Problem, kv_block_bytes, kv_split, lasp2_state_bytes, masked_ring_rows,
+                      masked_work, tokenring_plan, visible_rows)
 
 FWD_FLOPS_PER_PAIR = 4  # per head dim: q.k and p.v
 BWD_FLOPS_PER_PAIR = 10  # recomputed scores, dv, dp, dq, dk
@@ -87,7 +89,10 @@ def group_work(p: Problem, groups: int, size: int, tile: tuple[int, int]
     """Work between `groups` groups of `size` consecutive ranks (USP: the Ulysses groups the
     ring runs across). One group (Ulysses) holds the whole sequence in global order: one causal
     block. Contiguous and zigzag groups hold the layout's own pieces at R = groups (two runs at
-    most); striped groups keep one run per member (size^2 kernel calls)."""
+    most); striped groups keep one run per member (size^2 kernel calls). With a window or
+    documents: the visible pairs and calls of the plans themselves (`traffic.masked_work`)."""
+    if p.masked:
+        return masked_work(p, groups)
     if groups == 1 or p.layout != "striped" or not p.causal:
         return work_matrix(p.layout, p.causal, groups, size * p.seq_local, tile)
     work, _ = work_matrix(p.layout, p.causal, p.world, p.seq_local, tile)
@@ -282,11 +287,31 @@ def pipelined_pass(hw: Profile, where: Placement, compute: np.ndarray,
 
 # ---------------------------------------------------------------- backends
 
+def _masked_flows(p: Problem, members: np.ndarray, heads_kv: int, backward: bool):
+    """The direct schedule of a masked ring (`comm/ring.py`): during step t the K/V slices of
+    step t + 1 travel to r + t + 1 and (backward) the fp32 dK/dV of step t - 1's slice home to
+    r - t + 1; the last one after the loop (tail)."""
+    ring = len(members)
+    sent, received = masked_ring_rows(p, ring)
+    step, index = np.indices((ring, ring))
+    kv_row = kv_block_bytes(p, heads_kv, p.batch)
+    dkv_row = kv_block_bytes(p, heads_kv, p.batch, p.acc_itemsize)
+    next_rows = np.vstack([sent[1:], np.zeros((1, ring))])
+    flows = [(next_rows * kv_row, members[(index + step + 1) % ring])]
+    tail = None
+    if backward:
+        home_rows = np.vstack([np.zeros((2, ring)), received[1:-1]])[:ring]
+        flows.append((home_rows * dkv_row, members[(index - step + 1) % ring]))
+        tail = [(received[-1:] * dkv_row, members[(index[:1] - ring + 1) % ring])]
+    return flows, tail
+
+
 def _ring_passes(hw: Profile, p: Problem, where: Placement, members: np.ndarray,
                  work: np.ndarray, calls: np.ndarray, heads_kv: int, tokens: int,
                  heads_q: int) -> tuple[Pass, Pass]:
     """Ring attention over `members` (global ranks of one ring, the others running alike):
-    blocks of `tokens` local tokens (all batch entries), `heads_kv` travelling heads."""
+    blocks of `tokens` local tokens (all batch entries), `heads_kv` travelling heads. A window
+    or documents: the direct schedule's slices (`_masked_flows`) instead of whole blocks."""
     ring = len(members)
     products, kernel_calls = steps_of(work), steps_of(calls)
     seq = tokens // p.batch
@@ -295,6 +320,8 @@ def _ring_passes(hw: Profile, p: Problem, where: Placement, members: np.ndarray,
         seconds, flops = attention_seconds(hw, p, products, kernel_calls, heads_q, heads_kv,
                                            seq, seq, backward)
         acc = tokens * p.head_dim * p.acc_itemsize
+        if p.masked:  # only steps with something planned touch the accumulators
+            acc = acc * (kernel_calls > 0)
         if backward:  # dq += ; dK/dV local zeroed, added to the travelling accumulators
             seconds = seconds + elementwise_seconds(hw, (3 * heads_q + 8 * heads_kv) * acc)
         else:  # merge of each later block into the fp32 accumulators
@@ -307,7 +334,10 @@ def _ring_passes(hw: Profile, p: Problem, where: Placement, members: np.ndarray,
             step_bytes = step_bytes + dkv  # the accumulator of the block just used travels too
         dest = np.broadcast_to(np.roll(members, -1), (ring, ring))
         tail = [(np.full((1, ring), float(dkv)), dest[:1])] if backward and ring > 1 else None
-        passes.append(_members_pass(hw, where, members, seconds, [(step_bytes, dest)],
+        flows = [(step_bytes, dest)]
+        if p.masked and ring > 1:
+            flows, tail = _masked_flows(p, members, heads_kv, backward)
+        passes.append(_members_pass(hw, where, members, seconds, flows,
                                     float(flops.max(axis=1).sum()), tail))
     return passes[0], passes[1]
 
@@ -332,7 +362,7 @@ def _members_pass(hw, where, members, seconds, flows, flops, tail) -> Pass:
 
 
 def ring_passes(hw: Profile, p: Problem) -> tuple[Pass, Pass]:
-    work, calls = work_matrix(p.layout, p.causal, p.world, p.seq_local, hw.tile)
+    work, calls = group_work(p, p.world, 1, hw.tile)
     where = Placement(p.world, hw.ranks_per_node)
     return _ring_passes(hw, p, where, np.arange(p.world), work, calls, p.heads_kv, p.tokens,
                         p.heads_q)
@@ -340,7 +370,7 @@ def ring_passes(hw: Profile, p: Problem) -> tuple[Pass, Pass]:
 
 def tokenring_passes(hw: Profile, p: Problem) -> tuple[Pass, Pass]:
     world, where = p.world, Placement(p.world, hw.ranks_per_node)
-    work, calls = work_matrix(p.layout, p.causal, world, p.seq_local, hw.tile)
+    work, calls = group_work(p, world, 1, hw.tile)
     products, kernel_calls = steps_of(work, True), steps_of(calls, True)
     forwarded, returned = tokenring_plan(p)
     rows = visible_rows(p)
@@ -359,6 +389,9 @@ def tokenring_passes(hw: Profile, p: Problem) -> tuple[Pass, Pass]:
         seconds = seconds + elementwise_seconds(hw, returning * n * d * (4 * a + 2 * b))
         flows = [(np.where(forwarded, query_bytes, 0.0), (rank + 1) % world),
                  (returning * row_bytes, owner)]
+        if p.masked:  # the rows of ours that r + t + 1 sees go to it directly during step t
+            seen = rows[rank, (rank + step + 1) % world] * (step + 1 < world)
+            flows[0] = (seen * query_bytes / s, (rank + step + 1) % world)
         last = returned[-1:] * row_bytes  # the partials of the last step go home after it
         tail = [(last, (np.arange(world)[None] - world + 1) % world)] if world > 1 else None
         passes.append(pipelined_pass(hw, where, seconds, flows, float(flops.max(axis=1).sum()),
@@ -422,6 +455,9 @@ def allgather_passes(hw: Profile, p: Problem) -> tuple[Pass, Pass]:
     work, _ = work_matrix(p.layout, p.causal, p.world, p.seq_local, hw.tile)
     products = work.sum(axis=1)
     calls = 1 if not p.causal else {"contiguous": 2, "zigzag": 4, "striped": p.world}[p.layout]
+    if p.masked:  # the plan of the local queries against the gathered K/V, roughly
+        work, block_calls = masked_work(p, p.world)
+        products, calls = work.sum(axis=1), block_calls.sum(axis=1)
     kv, dkv = kv_block_bytes(p), kv_block_bytes(p, itemsize=p.acc_itemsize)
     passes = []
     for backward, kind, shard in ((False, "all_gather", kv), (True, "reduce_scatter", dkv)):

@@ -173,10 +173,13 @@ def explain(p: Problem, hw: Profile, available=AUTO_CANDIDATES, training: bool =
 
 
 def problem_of(q, k, world: int, mesh_ulysses: int | None, causal: bool, layout: str,
-               return_lse: bool) -> Problem:
+               return_lse: bool, window: int | None = None,
+               documents: tuple[int, ...] | None = None) -> Problem:
     """The Problem of a `seqpar.attention` call on local shards q [B, S_loc, Hq, D] and
-    k [B, S_loc, Hkv, D] over `world` ranks (mesh_ulysses: the SPMesh's U, or None)."""
+    k [B, S_loc, Hkv, D] over `world` ranks (mesh_ulysses: the SPMesh's U, or None); window and
+    documents (cu_seqlens as a tuple) as the call passes them."""
     return Problem(batch=q.shape[0], seq_len=q.shape[1] * world, heads_q=q.shape[2],
                    heads_kv=k.shape[2], head_dim=q.shape[3], world=world,
                    itemsize=q.element_size(), acc_itemsize=8 if q.element_size() == 8 else 4,
-                   causal=causal, layout=layout, ulysses=mesh_ulysses, return_lse=return_lse)
+                   causal=causal, layout=layout, ulysses=mesh_ulysses, return_lse=return_lse,
+                   window=window, documents=documents)

@@ -15,13 +15,23 @@ for fp64), C = S / P local tokens, N = B * C. Per rank, forward and backward (ea
 
 Messages: one per point-to-point transfer (packed tensors travel as one), P - 1 per
 all-to-all / all-gather / reduce-scatter, 2 (P - 1) per all-reduce.
+
+Masks (`Problem.window`, `Problem.documents`): ring and TokenRing move only what is seen, straight
+to the rank that sees it (`masked_ring_rows`, `masked_query_rows`, read off the same plans the
+backends run; formulas in `comm/ring.py` and `comm/tokenring.py`); the collectives' traffic
+does not change. The work the cost model charges is the visible pairs of those plans
+(`masked_work`), not the dense count.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
+
+from ..kernels.mask import (MaskRule, Runs, causal_pairs, gathered_runs, plan_blocks,
+                            visible_key_span)
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -48,6 +58,17 @@ class Problem:
     ulysses: int | None = None
     return_lse: bool = False
     value_dim: int | None = None
+    window: int | None = None  # sliding window W (seqpar.attention(window=))
+    documents: tuple[int, ...] | None = None  # global document boundaries (cu_seqlens)
+
+    @property
+    def masked(self) -> bool:
+        """A window or documents: visibility (hence work and ring traffic) below causal's."""
+        return self.window is not None or self.documents is not None
+
+    @property
+    def rule(self) -> MaskRule:
+        return MaskRule(self.causal, self.window, self.documents)
 
     @property
     def seq_local(self) -> int:
@@ -77,6 +98,65 @@ class Volume:
         return Volume(self.bytes + other.bytes, self.messages + other.messages)
 
 
+# ---------------------------------------------------------------- masks
+
+def member_runs(p: Problem, groups: int) -> tuple[Runs, ...]:
+    """The tokens of each of `groups` groups of P / groups consecutive ranks, laid out as the
+    backends lay them out (P groups: each rank's own runs; USP's ring: the gathered runs of a
+    Ulysses group; one group: the whole sequence in global order)."""
+    from ..layout import all_local_runs  # layout -> comm.primitives; keep cost importable alone
+    runs = all_local_runs(p.seq_len, p.world, p.layout)
+    if groups == p.world:
+        return runs
+    size = p.world // groups
+    return tuple(gathered_runs(runs[g * size:(g + 1) * size], interleave=True)
+                 for g in range(groups))
+
+
+@functools.lru_cache(maxsize=256)
+def masked_work(p: Problem, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(visible pairs [G, G], kernel calls [G, G]) of the queries of group x against the keys of
+    group y, per batch entry and head: the plans the backends run (`plan_blocks`)."""
+    runs = member_runs(p, groups)
+    work, calls = np.zeros((groups, groups)), np.zeros((groups, groups))
+    for x in range(groups):
+        for y in range(groups):
+            blocks = plan_blocks(runs[x], runs[y], p.rule)
+            work[x, y], calls[x, y] = causal_pairs(blocks), len(blocks)
+    return work, calls
+
+
+def _hull_rows(key_runs: Runs, query_runs: Runs, rule: MaskRule) -> int:
+    return sum(end - first for first, end in visible_key_span(query_runs, key_runs, rule))
+
+
+@functools.lru_cache(maxsize=256)
+def masked_ring_rows(p: Problem, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sent [T, G], received [T, G]): K/V rows (per batch entry) ring member r sends to r + t
+    and receives from r - t at step t (the hull of the keys the receiver sees, per run)."""
+    runs = member_runs(p, groups)
+    sent, received = np.zeros((groups, groups)), np.zeros((groups, groups))
+    for t in range(1, groups):
+        for r in range(groups):
+            sent[t, r] = _hull_rows(runs[r], runs[(r + t) % groups], p.rule)
+            received[t, r] = _hull_rows(runs[(r - t) % groups], runs[r], p.rule)
+    return sent, received
+
+
+def _row_span(query_runs: Runs, key_runs: Runs, rule: MaskRule) -> int:
+    blocks = plan_blocks(query_runs, key_runs, rule)
+    return max(b.q1 for b in blocks) - min(b.q0 for b in blocks) if blocks else 0
+
+
+@functools.lru_cache(maxsize=256)
+def masked_query_rows(p: Problem) -> np.ndarray:
+    """[P, P]: rows (the hull) of rank x's queries that see some key of rank y, under the
+    mask: what TokenRing sends of x's queries to y, and the rows of y's partial for x."""
+    runs = member_runs(p, p.world)
+    return np.array([[_row_span(runs[x], runs[y], p.rule) for y in range(p.world)]
+                     for x in range(p.world)], dtype=np.int64)
+
+
 # ---------------------------------------------------------------- ring
 
 def kv_block_bytes(p: Problem, heads_kv: int | None = None, tokens: int | None = None,
@@ -88,12 +168,22 @@ def kv_block_bytes(p: Problem, heads_kv: int | None = None, tokens: int | None =
 
 
 def ring_volume(p: Problem, world: int | None = None, heads_kv: int | None = None,
-                tokens: int | None = None) -> tuple[Volume, Volume]:
+                tokens: int | None = None, rank: int = 0) -> tuple[Volume, Volume]:
     """(forward, backward): K/V hops; K/V hops + fp32 dK/dV hops (`comm/ring.py`). `world`,
-    `heads_kv`, `tokens` override the problem's for the ring inside USP."""
+    `heads_kv`, `tokens` override the problem's for the ring inside USP. With a window or
+    documents, `rank`'s direct sends: its K/V rows each other rank sees, and the fp32 dK/dV
+    of the rows it received, home."""
     world = p.world if world is None else world
     if world == 1:
         return Volume(), Volume()
+    if p.masked:
+        sent, received = masked_ring_rows(p, world)
+        row = kv_block_bytes(p, heads_kv, p.batch)
+        row_acc = kv_block_bytes(p, heads_kv, p.batch, p.acc_itemsize)
+        out, back = sent[:, rank], received[:, rank]
+        return (Volume(int(out.sum()) * row, int((out > 0).sum())),
+                Volume(int(out.sum()) * row + int(back.sum()) * row_acc,
+                       int((out > 0).sum() + (back > 0).sum())))
     kv = kv_block_bytes(p, heads_kv, tokens)
     dkv = kv_block_bytes(p, heads_kv, tokens, p.acc_itemsize)
     return (Volume((world - 1) * kv, world - 1),
@@ -111,6 +201,8 @@ def _rows_before(layout: str, seq_local: int) -> int:
 def visible_rows(p: Problem) -> np.ndarray:
     """[P, P]: rows of rank x's queries that see some key of rank y (the rows a TokenRing
     partial of x computed on y carries)."""
+    if p.masked:
+        return masked_query_rows(p)
     world, s = p.world, p.seq_local
     rows = np.full((world, world), s, dtype=np.int64)
     if p.causal:
@@ -137,6 +229,8 @@ def tokenring_plan(p: Problem) -> tuple[np.ndarray, np.ndarray]:
     later_than[:, :-1] = later[:, 1:]  # any j > t
     forwarded = later_than[owner, step]
     forwarded[-1] = False  # the last step forwards nothing
+    if p.masked:  # queries go straight to the ranks that see them, never along the ring
+        forwarded[:] = False
     returned = np.where(step > 0, rows[owner, rank], 0)
     return forwarded, returned
 
@@ -153,8 +247,13 @@ def tokenring_volume(p: Problem, rank: int) -> tuple[Volume, Volume]:
     partials = int((rows > 0).sum())
     n, d, b, a = p.batch * p.heads_q, p.head_dim, p.itemsize, p.acc_itemsize
     s, total_rows = p.seq_local, int(rows.sum())
-    fwd = blocks * n * s * d * b + n * total_rows * (d * b + a)
-    bwd = blocks * n * s * (2 * d * b + 2 * a) + n * total_rows * d * a
+    query_rows = blocks * s
+    if p.masked:  # the rows of ours each other rank sees, sent to it directly
+        seen = masked_query_rows(p)[rank]
+        seen = np.delete(seen, rank)
+        query_rows, blocks = int(seen.sum()), int((seen > 0).sum())
+    fwd = query_rows * n * d * b + n * total_rows * (d * b + a)
+    bwd = query_rows * n * (2 * d * b + 2 * a) + n * total_rows * d * a
     return Volume(fwd, blocks + partials), Volume(bwd, blocks + partials)
 
 
@@ -197,6 +296,7 @@ def usp_volume(p: Problem) -> dict[str, Volume]:
     a2a_fwd, a2a_bwd = ulysses_volume(p, u)
     n, _ = kv_split(p.heads_q, p.heads_kv, u)
     ring_fwd, ring_bwd = ring_volume(p, p.world // u, heads_kv=n, tokens=u * p.tokens)
+    # (masked: ring rank 0's direct sends, the rows of its group's K/V the others see)
     return {"usp.fwd.all_to_all": a2a_fwd, "usp.bwd.all_to_all": a2a_bwd,
             "usp.fwd.ring": ring_fwd, "usp.bwd.ring": ring_bwd}
 
@@ -234,7 +334,7 @@ def lasp2_volume(p: Problem, decayed: bool) -> Volume:
 def backend_volume(backend: str, p: Problem, rank: int = 0) -> tuple[Volume, Volume]:
     """(forward, backward) bytes and messages `rank` sends for a softmax backend."""
     if backend == "ring":
-        return ring_volume(p)
+        return ring_volume(p, rank=rank)
     if backend == "tokenring":
         return tokenring_volume(p, rank)
     if backend == "ulysses":

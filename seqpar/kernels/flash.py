@@ -473,6 +473,13 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def mask_spec(block: SubBlock, device) -> MaskSpec:
     """The kernel's mask for one plan sub-block (positions relative to the sub-block)."""
+    if (block.kind is MaskKind.BAND or block.softcap is not None
+            or (block.kind is MaskKind.POSITIONS and (block.window is not None or not block.causal))):
+        # Wiring point for the Triton mask kernels (issue 12): a BAND is "query positions i,
+        # key positions j - hi, causal, window hi - lo + 1"; softcap caps the scores.
+        raise NotImplementedError(
+            f"the Triton flash kernel does not run {block.kind.name} sub-blocks with window / "
+            f"soft cap yet; use seqpar.kernels.use_kernel('chunked') for masked attention on GPU")
     if block.kind is MaskKind.FULL:
         return FULL
     if block.kind is MaskKind.CAUSAL:

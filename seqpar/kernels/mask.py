@@ -1,36 +1,65 @@
-"""Causal masks between two blocks of tokens, decided by their *global* positions.
+"""Masks between two blocks of tokens, decided by their *global* positions.
 
 A sequence-parallel rank holds some of the tokens of the global sequence; which ones is
 described by `Run`s: arithmetic runs of global positions ``start, start + stride, ...``
 laid out one after another in the local tensor. Every sharding layout is a short tuple of
 runs (contiguous: one run; zigzag: two runs; striped: one run of stride P).
 
-Key j (global position kp[j]) is visible to query i (global position qp[i]) iff
-``kp[j] <= qp[i]`` when causal, always otherwise. `plan_blocks` turns that rule for a
-(query runs, key runs) pair into a few dense sub-blocks a fused kernel can run directly:
+The rule (`MaskRule`, DESIGN §4 "Masks"): key j (global position kp) is visible to query i
+(global position qp) iff
+
+    same_doc(qp, kp) and (not causal or kp <= qp) and (W is None or |qp - kp| < W)
+
+`plan_blocks` turns that rule for a (query runs, key runs) pair into sub-blocks a fused kernel
+can run directly; pairs of runs with no visible entry produce none at all (no work):
 
 * FULL      every key of the sub-block is visible to every query;
 * CAUSAL    top-left aligned causal: local key j visible to local query i iff j <= i
             (the alignment of `_scaled_dot_product_flash_attention_for_cpu(is_causal=True)`);
-* POSITIONS the general rule with explicit position vectors, for runs whose strides differ
-            (only a chunked kernel can run it).
+* BAND      local key j visible to local query i iff lo <= j - i <= hi (`SubBlock.lo/hi`,
+            always finite): the partially visible diagonal bands a window (or a causal
+            boundary) leaves; the kernel computes that element mask per chunk. A BAND with
+            lo == keys - rows and hi >= keys - 1 is a top-left causal block with rows and keys
+            reversed (`SubBlock.is_reversed_causal`): the fused op runs it on flipped inputs.
+            In global terms a BAND is "query positions i, key positions j - hi, causal, window
+            hi - lo + 1" -- the form a position-based kernel (Triton) takes;
+* POSITIONS the general rule with explicit position vectors (`q_pos`, `k_pos`, `causal`,
+            `window`), for runs whose strides differ (only a chunked kernel can run it).
+
+Every sub-block also carries the soft cap of its scores (`softcap`, None: no cap), a property of
+the kernel that runs it (the fused CPU op has none: capped blocks take the chunked path).
+
+Documents never need an element mask: each run is first cut at the document boundaries
+(`split_runs`), and only pieces of the same document are paired, so a sub-block never spans
+two documents (documents may be of any length, cross shard boundaries anywhere; no padding).
 
 Query rows covered by no sub-block see no key (lse = -inf, o = 0). Sub-blocks of one plan
 may overlap in query rows (their partial results are merged) but never in (row, key) pairs.
 
-Derivation for two runs with the same stride s, query run (a, n), key run (b, m):
-``b + s*j <= a + s*i  <=>  j <= i + c`` with ``c = floor((a - b) / s)``; then
-c >= m - 1 is FULL, c <= -n is empty, c == 0 is CAUSAL, c > 0 splits into FULL keys
-[0, c) plus CAUSAL keys [c, m), and c < 0 drops query rows [0, -c) and is CAUSAL on the rest;
-causal key ranges stop at the last query's reach, key n - 1 + c.
+Derivation for two runs with the same stride s, query run (a, n), key run (b, m), d = a - b:
+qp - kp = d + s (i - j), so the rule is a diagonal band ``lo <= j - i <= hi`` with
+    hi = floor(d / s)                     causal
+    hi = ceil((W + d) / s) - 1            non-causal with a window (|qp - kp| < W)
+    lo = floor((d - W) / s) + 1           with a window        (None: unbounded)
+Without a window (lo = None) one tile holds every row: keys [0, hi) are FULL and keys
+[hi, n + hi) CAUSAL (c = hi in the old notation: c >= m - 1 FULL, c <= -n empty). With both
+bounds, rows are cut into tiles of T = w - 1 rows (w = hi - lo + 1 keys per row), so each tile
+is a reversed-causal T x T block (the window's lower edge), a FULL block (empty when T = w - 1)
+and a CAUSAL T x T block (the upper edge): the fused op does all of it and computes about one
+product per visible pair. Bands narrower than `MIN_TILE` keys go to the chunked path as BAND
+tiles of `MIN_TILE` rows.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import enum
 from dataclasses import dataclass
 
 import torch
+
+MIN_TILE = 64  # narrowest band the fused op is worth calling on; narrower: chunked BAND tiles
 
 
 @dataclass(frozen=True)
@@ -49,9 +78,47 @@ class Run:
 Runs = tuple[Run, ...]
 
 
+@dataclass(frozen=True)
+class MaskRule:
+    """The mask of one attention call, in global positions (DESIGN §2 / §4 "Masks").
+
+    documents: the global boundaries 0 = c_0 < c_1 < ... < c_n = S (cu_seqlens), or None;
+    window: W >= 1 or None; softcap: c > 0 or None (not a visibility rule: it rides along on
+    every sub-block for the kernel)."""
+
+    causal: bool
+    window: int | None = None
+    documents: tuple[int, ...] | None = None
+    softcap: float | None = None
+
+    @property
+    def masked(self) -> bool:
+        """Does the rule hide more than the causal mask does (window or documents)?"""
+        return self.window is not None or self.documents is not None
+
+    def visible(self, qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+        """bool [len(qp), len(kp)]: the rule written out (tests, small shapes only)."""
+        vis = torch.ones(len(qp), len(kp), dtype=torch.bool)
+        if self.causal:
+            vis &= kp[None, :] <= qp[:, None]
+        if self.window is not None:
+            vis &= (qp[:, None] - kp[None, :]).abs() < self.window
+        if self.documents is not None:
+            bounds = torch.tensor(self.documents, dtype=torch.int64)
+            doc_q = torch.searchsorted(bounds, qp, right=True)
+            doc_k = torch.searchsorted(bounds, kp, right=True)
+            vis &= doc_q[:, None] == doc_k[None, :]
+        return vis
+
+
+def as_rule(mask: "bool | MaskRule") -> MaskRule:
+    return mask if isinstance(mask, MaskRule) else MaskRule(causal=bool(mask))
+
+
 class MaskKind(enum.Enum):
     FULL = "full"
     CAUSAL = "causal"
+    BAND = "band"
     POSITIONS = "positions"
 
 
@@ -59,7 +126,10 @@ class MaskKind(enum.Enum):
 class SubBlock:
     """Local query rows [q0, q1) against local keys [k0, k1) under `kind`.
 
-    For POSITIONS, q_pos / k_pos hold the global positions of exactly those rows and keys.
+    BAND: lo / hi, the band of j - i (sub-block-local indices) that is visible.
+    POSITIONS: q_pos / k_pos hold the global positions of exactly those rows and keys, and the
+    rule is `causal` and `window`.
+    softcap: scores s become softcap * tanh(s / softcap) (any kind; None: no cap).
     """
 
     q0: int
@@ -69,10 +139,21 @@ class SubBlock:
     kind: MaskKind
     q_pos: tuple[int, ...] | None = None
     k_pos: tuple[int, ...] | None = None
+    lo: int | None = None
+    hi: int | None = None
+    causal: bool = True
+    window: int | None = None
+    softcap: float | None = None
+
+    @property
+    def is_reversed_causal(self) -> bool:
+        """A BAND that is top-left causal once rows and keys are both reversed."""
+        n, m = self.q1 - self.q0, self.k1 - self.k0
+        return self.kind is MaskKind.BAND and self.lo == m - n and self.hi >= m - 1
 
     @property
     def pairs(self) -> int:
-        """Number of (query, key) products this sub-block really needs (its causal work)."""
+        """Number of visible (query, key) pairs of this sub-block (the work it really needs)."""
         n, m = self.q1 - self.q0, self.k1 - self.k0
         if self.kind is MaskKind.FULL:
             return n * m
@@ -81,7 +162,14 @@ class SubBlock:
             full_rows = max(0, n - m)
             tri = min(n, m)
             return tri * (tri + 1) // 2 + full_rows * m
-        return sum(1 for qp in self.q_pos for kp in self.k_pos if kp <= qp)
+        if self.kind is MaskKind.BAND:
+            rows = torch.arange(n, dtype=torch.int64)
+            first = (rows + self.lo).clamp(min=0)
+            last = (rows + self.hi).clamp(max=m - 1)
+            return int((last - first + 1).clamp(min=0).sum())
+        qp = torch.tensor(self.q_pos, dtype=torch.int64)
+        kp = torch.tensor(self.k_pos, dtype=torch.int64)
+        return int(MaskRule(self.causal, self.window).visible(qp, kp).sum())
 
 
 def runs_length(runs: Runs) -> int:
@@ -107,33 +195,129 @@ def _is_increasing(runs: Runs) -> bool:
     return True
 
 
-def _pair_blocks(q: Run, q_off: int, k: Run, k_off: int) -> list[SubBlock]:
-    """Sub-blocks of one causal (query run, key run) pair, in local coordinates."""
+# ---------------------------------------------------------------- documents
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of a local run inside one document: `run` at local offset `offset`."""
+
+    run: Run
+    offset: int
+    doc: int
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def split_runs(runs: Runs, documents: tuple[int, ...] | None) -> list[Piece]:
+    """Cut each run (in local order) at the document boundaries: one piece per (run, document)
+    the run has tokens of. Without documents every run is one piece of document 0."""
+    pieces: list[Piece] = []
+    offset = 0
+    for run in runs:
+        if run.length == 0:
+            continue
+        if documents is None:
+            pieces.append(Piece(run, offset, 0))
+        else:
+            stride = run.stride if run.length > 1 else 1
+            doc = bisect.bisect_right(documents, run.start) - 1
+            while doc < len(documents) - 1 and documents[doc] <= run.last:
+                first = max(0, _ceil_div(documents[doc] - run.start, stride))
+                end = min(run.length, _ceil_div(documents[doc + 1] - run.start, stride))
+                if first < end:
+                    pieces.append(Piece(Run(run.start + first * stride, end - first, stride),
+                                        offset + first, doc))
+                doc += 1
+        offset += run.length
+    return pieces
+
+
+# ---------------------------------------------------------------- one pair of runs
+
+def _band_part(r0: int, r1: int, k0: int, k1: int, n: int, m: int, lo: int | None,
+               hi: int | None) -> list[SubBlock]:
+    """Rows [r0, r1) x keys [k0, k1) of an n x m pair whose visible entries are
+    lo <= j - i <= hi (None: unbounded), trimmed to the rows and keys that see something, as
+    a FULL, CAUSAL or BAND sub-block (local coordinates of the pair); [] when none is visible."""
+    r0, r1, k0, k1 = max(r0, 0), min(r1, n), max(k0, 0), min(k1, m)
+    if hi is not None:
+        r0 = max(r0, k0 - hi)  # row i sees keys <= i + hi
+    if lo is not None:
+        r1 = min(r1, k1 - lo)  # row i sees keys >= i + lo
+    if lo is not None:
+        k0 = max(k0, r0 + lo)
+    if hi is not None:
+        k1 = min(k1, r1 + hi)
+    if r0 >= r1 or k0 >= k1:
+        return []
+    rows, keys = r1 - r0, k1 - k0
+    # The band relative to the sub-block, clipped to its extent (clipping hides nothing).
+    lo_local = -(rows - 1) if lo is None else max(lo - (k0 - r0), -(rows - 1))
+    hi_local = keys - 1 if hi is None else min(hi - (k0 - r0), keys - 1)
+    if lo_local == -(rows - 1) and hi_local == keys - 1:
+        return [SubBlock(r0, r1, k0, k1, MaskKind.FULL)]
+    if lo_local == -(rows - 1) and hi_local == 0:
+        return [SubBlock(r0, r1, k0, k1, MaskKind.CAUSAL)]
+    return [SubBlock(r0, r1, k0, k1, MaskKind.BAND, lo=lo_local, hi=hi_local)]
+
+
+def _band_blocks(n: int, m: int, lo: int | None, hi: int | None) -> list[SubBlock]:
+    """Sub-blocks (pair-local coordinates) of an n x m pair visible on lo <= j - i <= hi."""
+    if lo is not None and lo <= -(n - 1):
+        lo = None
+    if hi is not None and hi >= m - 1:
+        hi = None
+    if lo is None and hi is None:
+        return [SubBlock(0, n, 0, m, MaskKind.FULL)]
+    if lo is not None and hi is not None and (lo > hi or hi < -(n - 1) or lo > m - 1):
+        return []
+    if lo is not None and hi is not None and hi - lo < MIN_TILE:
+        # A narrow band: chunked BAND tiles, each over the keys its rows can reach.
+        return [b for r0 in range(0, n, MIN_TILE)
+                for b in _band_part(r0, r0 + MIN_TILE, r0 + lo, r0 + MIN_TILE + hi, n, m, lo, hi)]
+    # Tiles of T rows: keys [r0 + lo, r1 + lo) reversed-causal, [r1 + lo, r0 + hi) FULL,
+    # [r0 + hi, r1 + hi) CAUSAL (None bound: that side is all FULL, one tile holds every row).
+    tile = n if lo is None or hi is None else hi - lo
+    blocks: list[SubBlock] = []
+    for r0 in range(0, n, tile):
+        r1 = min(n, r0 + tile)
+        full_from = 0 if lo is None else r1 + lo
+        full_to = m if hi is None else r0 + hi
+        if lo is not None:
+            blocks += _band_part(r0, r1, r0 + lo, full_from, n, m, lo, hi)
+        blocks += _band_part(r0, r1, full_from, full_to, n, m, lo, hi)
+        if hi is not None:
+            blocks += _band_part(r0, r1, full_to, r1 + hi, n, m, lo, hi)
+    return blocks
+
+
+def _pair_blocks(q: Run, q_off: int, k: Run, k_off: int, rule: MaskRule) -> list[SubBlock]:
+    """Sub-blocks of one (query run, key run) pair (same document), in local coordinates."""
     n, m = q.length, k.length
     # A run of length 1 has no meaningful stride: borrow the other's.
     qs = q.stride if n > 1 else (k.stride if m > 1 else 1)
     ks = k.stride if m > 1 else qs
-    if k.start > q.last:  # every key after every query
+    window = rule.window
+    q_first, q_last = min(q.start, q.last), max(q.start, q.last)
+    k_first, k_last = min(k.start, k.last), max(k.start, k.last)
+    if rule.causal and k_first > q_last:  # every key after every query
+        return []
+    if window is not None and (q_first - k_last >= window
+                               or (not rule.causal and k_first - q_last >= window)):
         return []
     if qs != ks or qs <= 0:
         rows = range(q.start, q.last + 1, q.stride) if n > 1 else (q.start,)
         cols = range(k.start, k.last + 1, k.stride) if m > 1 else (k.start,)
         return [SubBlock(q_off, q_off + n, k_off, k_off + m, MaskKind.POSITIONS,
-                         tuple(rows), tuple(cols))]
-    c = (q.start - k.start) // qs
-    if c >= m - 1:
-        return [SubBlock(q_off, q_off + n, k_off, k_off + m, MaskKind.FULL)]
-    if c <= -n:
-        return []
-    # Keys past the last query's reach (local index n - 1 + c) are never visible: trim them,
-    # so a causal query block only ever touches the key range it can see.
-    reach = min(m, n + c)
-    if c > 0:
-        return [SubBlock(q_off, q_off + n, k_off, k_off + c, MaskKind.FULL),
-                SubBlock(q_off, q_off + n, k_off + c, k_off + reach, MaskKind.CAUSAL)]
-    if c == 0:
-        return [SubBlock(q_off, q_off + n, k_off, k_off + reach, MaskKind.CAUSAL)]
-    return [SubBlock(q_off - c, q_off + n, k_off, k_off + reach, MaskKind.CAUSAL)]
+                         tuple(rows), tuple(cols), causal=rule.causal, window=window)]
+    d = q.start - k.start
+    hi = d // qs if rule.causal else (None if window is None else _ceil_div(window + d, qs) - 1)
+    lo = None if window is None else (d - window) // qs + 1
+    return [dataclasses.replace(b, q0=b.q0 + q_off, q1=b.q1 + q_off, k0=b.k0 + k_off,
+                                k1=b.k1 + k_off)
+            for b in _band_blocks(n, m, lo, hi)]
 
 
 def _coalesce_full(blocks: list[SubBlock]) -> list[SubBlock]:
@@ -152,36 +336,60 @@ def _coalesce_full(blocks: list[SubBlock]) -> list[SubBlock]:
                 out.append(b)
         return out
 
+    if sum(b.kind is MaskKind.FULL for b in blocks) < 2:
+        return blocks
     blocks = fuse(blocks, lambda a, b: (a.q0, a.q1) == (b.q0, b.q1), lambda a, b: a.k1 == b.k0,
                   lambda a, b: SubBlock(a.q0, a.q1, a.k0, b.k1, MaskKind.FULL))
     return fuse(blocks, lambda a, b: (a.k0, a.k1) == (b.k0, b.k1), lambda a, b: a.q1 == b.q0,
                 lambda a, b: SubBlock(a.q0, b.q1, a.k0, a.k1, MaskKind.FULL))
 
 
-def plan_blocks(q_runs: Runs, k_runs: Runs, causal: bool) -> tuple[SubBlock, ...]:
-    """Dense sub-blocks computing attention of the local queries against a key block."""
+def plan_blocks(q_runs: Runs, k_runs: Runs, causal: "bool | MaskRule") -> tuple[SubBlock, ...]:
+    """Sub-blocks computing attention of the local queries against a key block under `causal`:
+    a `MaskRule`, or a bool (plain causal / non-causal attention)."""
+    rule = as_rule(causal)
     nq, nk = runs_length(q_runs), runs_length(k_runs)
     if nq == 0 or nk == 0:
         return ()
-    if not causal:
-        return (SubBlock(0, nq, 0, nk, MaskKind.FULL),)
-    if q_runs == k_runs and _is_increasing(q_runs):
+    if not rule.masked and not rule.causal:
+        blocks = [SubBlock(0, nq, 0, nk, MaskKind.FULL)]
+    elif not rule.masked and q_runs == k_runs and _is_increasing(q_runs):
         # Same tokens in increasing order: position order is local order, one causal call.
-        return (SubBlock(0, nq, 0, nk, MaskKind.CAUSAL),)
-    blocks: list[SubBlock] = []
-    q_off = 0
-    for q in q_runs:
-        k_off = 0
-        for k in k_runs:
-            blocks.extend(_pair_blocks(q, q_off, k, k_off))
-            k_off += k.length
-        q_off += q.length
-    return tuple(_coalesce_full(blocks))
+        blocks = [SubBlock(0, nq, 0, nk, MaskKind.CAUSAL)]
+    else:
+        keys_of_doc: dict[int, list[Piece]] = {}
+        for piece in split_runs(k_runs, rule.documents):
+            keys_of_doc.setdefault(piece.doc, []).append(piece)
+        blocks = [block for q in split_runs(q_runs, rule.documents)
+                  for k in keys_of_doc.get(q.doc, ())
+                  for block in _pair_blocks(q.run, q.offset, k.run, k.offset, rule)]
+        blocks = _coalesce_full(blocks)
+    if rule.softcap is not None:
+        blocks = [dataclasses.replace(b, softcap=rule.softcap) for b in blocks]
+    return tuple(blocks)
 
 
 def causal_pairs(blocks: tuple[SubBlock, ...]) -> int:
-    """Total (query, key) products of a plan: the work a balanced layout equalises."""
+    """Total visible (query, key) products of a plan: the work a balanced layout equalises."""
     return sum(b.pairs for b in blocks)
+
+
+def visible_key_span(q_runs: Runs, k_runs: Runs, rule: MaskRule) -> list[tuple[int, int]]:
+    """For each key run (local order), the local key range [first, end) holding every key some
+    query of `q_runs` sees under `rule` (its hull; (0, 0) when none): what a rank must receive
+    of that run. Computed from the plan, so it is exactly what the kernel reads."""
+    spans, offset = [], 0
+    blocks = plan_blocks(q_runs, k_runs, dataclasses.replace(rule, softcap=None))
+    for run in k_runs:
+        end = offset + run.length
+        inside = [b for b in blocks if b.k0 < end and b.k1 > offset]  # FULL ones may straddle
+        if inside:
+            spans.append((max(min(b.k0 for b in inside), offset) - offset,
+                          min(max(b.k1 for b in inside), end) - offset))
+        else:
+            spans.append((0, 0))
+        offset += run.length
+    return spans
 
 
 # ---------------------------------------------------------------- several ranks' tokens in one tensor

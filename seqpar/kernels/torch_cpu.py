@@ -9,10 +9,13 @@ Two implementations of one sub-block, same contract:
 
 * flash   — `aten._scaled_dot_product_flash_attention_for_cpu` and its `_backward`
             (tiled, never materialises the score matrix, returns lse). Runs FULL and CAUSAL
-            (top-left) sub-blocks in float32/float64/bfloat16/float16 on CPU. GQA is native.
+            (top-left) sub-blocks in float32/float64/bfloat16/float16 on CPU, and reversed-
+            causal BANDs with rows and keys flipped. GQA is native. No soft cap.
 * chunked — plain tensor ops over query x key chunks of at most `CHUNK` x `CHUNK` scores,
-            online softmax forward, recomputation backward. Runs every mask kind (including
-            explicit POSITIONS) on every device; the fallback, and the path tests compare with.
+            online softmax forward, recomputation backward. Runs every mask kind (BAND and
+            explicit POSITIONS element masks are built one chunk at a time, never S x S) and
+            soft caps (s -> c tanh(s / c); backward multiplies dS by 1 - tanh^2) on every
+            device; the fallback, and the path tests compare with.
 
 Backward of a sub-block uses the *final* (o, lse) of the whole attention, so the per-block
 gradients sum to the exact gradient:  p = exp(s - lse),  delta = rowsum(do * o) - dlse,
@@ -126,19 +129,26 @@ def _chunk_visibility(block: SubBlock, i0: int, i1: int, j0: int, j1: int, devic
                       ) -> torch.Tensor | None:
     """Boolean [i1-i0, j1-j0] visibility of sub-block-local rows/keys; None when all visible.
 
-    Callers skip chunks where nothing is visible (`_chunk_is_empty`) before asking.
+    Only ever one chunk of the mask: callers skip chunks where nothing is visible
+    (`_chunk_is_empty`) before asking.
     """
     if block.kind is MaskKind.FULL:
         return None
-    if block.kind is MaskKind.CAUSAL:
-        if j1 - 1 <= i0:
+    if block.kind in (MaskKind.CAUSAL, MaskKind.BAND):
+        lo = -(i1 - 1) if block.kind is MaskKind.CAUSAL else block.lo
+        hi = 0 if block.kind is MaskKind.CAUSAL else block.hi
+        if j0 - (i1 - 1) >= lo and (j1 - 1) - i0 <= hi:
             return None
-        rows = torch.arange(i0, i1, device=device)
-        cols = torch.arange(j0, j1, device=device)
-    else:
-        rows = torch.tensor(block.q_pos[i0:i1], device=device)
-        cols = torch.tensor(block.k_pos[j0:j1], device=device)
-    return cols[None, :] <= rows[:, None]
+        diff = torch.arange(j0, j1, device=device)[None, :] - torch.arange(i0, i1, device=device)[:, None]
+        return (diff >= lo) & (diff <= hi)
+    rows = torch.tensor(block.q_pos[i0:i1], device=device)
+    cols = torch.tensor(block.k_pos[j0:j1], device=device)
+    visible = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool, device=device)
+    if block.causal:
+        visible &= cols[None, :] <= rows[:, None]
+    if block.window is not None:
+        visible &= (rows[:, None] - cols[None, :]).abs() < block.window
+    return visible
 
 
 def _chunk_is_empty(block: SubBlock, i0: int, i1: int, j0: int, j1: int) -> bool:
@@ -146,7 +156,23 @@ def _chunk_is_empty(block: SubBlock, i0: int, i1: int, j0: int, j1: int) -> bool
         return False
     if block.kind is MaskKind.CAUSAL:
         return j0 > i1 - 1
-    return min(block.k_pos[j0:j1]) > max(block.q_pos[i0:i1])
+    if block.kind is MaskKind.BAND:
+        return (j1 - 1) - i0 < block.lo or j0 - (i1 - 1) > block.hi
+    q_first, q_last = min(block.q_pos[i0:i1]), max(block.q_pos[i0:i1])
+    k_first, k_last = min(block.k_pos[j0:j1]), max(block.k_pos[j0:j1])
+    if block.causal and k_first > q_last:
+        return True
+    return block.window is not None and (q_first - k_last >= block.window
+                                         or k_first - q_last >= block.window)
+
+
+def _scores(q_chunk, k_chunk, scale: float, softcap: float | None):
+    """(scores, tanh of the capped scores or None): s = scale q.k, capped to c tanh(s / c)."""
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", q_chunk, k_chunk) * scale
+    if softcap is None:
+        return scores, None
+    capped = torch.tanh(scores / softcap)
+    return capped * softcap, capped
 
 
 def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -174,7 +200,7 @@ def chunked_fwd(q, k, v, block: SubBlock, scale: float) -> tuple[torch.Tensor, t
             j1 = min(m, j0 + CHUNK)
             if _chunk_is_empty(block, i0, i1, j0, j1):
                 continue
-            scores = torch.einsum("bqhgd,bkhd->bhgqk", q_chunk, k[:, j0:j1].to(acc_dtype)) * scale
+            scores, _ = _scores(q_chunk, k[:, j0:j1].to(acc_dtype), scale, block.softcap)
             visible = _chunk_visibility(block, i0, i1, j0, j1, q.device)
             if visible is not None:
                 scores = scores.masked_fill(~visible, float("-inf"))
@@ -222,7 +248,7 @@ def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None, d
                 continue
             k_chunk = k[:, j0:j1].to(acc_dtype)
             v_chunk = v[:, j0:j1].to(acc_dtype)
-            scores = torch.einsum("bqhgd,bkhd->bhgqk", q_chunk, k_chunk) * scale
+            scores, tanh = _scores(q_chunk, k_chunk, scale, block.softcap)
             visible = _chunk_visibility(block, i0, i1, j0, j1, q.device)
             if visible is not None:
                 scores = scores.masked_fill(~visible, float("-inf"))
@@ -230,6 +256,8 @@ def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None, d
             dv[:, j0:j1] += torch.einsum("bhgqk,bqhgd->bkhd", probs, do_chunk)
             dprobs = torch.einsum("bqhgd,bkhd->bhgqk", do_chunk, v_chunk)
             dscores = probs * (dprobs - delta_chunk[..., None]) * scale
+            if tanh is not None:  # d(c tanh(s / c)) / ds = 1 - tanh^2
+                dscores = dscores * (1 - tanh * tanh)
             dq[:, i0:i1] += torch.einsum("bhgqk,bkhd->bqhgd", dscores, k_chunk)
             dk[:, j0:j1] += torch.einsum("bhgqk,bqhgd->bkhd", dscores, q_chunk)
     return dq.reshape(b, n, hq, d), dk, dv
@@ -237,29 +265,40 @@ def chunked_bwd(do, q, k, v, o, lse, block: SubBlock, scale: float, dlse=None, d
 
 # ---------------------------------------------------------------- running a plan
 
+def _flip(*tensors, dim: int = 1):
+    """Reverse the token order (dim 1 of [B, S, H, D], dim -1 of [B, H, S]); None stays None."""
+    return tuple(None if t is None else t.flip(dim if t.dim() == 4 else -1) for t in tensors)
+
+
 @dataclass(frozen=True)
 class TorchBlockKernel(PlanKernel):
     """Runs a plan of sub-blocks with the CPU flash op (`flash=True`) or the chunked path.
 
-    Sub-blocks the flash op cannot run (POSITIONS masks, dtypes it lacks) use the chunked path.
+    The flash op runs FULL and CAUSAL sub-blocks, and reversed-causal BANDs (a window's lower
+    edge) on inputs with rows and keys reversed; everything else (other BANDs, POSITIONS,
+    soft-capped scores, dtypes it lacks) takes the chunked path.
     """
 
     flash: bool
     name: str = "torch"
 
     def _use_flash(self, block: SubBlock, dtype: torch.dtype) -> bool:
-        return self.flash and block.kind is not MaskKind.POSITIONS and dtype in FLASH_DTYPES
+        return (self.flash and block.softcap is None and dtype in FLASH_DTYPES
+                and (block.kind in (MaskKind.FULL, MaskKind.CAUSAL) or block.is_reversed_causal))
 
     def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
         q_blk, k_blk, v_blk = block_slices(q, k, v, block)
-        if self._use_flash(block, q.dtype):
-            return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
-        return chunked_fwd(q_blk, k_blk, v_blk, block, scale)
+        if not self._use_flash(block, q.dtype):
+            return chunked_fwd(q_blk, k_blk, v_blk, block, scale)
+        if block.kind is MaskKind.BAND:
+            o, lse = flash_fwd(*_flip(q_blk, k_blk, v_blk), True, scale)
+            return _flip(o, lse)
+        return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
 
     def _block_bwd(self, do, q, k, v, o, lse, dlse, delta, block: SubBlock, scale: float):
-        do_b, q_b, k_b, v_b, o_b, lse_b, dlse_b, delta_b = backward_slices(
-            do, q, k, v, o, lse, dlse, delta, block)
-        if self._use_flash(block, q.dtype):
-            return flash_bwd(do_b, q_b, k_b, v_b, o_b, lse_b, block.kind is MaskKind.CAUSAL, scale,
-                             dlse_b, delta_b)
-        return chunked_bwd(do_b, q_b, k_b, v_b, o_b, lse_b, block, scale, dlse_b, delta_b)
+        sliced = backward_slices(do, q, k, v, o, lse, dlse, delta, block)
+        if not self._use_flash(block, q.dtype):
+            return chunked_bwd(*sliced[:6], block, scale, *sliced[6:])
+        if block.kind is MaskKind.BAND:
+            return _flip(*flash_bwd(*_flip(*sliced[:6]), True, scale, *_flip(*sliced[6:])))
+        return flash_bwd(*sliced[:6], block.kind is MaskKind.CAUSAL, scale, *sliced[6:])
