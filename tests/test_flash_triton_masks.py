@@ -52,7 +52,9 @@ CASES = [
     # keys after the queries, not causal: rows 0..8 see nothing (lse -inf, o 0)
     ("window 7 non-causal keys later", 20, 30, arith(0, 20, 15, 30, causal=False, window=7),
      None, (2, 2), 16),
-    ("window larger than S", 40, 40, arith(0, 40, 0, 40, window=1000), None, (3, 3), 40),
+    # one document covering everything: the binary search has no step to take
+    ("window larger than S, one document", 40, 40,
+     arith(0, 40, 0, 40, window=1000, cu_seqlens=torch.tensor([0, 40])), None, (3, 3), 40),
     ("softcap, no mask", 24, 40, (FULL, None, None), 1.0, (4, 2), 16),
     # striped layout (positions step 4), every ingredient at once
     ("striped docs window softcap", 17, 17, arith(1, 17, 2, 17, step=4, window=9, cu_seqlens=CU_70),

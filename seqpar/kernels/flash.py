@@ -79,6 +79,8 @@ class MaskSpec:
                 coordinates as the positions -- global positions for a sharded sequence; the
                 top-left TOP_LEFT_CAUSAL origin only works for a block starting at 0): a pair is
                 visible only inside one document. A position outside [c[0], c[-1]) sees nothing.
+                Validated (0 = c[0] < ... < c[-1] = S) at the API edge, not here; pass it on the
+                kernel's device as int64 to spare a copy per call.
     """
 
     mode: MaskMode
@@ -93,6 +95,7 @@ class MaskSpec:
     cu_seqlens: torch.Tensor | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "mode", MaskMode(self.mode))  # a plain 0 / 1 / 2 works too
         if self.mode is MaskMode.FULL and (self.window is not None or self.cu_seqlens is not None):
             raise ValueError("MaskSpec: a window or documents need positions; use mode ARITHMETIC "
                              "or EXPLICIT instead of FULL")
