@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +77,8 @@ class MaskSpec:
     causal:     kp_j <= qp_i applies (positions modes only).
     window:     None or W >= 1: |qp_i - kp_j| < W (with causal: qp_i - W < kp_j <= qp_i).
     cu_seqlens: None or the document boundaries [n_docs + 1] (int, increasing, in the SAME
-                coordinates as the positions -- global positions for a sharded sequence; the
-                top-left TOP_LEFT_CAUSAL origin only works for a block starting at 0): a pair is
+                coordinates as the positions: give global positions (q_start / k_start of the
+                block's first tokens), or shift cu_seqlens by the block's origin): a pair is
                 visible only inside one document. A position outside [c[0], c[-1]) sees nothing.
                 Validated (0 = c[0] < ... < c[-1] = S) at the API edge, not here; pass it on the
                 kernel's device as int64 to spare a copy per call.
@@ -104,9 +105,11 @@ class MaskSpec:
                              "positions need steps >= 1 (use EXPLICIT positions otherwise)")
         if self.mode is MaskMode.EXPLICIT and (self.q_pos is None or self.k_pos is None):
             raise ValueError("MaskSpec: mode EXPLICIT needs both q_pos and k_pos")
-        if self.window is not None and (isinstance(self.window, bool)
-                                        or not isinstance(self.window, int) or self.window < 1):
-            raise ValueError(f"MaskSpec: window={self.window!r}; pass an int >= 1 or None")
+        if self.window is not None:
+            if (isinstance(self.window, bool) or not isinstance(self.window, numbers.Integral)
+                    or self.window < 1):
+                raise ValueError(f"MaskSpec: window={self.window!r}; pass an int >= 1 or None")
+            object.__setattr__(self, "window", int(self.window))
         cu = self.cu_seqlens
         if cu is not None and (not isinstance(cu, torch.Tensor) or cu.dim() != 1
                                or cu.numel() < 2 or cu.is_floating_point() or cu.is_complex()):
@@ -555,7 +558,7 @@ def _block_d(head_dim: int) -> int:
 def _mask_args(mask: MaskSpec, softcap: float | None, device):
     """(QPOS, KPOS, CU) tensors, the runtime scalars after the scales (cap_log2 ... doc_top) and
     the mask constexprs, for any kernel."""
-    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+    if softcap is not None and not (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
                                     and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap={softcap!r}; pass a finite number > 0 or None")
     dummy = torch.empty(1, dtype=torch.int64, device=device)
