@@ -13,6 +13,10 @@ Three tables, bf16, causal, B=1, H=16 (B*H*S fixed work per row as S grows):
    and the fraction of block pairs kept.
 3. end to end through seqpar.attention on one GPU (ring and ulysses backends, one rank: the
    API, dispatch and Triton path without communication).
+4. masks: Triton flash fwd+bwd, causal, with a sliding window W = S/16 and with packed documents
+   (fixed-seed log-normal lengths, median S/32, at most S/4) against dense causal at the same S:
+   visible (query, key) pairs and time per visible pair relative to dense causal (work the mask
+   removes should not be done: target <= 1.3x).
 
 Targets (benchmark, not test): Triton flash >= 0.9x SDPA flash throughput; S2 >= 4x faster than
 dense at S = 32K. Writes JSON under benchmarks/results/.
@@ -115,6 +119,49 @@ def sparse_rows(device, dtype, seqs, heads, dim, repeats, block_size, local_bloc
     return rows
 
 
+def packed_documents(seq: int, seed: int = 0) -> torch.Tensor:
+    """cu_seqlens of documents with log-normal lengths (median seq/32, at most seq/4) packed
+    into seq tokens, the last one cut to fit."""
+    g = torch.Generator().manual_seed(seed)
+    bounds, total = [0], 0
+    while total < seq:
+        draw = torch.empty(1).log_normal_(mean=float(torch.log(torch.tensor(seq / 32.0))), std=1.0,
+                                          generator=g).item()
+        total = min(seq, total + max(1, min(seq // 4, round(draw))))
+        bounds.append(total)
+    return torch.tensor(bounds)
+
+
+def mask_rows(device, dtype, seqs, heads, dim, repeats):
+    from seqpar.kernels.flash import TOP_LEFT_CAUSAL, MaskMode, MaskSpec, flash_bwd, flash_fwd
+
+    rows = []
+    for seq in seqs:
+        q, k, v, do = (torch.randn(1, seq, heads, dim, device=device, dtype=dtype) for _ in range(4))
+        scale = dim ** -0.5
+        window = max(1, seq // 16)
+        cu = packed_documents(seq)
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        cases = [("dense causal", TOP_LEFT_CAUSAL, seq * (seq + 1) // 2),
+                 (f"window {window}", MaskSpec(MaskMode.ARITHMETIC, window=window),
+                  sum(min(i + 1, window) for i in range(seq))),
+                 (f"{len(lengths)} documents", MaskSpec(MaskMode.ARITHMETIC, cu_seqlens=cu.to(device)),
+                  sum(n * (n + 1) // 2 for n in lengths))]
+        for name, spec, pairs in cases:
+            o, lse = flash_fwd(q, k, v, scale, spec)
+            delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()
+            seconds = _time(lambda: (flash_fwd(q, k, v, scale, spec),
+                                     flash_bwd(do, q, k, v, lse, delta, scale, spec)), device, repeats)
+            rows.append({"S": seq, "mask": name, "pairs": pairs, "fwdbwd_ms": seconds * 1e3,
+                         "ns_per_pair": seconds / (pairs * heads) * 1e9})
+        dense = rows[-3]["ns_per_pair"]
+        for row in rows[-3:]:
+            row["per_pair_vs_dense"] = row["ns_per_pair"] / dense
+        print(f"  masks S={seq}: " + ", ".join(f"{r['mask']} {r['per_pair_vs_dense']:.2f}x"
+                                                for r in rows[-2:]), file=sys.stderr, flush=True)
+    return rows
+
+
 def end_to_end_rows(device, dtype, seq, heads, dim, repeats, pattern_args):
     import seqpar
 
@@ -146,6 +193,7 @@ def main(argv=None) -> None:
         seqs, sparse_seqs, dims, heads, repeats = [64], [64], [16], 2, 1
         sparse_cfg = dict(block_size=16, local_blocks=2, vert_stride=2)
         e2e_seq = 64
+        mask_seqs = [64]
     else:
         if not torch.cuda.is_available():
             sys.exit("benchmarks.kernels needs a CUDA GPU (use --smoke to check the script on CPU)")
@@ -154,11 +202,13 @@ def main(argv=None) -> None:
             [8192, 16384, 32768, 65536], [64, 128], 16, args.repeats
         sparse_cfg = dict(block_size=64, local_blocks=4, vert_stride=8)
         e2e_seq = 16384
+        mask_seqs = [16384, 65536]
     info = machine()
     print(header_text(info), flush=True)
     dense = dense_rows(device, dtype, seqs, dims, heads, repeats)
     sparse = sparse_rows(device, dtype, sparse_seqs, heads, dims[0], repeats, **sparse_cfg)
     e2e = end_to_end_rows(device, dtype, e2e_seq, heads, dims[0], repeats, sparse_cfg)
+    masks = mask_rows(device, dtype, mask_seqs, heads, dims[0], repeats)
     print(f"# dense causal attention, {str(dtype).removeprefix('torch.')}, B=1, H={heads}: TFLOP/s")
     print(table(dense, [("D", "D", "d"), ("S", "S", "d"),
                         ("triton_fwd_tflops", "triton fwd", ".1f"), ("sdpa_fwd_tflops", "sdpa fwd", ".1f"),
@@ -172,8 +222,12 @@ def main(argv=None) -> None:
     print("# end to end through seqpar.attention, one rank")
     print(table(e2e, [("backend", "backend", "s"), ("S", "S", "d"), ("fwdbwd_ms", "fwd+bwd ms", ".2f"),
                       ("tflops", "TFLOP/s", ".1f")]))
+    print(f"# masks, causal, fwd+bwd, D={dims[0]}: time per visible pair vs dense causal")
+    print(table(masks, [("S", "S", "d"), ("mask", "mask", "s"), ("pairs", "visible pairs", "d"),
+                        ("fwdbwd_ms", "fwd+bwd ms", ".2f"), ("ns_per_pair", "ns / pair / head", ".4f"),
+                        ("per_pair_vs_dense", "per pair vs dense", ".2f")]))
     path = write_json("kernels", {"machine": info, "smoke": args.smoke, "dense": dense,
-                                  "sparse": sparse, "end_to_end": e2e}, args.out)
+                                  "sparse": sparse, "end_to_end": e2e, "masks": masks}, args.out)
     print(f"# wrote {path}")
 
 

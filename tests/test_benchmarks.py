@@ -66,6 +66,7 @@ def test_kernels_benchmark_smoke_mode_runs(tmp_path):
     assert payload["smoke"] and payload["dense"] and payload["sparse"]
     assert {r["backend"] for r in payload["end_to_end"]} == {"ring", "ulysses", "s2"}
     assert 0 < payload["sparse"][0]["kept"] < 1
+    assert [r["mask"].split()[-1] for r in payload["masks"]] == ["causal", "4", "documents"]
     assert "TFLOP/s" in done.stdout
 
 

@@ -141,9 +141,12 @@ def check_block_sparse(pattern, heads):
 
 FLASH_KINDS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16",
                "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*fp32", "DK": "*fp32", "DV": "*fp32",
-               "QPOS": "*i64", "KPOS": "*i64", "ROW_PTR": "*i32", "COL_IDX": "*i32",
+               "QPOS": "*i64", "KPOS": "*i64", "CU": "*i64", "ROW_PTR": "*i32", "COL_IDX": "*i32",
                "COL_PTR": "*i32", "ROW_IDX": "*i32", "scale": "fp32", "scale_log2": "fp32",
-               "q_start": "i64", "q_step": "i64", "k_start": "i64", "k_step": "i64"}
+               "cap_log2": "fp32", "q_start": "i64", "q_step": "i64", "k_start": "i64",
+               "k_step": "i64", "window": "i64"}
+# The mask constexprs of the plain causal kernels (no window, documents or soft cap).
+CAUSAL_ONLY = dict(CAUSAL=True, WINDOW=False, DOCS=False, SOFTCAP=False)
 
 
 @pytest.mark.parametrize("kernel,sparse,dtype,tiles", [
@@ -157,7 +160,7 @@ def test_flash_kernels_compile_for_a_gpu_within_shared_memory(kernel, sparse, dt
     twice the bytes) with the small fallback config (64 x 32, 2 stages)."""
     from seqpar.kernels import flash
     block_m, block_n, stages = tiles
-    constants = dict(MASK_MODE=1, UPCAST=False, BLOCK_D=128, SPARSE_BLOCK=sparse,
+    constants = dict(MASK_MODE=1, **CAUSAL_ONLY, UPCAST=False, BLOCK_D=128, SPARSE_BLOCK=sparse,
                      PRECISION="ieee" if dtype == "fp32" else "tf32",
                      BLOCK_M=block_m, BLOCK_N=block_n)
     # the configs the autotuner holds for a CUDA run of these arguments (dense: the GPU list;

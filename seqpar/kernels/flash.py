@@ -6,18 +6,33 @@ One program handles one (batch, query head) and a tile of BLOCK_M queries (forwa
 
     s_ij  = scale * q_i . k_j                     (q head h reads kv head h // group: GQA
                                                     without materialising repeated K/V)
-    visible(i, j) = kp_j <= qp_i   when causal    (kp, qp: GLOBAL positions, see MaskSpec)
+    s_ij  <- c * tanh(s_ij / c)                   (soft cap c, when given)
+    visible(i, j) = (kp_j <= qp_i          when causal)       (kp, qp: positions, see MaskSpec)
+                and (|qp_i - kp_j| < W     with a window W)
+                and (same document         with documents: c[d] <= qp_i, kp_j < c[d + 1])
     lse_i = log sum_{visible j} exp(s_ij)         (-inf when row i sees nothing)
     o_i   = sum_{visible j} exp(s_ij - lse_i) v_j (0 when row i sees nothing)
 
 Backward, with the FINAL (o, lse) of the whole attention so per-block gradients are exact:
     p = exp(s - lse),  delta_i = rowsum(do_i * o_i) - dlse_i  (computed by the caller),
-    ds = p * (do v^T - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
+    ds = p * (do v^T - delta) * (1 - tanh(s_raw / c)^2 with a soft cap, else 1),
+    dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
 dK/dV programs loop over the `group` query heads of their kv head (no atomics, deterministic).
+In base 2 the soft cap keeps its form: c tanh(s / c) * log2(e) = c2 tanh(s2 / c2), c2 = c log2(e).
+Attention sinks are not the kernel's business: they are applied once, after all partials merge.
 
 Positions (`MaskSpec`): FULL (no mask); ARITHMETIC (qp_i = q_start + i * q_step, kp_j = k_start
-+ j * k_step: contiguous, zigzag halves, striped and ring steps are all of this form, so tiles
-past the last visible key are never visited); EXPLICIT (position vectors in memory).
++ j * k_step, steps >= 1: contiguous, zigzag halves, striped and ring steps are all of this form);
+EXPLICIT (position vectors in memory). Documents are the global boundaries `cu_seqlens`: each
+program finds the document span [c[d], c[d+1]) of its own rows (forward, dQ) or keys (dK/dV) once,
+by binary search, and a pair is in one document iff the other side's position lies in that span
+(no per-token document ids are stored or loaded).
+
+Work the mask removes is not done (ARITHMETIC only; EXPLICIT visits every tile): a query tile
+visits only the key tiles between its first and last visible key position -- at most its last
+query position (causal), within W - 1 of its queries (window), inside the documents its rows
+belong to -- and a key tile only the matching query tiles. Tiles with no visible entry inside that
+range occur only where the band has holes (several documents in one tile, window < step).
 
 Head dims 16..256, any value (padded to a power of two inside, masked loads). Inputs fp16,
 bf16 or fp32; accumulation in fp32. Addresses in int64. On CPU tensors this runs under the
@@ -28,6 +43,8 @@ Triton interpreter (TRITON_INTERPRET=1): there bf16 is upcast to fp32 right afte
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +56,9 @@ from .plan import PlanKernel, backward_slices, block_slices, softmax_delta
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Windows wider than this are clipped (they are then no constraint at all): positions are int64
+# and the kernels add W to positions without overflow.
+_WINDOW_CLIP = 1 << 62
 
 
 class MaskMode(enum.IntEnum):
@@ -49,6 +69,21 @@ class MaskMode(enum.IntEnum):
 
 @dataclass(frozen=True)
 class MaskSpec:
+    """Which (query, key) pairs of one block are visible.
+
+    mode:       FULL (every pair; no positions, so no causal / window / documents),
+                ARITHMETIC (qp_i = q_start + i * q_step, kp_j = k_start + j * k_step, steps >= 1)
+                or EXPLICIT (q_pos [n_q], k_pos [n_k] int tensors).
+    causal:     kp_j <= qp_i applies (positions modes only).
+    window:     None or W >= 1: |qp_i - kp_j| < W (with causal: qp_i - W < kp_j <= qp_i).
+    cu_seqlens: None or the document boundaries [n_docs + 1] (int, increasing, in the SAME
+                coordinates as the positions: give global positions (q_start / k_start of the
+                block's first tokens), or shift cu_seqlens by the block's origin): a pair is
+                visible only inside one document. A position outside [c[0], c[-1]) sees nothing.
+                Validated (0 = c[0] < ... < c[-1] = S) at the API edge, not here; pass it on the
+                kernel's device as int64 to spare a copy per call.
+    """
+
     mode: MaskMode
     q_start: int = 0
     q_step: int = 1
@@ -56,6 +91,31 @@ class MaskSpec:
     k_step: int = 1
     q_pos: torch.Tensor | None = None  # int64 [n_q] (EXPLICIT)
     k_pos: torch.Tensor | None = None  # int64 [n_k] (EXPLICIT)
+    causal: bool = True
+    window: int | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", MaskMode(self.mode))  # a plain 0 / 1 / 2 works too
+        if self.mode is MaskMode.FULL and (self.window is not None or self.cu_seqlens is not None):
+            raise ValueError("MaskSpec: a window or documents need positions; use mode ARITHMETIC "
+                             "or EXPLICIT instead of FULL")
+        if self.mode is MaskMode.ARITHMETIC and (self.q_step < 1 or self.k_step < 1):
+            raise ValueError(f"MaskSpec: q_step={self.q_step}, k_step={self.k_step}; arithmetic "
+                             "positions need steps >= 1 (use EXPLICIT positions otherwise)")
+        if self.mode is MaskMode.EXPLICIT and (self.q_pos is None or self.k_pos is None):
+            raise ValueError("MaskSpec: mode EXPLICIT needs both q_pos and k_pos")
+        if self.window is not None:
+            if (isinstance(self.window, bool) or not isinstance(self.window, numbers.Integral)
+                    or self.window < 1):
+                raise ValueError(f"MaskSpec: window={self.window!r}; pass an int >= 1 or None")
+            object.__setattr__(self, "window", int(self.window))
+        cu = self.cu_seqlens
+        if cu is not None and (not isinstance(cu, torch.Tensor) or cu.dim() != 1
+                               or cu.numel() < 2 or cu.is_floating_point() or cu.is_complex()):
+            raise ValueError("MaskSpec: cu_seqlens must be a 1-D integer tensor of document "
+                             f"boundaries [n_docs + 1] (at least 2 entries), got "
+                             f"{getattr(cu, 'dtype', type(cu))} of shape {tuple(getattr(cu, 'shape', ()))}")
 
 
 FULL = MaskSpec(MaskMode.FULL)
@@ -92,7 +152,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 _TUNE = dict(configs=_configs(), prune_configs_by={"early_config_prune": _prune},
-             key=["n_q", "n_k", "BLOCK_D", "MASK_MODE", "SPARSE_BLOCK"])
+             key=["n_q", "n_k", "BLOCK_D", "MASK_MODE", "CAUSAL", "WINDOW", "DOCS", "SOFTCAP",
+                  "SPARSE_BLOCK"])
 
 
 @triton.jit
@@ -103,11 +164,55 @@ def _positions(start, step, offs, POS, ok, MASK_MODE: tl.constexpr):
 
 
 @triton.jit
-def _last_key_exclusive(last_q_pos, k_start, k_step, n_k):
-    """Number of keys whose (arithmetic) position is <= last_q_pos, clipped to [0, n_k]."""
-    reach = (last_q_pos - k_start) // k_step + 1
-    reach = tl.where(last_q_pos < k_start, 0, reach)
-    return tl.minimum(reach, n_k)
+def _count_at_most(pos, start, step, n):
+    """How many of the n arithmetic positions start, start + step, ... (step >= 1) are <= pos."""
+    reach = (pos - start) // step + 1
+    reach = tl.where(pos < start, 0, reach)  # `//` truncates: never divide a negative
+    return tl.minimum(reach, n)
+
+
+@triton.jit
+def _document_spans(pos, ok, CU, n_docs, doc_bits, doc_top):
+    """[lo, hi) = [c[d], c[d + 1]): the document holding each position (binary search over the
+    boundaries CU[0..n_docs] for the last c[d] <= pos); [pos, pos) -- nothing -- outside them."""
+    d = tl.zeros_like(pos)
+    for it in range(doc_bits):  # probes doc_top, doc_top / 2, ..., 1 ahead
+        probe = d + (doc_top >> it)
+        inside = ok & (probe < n_docs)
+        bound = tl.load(CU + probe, mask=inside, other=0)
+        d = tl.where(inside & (bound <= pos), probe, d)
+    lo = tl.load(CU + d, mask=ok, other=0)
+    hi = tl.load(CU + d + 1, mask=ok, other=0)
+    member = (lo <= pos) & (pos < hi)
+    return tl.where(member, lo, pos), tl.where(member, hi, pos)
+
+
+@triton.jit
+def _tile_range(pos_first, pos_last, span_lo, span_hi, ok, start, step, n, window,
+                OTHER_IS_KEYS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                DOCS: tl.constexpr, BLOCK: tl.constexpr):
+    """[first, last): the tiles of BLOCK along the other side (arithmetic positions start +
+    i * step, i < n) that can hold a visible entry for this tile (increasing positions
+    pos_first..pos_last; document spans span_lo/span_hi where ok). Bounds are counted in
+    indices, [first, last), so no position arithmetic can overflow."""
+    first = tl.full([], 0, tl.int64)
+    last = first + n
+    if CAUSAL:
+        if OTHER_IS_KEYS:  # no key after the last query
+            last = tl.minimum(last, _count_at_most(pos_last, start, step, n))
+        else:  # no query before the first key
+            first = tl.maximum(first, _count_at_most(pos_first - 1, start, step, n))
+    if WINDOW:
+        first = tl.maximum(first, _count_at_most(pos_first - window, start, step, n))
+        last = tl.minimum(last, _count_at_most(pos_last + window - 1, start, step, n))
+    if DOCS:
+        # Fillers can only widen the range (a min over more values is lower, a max higher).
+        doc_lo = tl.min(tl.where(ok, span_lo, tl.max(span_hi, 0)), 0)
+        doc_hi = tl.max(tl.where(ok, span_hi, doc_lo), 0)
+        first = tl.maximum(first, _count_at_most(doc_lo - 1, start, step, n))
+        last = tl.minimum(last, _count_at_most(doc_hi - 1, start, step, n))
+    first_tile = first // BLOCK
+    return first_tile, tl.where(last > first, tl.cdiv(last, BLOCK), first_tile)
 
 
 @triton.jit
@@ -121,37 +226,70 @@ def _load_tile(base, idx, stride, dims, ok, dim_ok, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE: tl.constexpr):
+def _visible(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
+             MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             DOCS: tl.constexpr, SPANS_OF_ROWS: tl.constexpr):
+    """[rows, keys] visibility. Document spans belong to the rows (forward, dQ: a key must lie
+    in its row's document) or to the keys (dK/dV: the row must lie in the key's document)."""
     visible = row_ok[:, None] & col_ok[None, :]
     if MASK_MODE != 0:
-        visible = visible & (k_pos[None, :] <= q_pos[:, None])
+        ahead = q_pos[:, None] - k_pos[None, :]
+        if CAUSAL:
+            visible = visible & (ahead >= 0)
+        if WINDOW:
+            visible = visible & (ahead < window) & (ahead > -window)
+        if DOCS:
+            if SPANS_OF_ROWS:
+                visible = visible & (k_pos[None, :] >= span_lo[:, None]) & (k_pos[None, :] < span_hi[:, None])
+            else:
+                visible = visible & (q_pos[:, None] >= span_lo[None, :]) & (q_pos[:, None] < span_hi[None, :])
     return visible
 
 
 @triton.jit
-def _key_tile_scores(q, q_pos, row_ok, k_base, v_base, start, sks, svs, dims, dim_ok, n_k, KPOS,
-                     k_start, k_step, scale_log2, MASK_MODE: tl.constexpr, UPCAST: tl.constexpr,
+def _scores(q, k, scale_log2, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 scores of a tile, soft-capped, and t = tanh(s / c) (the backward's 1 - t^2;
+    without a cap t is the scores themselves, unused)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    t = s
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 with no inf / inf; exp(2x) =
+        # exp2(2 log2(e) x), x = s2 / c2.
+        t = 1.0 - 2.0 / (tl.exp2(s * (2.8853900817779268 / cap_log2)) + 1.0)
+        s = cap_log2 * t
+    return s, t
+
+
+@triton.jit
+def _key_tile_scores(q, q_pos, row_ok, span_lo, span_hi, k_base, v_base, start, sks, svs, dims,
+                     dim_ok, n_k, KPOS, k_start, k_step, scale_log2, cap_log2, window,
+                     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """The key tile at `start` seen from a query tile (forward and dQ alike): its K and V
-    tiles, the base-2 scores q k^T * scale * log2(e), and which (query, key) pairs are visible."""
+    tiles, the base-2 scores (and tanh of the cap), and which (query, key) pairs are visible."""
     cols = start + tl.arange(0, BLOCK_N)
     col_ok = cols < n_k
     k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
     v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
     k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    return k, v, s, _visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE)
+    s, t = _scores(q, k, scale_log2, cap_log2, SOFTCAP, PRECISION)
+    visible = _visible(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
+                       MASK_MODE, CAUSAL, WINDOW, DOCS, True)
+    return k, v, s, t, visible
 
 
 @triton.jit
-def _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start, sks, svs, dims, dim_ok,
-              n_k, KPOS, k_start, k_step, scale_log2,
-              MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _fwd_tile(q, q_pos, row_ok, span_lo, span_hi, m_i, l_i, acc, k_base, v_base, start, sks,
+              svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2, cap_log2, window,
+              MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the online softmax: returns the updated (row max, row sum, output)."""
-    k, v, s, visible = _key_tile_scores(q, q_pos, row_ok, k_base, v_base, start, sks, svs, dims,
-                                        dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
-                                        MASK_MODE, UPCAST, BLOCK_N, PRECISION)
+    k, v, s, t, visible = _key_tile_scores(
+        q, q_pos, row_ok, span_lo, span_hi, k_base, v_base, start, sks, svs, dims, dim_ok, n_k,
+        KPOS, k_start, k_step, scale_log2, cap_log2, window, MASK_MODE, CAUSAL, WINDOW, DOCS,
+        SOFTCAP, UPCAST, BLOCK_N, PRECISION)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -174,22 +312,38 @@ def _query_program(pid_m, pid_bh, heads_q, group, n_q, head_dim,
 
 
 @triton.jit
-def _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start, k_step,
-               MASK_MODE: tl.constexpr, SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """[first, last): the key tiles a query tile visits -- tile numbers (dense; tiles past the
-    last query's reach are never visited) or positions in its CSR list (sparse)."""
+def _row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs, doc_bits, doc_top,
+                 MASK_MODE: tl.constexpr, DOCS: tl.constexpr):
+    """Positions of a query tile and, with documents, each row's document span."""
+    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+    span_lo = q_pos
+    span_hi = q_pos
+    if DOCS:
+        span_lo, span_hi = _document_spans(q_pos, row_ok, CU, n_docs, doc_bits, doc_top)
+    return q_pos, span_lo, span_hi
+
+
+@triton.jit
+def _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start, k_step, window,
+               span_lo, span_hi, row_ok, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[first, last): the key tiles a query tile visits -- tile numbers (dense; with arithmetic
+    positions only those between its first and last visible key) or positions in its CSR list
+    (sparse)."""
     # One return statement: the compiler types every return alike, even in pruned branches.
     if SPARSE_BLOCK > 0:
         first = tl.load(ROW_PTR + kvh * s_ptr + pid_m)
         last = tl.load(ROW_PTR + kvh * s_ptr + pid_m + 1)
     else:
-        hi = n_k
+        first = 0
+        last = tl.cdiv(n_k, BLOCK_N)
         if MASK_MODE == 1:
             last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-            hi = _last_key_exclusive(q_start + last_row.to(tl.int64) * q_step, k_start, k_step, n_k)
-        first = 0
-        last = tl.cdiv(hi, BLOCK_N)
+            first, last = _tile_range(
+                q_start + (pid_m * BLOCK_M).to(tl.int64) * q_step,
+                q_start + last_row.to(tl.int64) * q_step, span_lo, span_hi, row_ok,
+                k_start, k_step, n_k, window, True, CAUSAL, WINDOW, DOCS, BLOCK_N)
     return first, last
 
 
@@ -204,30 +358,34 @@ def _tile_start(IDX, kvh, s_idx, i, SPARSE_BLOCK: tl.constexpr, BLOCK: tl.conste
 
 @triton.autotune(**_TUNE)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS, ROW_PTR, COL_IDX,
+def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS, CU, ROW_PTR, COL_IDX,
                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
-                s_ptr, s_idx, n_q, n_k, heads_q, group, head_dim, scale_log2,
-                q_start, q_step, k_start, k_step,
-                MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                s_ptr, s_idx, n_q, n_k, heads_q, group, head_dim, scale_log2, cap_log2,
+                q_start, q_step, k_start, k_step, window, n_docs, doc_bits, doc_top,
+                MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_D: tl.constexpr, SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     b, h, kvh, rows, dims, row_ok, dim_ok = _query_program(
         pid_m, tl.program_id(1), heads_q, group, n_q, head_dim, BLOCK_M, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, sqs, dims, row_ok, dim_ok, UPCAST)
-    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+    q_pos, span_lo, span_hi = _row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs,
+                                           doc_bits, doc_top, MASK_MODE, DOCS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     first, last = _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start,
-                             k_step, MASK_MODE, SPARSE_BLOCK, BLOCK_M, BLOCK_N)
+                             k_step, window, span_lo, span_hi, row_ok, MASK_MODE, CAUSAL, WINDOW,
+                             DOCS, SPARSE_BLOCK, BLOCK_M, BLOCK_N)
     for i in range(first, last):
         start = _tile_start(COL_IDX, kvh, s_idx, i, SPARSE_BLOCK, BLOCK_N)
-        m_i, l_i, acc = _fwd_tile(q, q_pos, row_ok, m_i, l_i, acc, k_base, v_base, start,
-                                  sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step,
-                                  scale_log2, MASK_MODE, UPCAST, BLOCK_N, PRECISION)
+        m_i, l_i, acc = _fwd_tile(q, q_pos, row_ok, span_lo, span_hi, m_i, l_i, acc, k_base,
+                                  v_base, start, sks, svs, dims, dim_ok, n_k, KPOS, k_start,
+                                  k_step, scale_log2, cap_log2, window, MASK_MODE, CAUSAL,
+                                  WINDOW, DOCS, SOFTCAP, UPCAST, BLOCK_N, PRECISION)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -251,34 +409,47 @@ def _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok, sqb, sqs, sqh
 
 
 @triton.jit
-def _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start, dims, dim_ok,
-               sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q, QPOS, q_start, q_step, scale_log2,
-               MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _score_grad(p, do, v, delta, t, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """dL/d(raw score): p * (do v^T - delta), times d(c tanh(s / c))/ds = 1 - t^2 with a cap."""
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
+def _dkdv_tile(k, v, k_pos, col_ok, span_lo, span_hi, dk, dv, Q, DO, LSE, DELTA, b, h, start,
+               dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q, QPOS, q_start,
+               q_step, scale_log2, cap_log2, window,
+               MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < n_q
     q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
                                        sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
     q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    p = tl.where(_visible(q_pos, k_pos, row_ok, col_ok, MASK_MODE),
-                 tl.exp2(s - lse_log2[:, None]), 0.0)
+    s, t = _scores(q, k, scale_log2, cap_log2, SOFTCAP, PRECISION)
+    visible = _visible(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
+                       MASK_MODE, CAUSAL, WINDOW, DOCS, False)
+    p = tl.where(visible, tl.exp2(s - lse_log2[:, None]), 0.0)
     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    ds = _score_grad(p, do, v, delta, t, SOFTCAP, PRECISION)
     dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.autotune(**_TUNE)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, COL_PTR, ROW_IDX,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, CU, COL_PTR, ROW_IDX,
                      sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
                      slb, slh, sdkb, sdks, sdkh, s_ptr, s_idx,
-                     n_q, n_k, heads_kv, group, head_dim, scale, scale_log2,
-                     q_start, q_step, k_start, k_step,
-                     MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                     SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                     n_q, n_k, heads_kv, group, head_dim, scale, scale_log2, cap_log2,
+                     q_start, q_step, k_start, k_step, window, n_docs, doc_bits, doc_top,
+                     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_D: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_kv).to(tl.int64)
@@ -290,26 +461,35 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, COL_PTR, ROW_I
     k = _load_tile(K + b * skb + kvh * skh, cols, sks, dims, col_ok, dim_ok, UPCAST)
     v = _load_tile(V + b * svb + kvh * svh, cols, svs, dims, col_ok, dim_ok, UPCAST)
     k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+    # Document spans of the KEYS: a row is in a key's document iff its position lies in it.
+    span_lo = k_pos
+    span_hi = k_pos
+    if DOCS:
+        span_lo, span_hi = _document_spans(k_pos, col_ok, CU, n_docs, doc_bits, doc_top)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # [first, last): query tiles (dense: from the first row that sees this tile's first key)
-    # or positions in the tile's CSC list (sparse)
+    # [first, last): query tiles (dense: with arithmetic positions only those that can see a
+    # key of this tile) or positions in the tile's CSC list (sparse)
     if SPARSE_BLOCK > 0:
         first = tl.load(COL_PTR + kvh * s_ptr + pid_n)
         last = tl.load(COL_PTR + kvh * s_ptr + pid_n + 1)
     else:
         first = 0
-        if MASK_MODE == 1:  # q_start + i * q_step >= kp_0
-            first_key = k_start + (pid_n * BLOCK_N).to(tl.int64) * k_step
-            first = tl.maximum(0, (first_key - q_start + q_step - 1) // q_step) // BLOCK_M
         last = tl.cdiv(n_q, BLOCK_M)
+        if MASK_MODE == 1:
+            last_col = tl.minimum((pid_n + 1) * BLOCK_N, n_k) - 1
+            first, last = _tile_range(
+                k_start + (pid_n * BLOCK_N).to(tl.int64) * k_step,
+                k_start + last_col.to(tl.int64) * k_step, span_lo, span_hi, col_ok,
+                q_start, q_step, n_q, window, False, CAUSAL, WINDOW, DOCS, BLOCK_M)
     for g in range(group):  # every query head reading this kv head (GQA, no atomics)
         h = kvh * group + g
         for i in range(first, last):
             start = _tile_start(ROW_IDX, kvh, s_idx, i, SPARSE_BLOCK, BLOCK_M)
-            dk, dv = _dkdv_tile(k, v, k_pos, col_ok, dk, dv, Q, DO, LSE, DELTA, b, h, start,
-                                dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, n_q,
-                                QPOS, q_start, q_step, scale_log2, MASK_MODE, UPCAST, BLOCK_M,
+            dk, dv = _dkdv_tile(k, v, k_pos, col_ok, span_lo, span_hi, dk, dv, Q, DO, LSE, DELTA,
+                                b, h, start, dims, dim_ok, sqb, sqs, sqh, sdob, sdos, sdoh, slb,
+                                slh, n_q, QPOS, q_start, q_step, scale_log2, cap_log2, window,
+                                MASK_MODE, CAUSAL, WINDOW, DOCS, SOFTCAP, UPCAST, BLOCK_M,
                                 PRECISION)
     out = b * sdkb + kvh * sdkh + cols[:, None].to(tl.int64) * sdks + dims[None, :]
     tile_ok = col_ok[:, None] & dim_ok[None, :]
@@ -318,45 +498,51 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, COL_PTR, ROW_I
 
 
 @triton.jit
-def _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks, svs, dims,
-             dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
-             MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
+def _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, span_lo, span_hi, dq, k_base, v_base, start,
+             sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2, cap_log2, window,
+             MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of dQ: returns dq plus this tile's dS @ K."""
-    k, v, s, visible = _key_tile_scores(q, q_pos, row_ok, k_base, v_base, start, sks, svs, dims,
-                                        dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
-                                        MASK_MODE, UPCAST, BLOCK_N, PRECISION)
+    k, v, s, t, visible = _key_tile_scores(
+        q, q_pos, row_ok, span_lo, span_hi, k_base, v_base, start, sks, svs, dims, dim_ok, n_k,
+        KPOS, k_start, k_step, scale_log2, cap_log2, window, MASK_MODE, CAUSAL, WINDOW, DOCS,
+        SOFTCAP, UPCAST, BLOCK_N, PRECISION)
     p = tl.where(visible, tl.exp2(s - lse_log2[:, None]), 0.0)
-    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    ds = _score_grad(p, do, v, delta, t, SOFTCAP, PRECISION)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.autotune(**_TUNE)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, ROW_PTR, COL_IDX,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, CU, ROW_PTR, COL_IDX,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
                    slb, slh, sdqb, sdqs, sdqh, s_ptr, s_idx,
-                   n_q, n_k, heads_q, group, head_dim, scale, scale_log2,
-                   q_start, q_step, k_start, k_step,
-                   MASK_MODE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                   n_q, n_k, heads_q, group, head_dim, scale, scale_log2, cap_log2,
+                   q_start, q_step, k_start, k_step, window, n_docs, doc_bits, doc_top,
+                   MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   DOCS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_D: tl.constexpr, SPARSE_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     b, h, kvh, rows, dims, row_ok, dim_ok = _query_program(
         pid_m, tl.program_id(1), heads_q, group, n_q, head_dim, BLOCK_M, BLOCK_D)
     q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
                                        sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
-    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+    q_pos, span_lo, span_hi = _row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs,
+                                           doc_bits, doc_top, MASK_MODE, DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     first, last = _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start,
-                             k_step, MASK_MODE, SPARSE_BLOCK, BLOCK_M, BLOCK_N)
+                             k_step, window, span_lo, span_hi, row_ok, MASK_MODE, CAUSAL, WINDOW,
+                             DOCS, SPARSE_BLOCK, BLOCK_M, BLOCK_N)
     for i in range(first, last):
         start = _tile_start(COL_IDX, kvh, s_idx, i, SPARSE_BLOCK, BLOCK_N)
-        dq = _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, dq, k_base, v_base, start, sks,
-                      svs, dims, dim_ok, n_k, KPOS, k_start, k_step, scale_log2,
-                      MASK_MODE, UPCAST, BLOCK_N, PRECISION)
+        dq = _dq_tile(q, do, lse_log2, delta, q_pos, row_ok, span_lo, span_hi, dq, k_base,
+                      v_base, start, sks, svs, dims, dim_ok, n_k, KPOS, k_start, k_step,
+                      scale_log2, cap_log2, window, MASK_MODE, CAUSAL, WINDOW, DOCS, SOFTCAP,
+                      UPCAST, BLOCK_N, PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqs + dims[None, :],
              dq * scale, mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -369,11 +555,25 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _mask_args(mask: MaskSpec, device):
+def _mask_args(mask: MaskSpec, softcap: float | None, device):
+    """(QPOS, KPOS, CU) tensors, the runtime scalars after the scales (cap_log2 ... doc_top) and
+    the mask constexprs, for any kernel."""
+    if softcap is not None and not (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
+                                    and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap={softcap!r}; pass a finite number > 0 or None")
     dummy = torch.empty(1, dtype=torch.int64, device=device)
-    q_pos = mask.q_pos.to(device=device, dtype=torch.int64).contiguous() if mask.q_pos is not None else dummy
-    k_pos = mask.k_pos.to(device=device, dtype=torch.int64).contiguous() if mask.k_pos is not None else dummy
-    return (q_pos, k_pos), (mask.q_start, mask.q_step, mask.k_start, mask.k_step)
+    as_index = lambda t: t.to(device=device, dtype=torch.int64).contiguous() if t is not None else dummy
+    positions = mask.mode is not MaskMode.FULL
+    docs = mask.cu_seqlens is not None
+    n_docs = mask.cu_seqlens.numel() - 1 if docs else 1
+    doc_bits = (n_docs - 1).bit_length()  # binary-search steps: 2^bits >= n_docs
+    window = min(mask.window, _WINDOW_CLIP) if mask.window is not None else 1
+    scalars = (float(softcap) * LOG2E if softcap is not None else 1.0,
+               mask.q_start, mask.q_step, mask.k_start, mask.k_step,
+               window, n_docs, doc_bits, 1 << (doc_bits - 1) if doc_bits else 0)
+    flags = dict(MASK_MODE=int(mask.mode), CAUSAL=positions and mask.causal,
+                 WINDOW=mask.window is not None, DOCS=docs, SOFTCAP=softcap is not None)
+    return (as_index(mask.q_pos), as_index(mask.k_pos), as_index(mask.cu_seqlens)), scalars, flags
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -410,35 +610,36 @@ def _sparse_args(sparse: SparseBlocks | None, device, transpose: bool = False):
 
 
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              mask: MaskSpec = FULL, sparse: SparseBlocks | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              mask: MaskSpec = FULL, sparse: SparseBlocks | None = None,
+              softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (last dim contiguous) -> o like q, lse [B, Hq, Sq]
-    fp32. With `sparse`, only the listed key blocks of each query block are visited (the mask
-    still applies inside them)."""
+    fp32, natural log. With `sparse`, only the listed key blocks of each query block are visited
+    (the mask still applies inside them); `softcap` c > 0 caps every score at c * tanh(s / c)."""
     batch, n_q, heads_q, head_dim = q.shape
     n_k, heads_kv = k.shape[1], k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
-    (q_pos, k_pos), arith = _mask_args(mask, q.device)
+    positions, (cap_log2, *arith), flags = _mask_args(mask, softcap, q.device)
     (ptr, idx), sparse_strides, sparse_block = _sparse_args(sparse, q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
-    _fwd_kernel[grid](q, k, v, o, lse, q_pos, k_pos, ptr, idx,
+    _fwd_kernel[grid](q, k, v, o, lse, *positions, ptr, idx,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                       lse.stride(0), lse.stride(1), *sparse_strides,
-                      n_q, n_k, heads_q, heads_q // heads_kv, head_dim, scale * LOG2E, *arith,
-                      MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim),
-                      SPARSE_BLOCK=sparse_block, PRECISION=_precision(q))
+                      n_q, n_k, heads_q, heads_q // heads_kv, head_dim, scale * LOG2E, cap_log2,
+                      *arith, UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim),
+                      SPARSE_BLOCK=sparse_block, PRECISION=_precision(q), **flags)
     return o, lse
 
 
 def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               lse: torch.Tensor, delta: torch.Tensor, scale: float, mask: MaskSpec = FULL,
-              sparse: SparseBlocks | None = None
+              sparse: SparseBlocks | None = None, softcap: float | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in fp32 for one block. lse: the FINAL lse [B, Hq, Sq] (natural log);
-    delta [B, Hq, Sq] = rowsum(do * o_final) - dlse, computed by the caller."""
+    delta [B, Hq, Sq] = rowsum(do * o_final) - dlse, computed by the caller; mask and softcap
+    as given to flash_fwd."""
     batch, n_q, heads_q, head_dim = q.shape
     n_k, heads_kv = k.shape[1], k.shape[2]
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
@@ -447,25 +648,24 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
-    (q_pos, k_pos), arith = _mask_args(mask, q.device)
+    positions, (cap_log2, *arith), flags = _mask_args(mask, softcap, q.device)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
               lse.stride(0), lse.stride(1))
     group = heads_q // heads_kv
-    flags = dict(MASK_MODE=int(mask.mode), UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim),
-                 PRECISION=_precision(q))
+    flags.update(UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim), PRECISION=_precision(q))
     (ptr, idx), strides, sparse_block = _sparse_args(sparse, q.device, transpose=True)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads_kv)
-    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, q_pos, k_pos, ptr, idx, *common,
+    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *positions, ptr, idx, *common,
                               dk.stride(0), dk.stride(1), dk.stride(2), *strides,
-                              n_q, n_k, heads_kv, group, head_dim, scale, scale * LOG2E, *arith,
-                              SPARSE_BLOCK=sparse_block, **flags)
+                              n_q, n_k, heads_kv, group, head_dim, scale, scale * LOG2E,
+                              cap_log2, *arith, SPARSE_BLOCK=sparse_block, **flags)
     (ptr, idx), strides, sparse_block = _sparse_args(sparse, q.device)
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
-    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, q_pos, k_pos, ptr, idx, *common,
+    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *positions, ptr, idx, *common,
                            dq.stride(0), dq.stride(1), dq.stride(2), *strides,
-                           n_q, n_k, heads_q, group, head_dim, scale, scale * LOG2E, *arith,
-                           SPARSE_BLOCK=sparse_block, **flags)
+                           n_q, n_k, heads_q, group, head_dim, scale, scale * LOG2E, cap_log2,
+                           *arith, SPARSE_BLOCK=sparse_block, **flags)
     return dq, dk, dv
 
 
