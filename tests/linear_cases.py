@@ -29,6 +29,7 @@ from seqpar.cost import Problem
 from seqpar.cost.traffic import lasp2_state_bytes, lasp2_volume
 from seqpar.kernels import ChunkedLinearKernel, linear_attention_reference, use_linear_kernel
 from seqpar.kernels.plan import accumulator_dtype
+from seqpar.kernels.reference import document_ids
 from tests.attention_cases import EXACT_REL, compare_results
 from tests.checks import assert_close, max_error
 
@@ -76,10 +77,11 @@ def global_inputs(case: LinearCase, seq: int):
     return randn(case.key_dim), randn(case.key_dim), randn(case.value_dim), randn(case.value_dim)
 
 
-def reference(q, k, v, do, decay, causal, scale):
+def reference(q, k, v, do, decay, causal, scale, cu_seqlens=None):
     """fp64 output and input gradients of loss = <o, dO>."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=scale)
+    o = linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=scale,
+                                   cu_seqlens=cu_seqlens)
     dq, dk, dv = torch.autograd.grad((o * do).sum(), (q, k, v))
     return o.detach(), dq, dk, dv
 
@@ -167,30 +169,43 @@ class _KernelWithState(torch.autograd.Function):
     sees them, so a chain of calls can be differentiated end to end."""
 
     @staticmethod
-    def forward(ctx, q, k, v, initial_state, kernel, log_decay, scale):
-        o, final = kernel.fwd(q, k, v, log_decay, scale, initial_state, final_state=True)
+    def forward(ctx, q, k, v, initial_state, kernel, log_decay, scale, docs):
+        o, final = kernel.fwd(q, k, v, log_decay, scale, initial_state, final_state=True,
+                              docs=docs)
         ctx.save_for_backward(q, k, v, initial_state)
-        ctx.args = (kernel, log_decay, scale)
+        ctx.args = (kernel, log_decay, scale, docs)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, initial_state = ctx.saved_tensors
-        kernel, log_decay, scale = ctx.args
+        kernel, log_decay, scale, docs = ctx.args
         dq, dk, dv, dinitial = kernel.bwd(do, q, k, v, log_decay, scale, initial_state, dfinal,
-                                          dinitial_state=initial_state is not None)
-        return dq, dk, dv, dinitial, None, None, None
+                                          dinitial_state=initial_state is not None, docs=docs)
+        return dq, dk, dv, dinitial, None, None, None, None
 
 
-def final_state_reference(k, v, decay):
-    """F = sum_j lambda^(S - j) k_j^T v_j over the whole sequence (fp64, dense)."""
+def final_state_reference(k, v, decay, cu_seqlens=None):
+    """F = sum_j lambda^(S - j) k_j^T v_j over the whole sequence (fp64, dense); with documents,
+    over the last document only."""
     seq, heads = k.shape[1], k.shape[2]
     s = torch.zeros(heads, dtype=k.dtype) if decay is None else decay.to(k.dtype)
     weights = torch.exp(-s[None, :] * (seq - torch.arange(seq, dtype=k.dtype))[:, None])
+    if cu_seqlens is not None:
+        weights = weights * (torch.arange(seq) >= int(cu_seqlens[-2]))[:, None]
     return torch.einsum("bnhd,bnhe->bhde", k * weights[None, :, :, None], v)
 
 
-def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype):
+def part_documents(cu_seqlens, start: int, length: int, batch: int):
+    """The `docs` of tokens [start, start + length) (linear_state convention: ids relative to
+    the document of the token before them), for every batch entry; None without documents."""
+    if cu_seqlens is None:
+        return None
+    ids = document_ids(torch.arange(start - 1, start + length), cu_seqlens)
+    return (ids[1:] - ids[0]).expand(batch, length).contiguous()
+
+
+def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype, cu_seqlens=None):
     """o, final state and dq, dk, dv of <o, dO> + <F, dF> through a chain of kernel calls."""
     acc = accumulator_dtype(dtype)
     s = torch.zeros(q.shape[2], dtype=acc) if decay is None else decay.to(acc)
@@ -199,7 +214,8 @@ def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype):
     for length in parts:
         rows = slice(start, start + length)
         o, state = _KernelWithState.apply(q_x[:, rows], k_x[:, rows], v_x[:, rows], state,
-                                          kernel, s, scale)
+                                          kernel, s, scale,
+                                          part_documents(cu_seqlens, start, length, q.shape[0]))
         outputs.append(o)
         start += length
     o = torch.cat(outputs, dim=1)
@@ -209,48 +225,57 @@ def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype):
 
 
 def check_kernel_chain(kernel_name: str, dtype: torch.dtype, decay_name: str,
-                       parts=(13, 16, 8), block: int | None = 16, dims=(5, 7)) -> dict[str, float]:
+                       parts=(13, 16, 8), block: int | None = 16, dims=(5, 7),
+                       cu_seqlens: tuple[int, ...] | None = None) -> dict[str, float]:
     """A causal sequence cut in `parts`, each part one kernel call taking the previous part's
     final state as its initial state, equals the reference on the whole sequence: o, the final
     state, and dq, dk, dv of <o, dO> + <F, dF> — so state in, state out and both their
     gradients are checked (the first part has no initial state, as LASP-2 calls it).
-    Half inputs: within 2 x the error of the chunked kernel on the same rounded inputs (the
+    cu_seqlens: packed documents (each part gets its `docs`; the final state is the last
+    document's). Half inputs: within 2 x the error of the chunked kernel on the same rounded inputs (the
     same-precision single-device computation) + eps/4 of the magnitude."""
     case = LinearCase(decay=decay_name, heads=2, key_dim=dims[0], value_dim=dims[1], batch=2)
     q, k, v, do = global_inputs(case, sum(parts))
     dfinal = torch.randn(case.batch, case.heads, case.key_dim, case.value_dim,
                          generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     decay, scale = case.log_decay(), 0.3
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
     q_r, k_r, v_r = (t.clone().requires_grad_() for t in (q, k, v))
-    o_ref = linear_attention_reference(q_r, k_r, v_r, decay=decay, scale=scale)
-    final_ref = final_state_reference(k_r, v_r, decay)
+    o_ref = linear_attention_reference(q_r, k_r, v_r, decay=decay, scale=scale, cu_seqlens=cu)
+    final_ref = final_state_reference(k_r, v_r, decay, cu)
     ref_grads = torch.autograd.grad((o_ref * do).sum() + (final_ref * dfinal).sum(), (q_r, k_r, v_r))
     expected = (o_ref.detach(), final_ref.detach(), *ref_grads)
 
-    inputs = (parts, q, k, v, do, dfinal, decay, scale, dtype)
+    inputs = (parts, q, k, v, do, dfinal, decay, scale, dtype, cu)
     names = ("o", "final_state", "dq", "dk", "dv")
 
     def single_device():
         single = _chained(kernel_by_name("chunked", block), *inputs)
         return {name: max_error(b, e) for name, b, e in zip(names, single, expected)}
     return compare_results(names, _chained(kernel_by_name(kernel_name, block), *inputs), expected,
-                           dtype, f"{kernel_name} {dtype} decay-{decay_name}", single_device)
+                           dtype, f"{kernel_name} {dtype} decay-{decay_name} docs {cu_seqlens}",
+                           single_device)
 
 
 def check_kernel_intra(kernel_name: str, dtype: torch.dtype, decay_name: str, causal: bool,
-                       seq: int = 37, block: int = 16) -> dict[str, float]:
+                       seq: int = 37, block: int = 16, cu_seqlens: tuple[int, ...] | None = None
+                       ) -> dict[str, float]:
     """The zero-state chunk pass LASP-2 overlaps with its all-gather (causal, or bidirectional
-    from two causal passes) vs the reference: o, dq, dk, dv (fp32 or fp64 inputs)."""
+    from two causal passes) vs the reference: o, dq, dk, dv (fp32 or fp64 inputs); within
+    documents when cu_seqlens is given."""
     kernel = kernel_by_name(kernel_name, block)
     case = LinearCase(decay=decay_name, heads=2, key_dim=5, value_dim=7, batch=2)
     q, k, v, do = global_inputs(case, seq)
     decay, scale = case.log_decay(), 0.3
-    expected = reference(q, k, v, do, decay, causal, scale)
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
+    expected = reference(q, k, v, do, decay, causal, scale, cu)
     acc = accumulator_dtype(dtype)
     s = torch.zeros(case.heads, dtype=acc) if decay is None else decay.to(acc)
     x = [t.to(dtype) for t in (q, k, v, do)]
-    actual = (kernel.intra_fwd(*x[:3], s, scale, causal), *kernel.intra_bwd(x[3], *x[:3], s, scale, causal))
-    context = f"{kernel_name} {dtype} decay-{decay_name} causal={causal}"
+    docs = part_documents(cu, 0, seq, case.batch)
+    actual = (kernel.intra_fwd(*x[:3], s, scale, causal, docs),
+              *kernel.intra_bwd(x[3], *x[:3], s, scale, causal, docs))
+    context = f"{kernel_name} {dtype} decay-{decay_name} causal={causal} docs {cu_seqlens}"
     for a in actual:
         assert a.dtype == acc, (context, a.dtype)
     return {name: assert_close(name, a, e, EXACT_REL[dtype], context)
