@@ -58,12 +58,15 @@ class LinearCase:
     scale: float | None = None
     kernel: str | None = None  # force a local kernel ("chunked" / "lightning")
     seed: int = 0
+    # Packed documents: global boundaries for one world size, or a function of it.
+    cu_seqlens: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
         return (f"lasp2/{self.layout}/{'causal' if self.causal else 'full'}/decay-{self.decay}/"
                 f"H{self.heads}/Dk{self.key_dim}/Dv{self.value_dim}/S_loc{self.seq_local}/"
                 f"B{self.batch}/{str(self.dtype).removeprefix('torch.')}"
-                + (f"/{self.kernel}" if self.kernel else ""))
+                + (f"/{self.kernel}" if self.kernel else "")
+                + (f"/docs{list(self.cu_seqlens)}" if self.cu_seqlens else ""))
 
     def log_decay(self) -> torch.Tensor | None:
         return DECAYS[self.decay](self.heads)
@@ -86,14 +89,16 @@ def reference(q, k, v, do, decay, causal, scale, cu_seqlens=None):
     return o.detach(), dq, dk, dv
 
 
-def single_device_errors(q, k, v, do, decay, causal, scale, dtype, ref) -> dict[str, float]:
+def single_device_errors(q, k, v, do, decay, causal, scale, dtype, ref, cu_seqlens=None
+                         ) -> dict[str, float]:
     """Errors of the chunked kernel in `dtype` over the whole sequence on one process."""
     qx, kx, vx, dox = (t.to(dtype) for t in (q, k, v, do))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.zeros(q.shape[2]) if decay is None else decay.float()
     kernel = ChunkedLinearKernel()
-    o = kernel.intra_fwd(qx, kx, vx, s, scale, causal).to(dtype)
-    grads = [g.to(dtype) for g in kernel.intra_bwd(dox, qx, kx, vx, s, scale, causal)]
+    docs = part_documents(cu_seqlens, 0, q.shape[1], q.shape[0])
+    o = kernel.intra_fwd(qx, kx, vx, s, scale, causal, docs).to(dtype)
+    grads = [g.to(dtype) for g in kernel.intra_bwd(dox, qx, kx, vx, s, scale, causal, docs)]
     return {n: max_error(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), ref)}
 
 
@@ -110,7 +115,8 @@ def lasp2_bytes(case: LinearCase, world: int) -> int:
                       world=world, acc_itemsize=8 if case.dtype == torch.float64 else 4,
                       causal=case.causal, layout=case.layout)
     assert lasp2_state_bytes(problem) == state_bytes(case)
-    return lasp2_volume(problem, decayed=case.decay != "none").bytes
+    # With documents the non-causal path is the decayed one even without decay (comm/lasp2.py).
+    return lasp2_volume(problem, decayed=case.decay != "none" or case.cu_seqlens is not None).bytes
 
 
 _SAME = object()
@@ -126,8 +132,9 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     q, k, v, do = global_inputs(case, case.seq_local * world)
     decay = case.log_decay()
+    cu = None if case.cu_seqlens is None else torch.tensor(case.cu_seqlens, dtype=torch.int32)
     ref = reference(q, k, v, do, decay, case.causal,
-                    case.scale if reference_scale is _SAME else reference_scale)
+                    case.scale if reference_scale is _SAME else reference_scale, cu)
 
     def local(t):
         return seqpar.shard(t, group, dim=1, layout=case.layout)
@@ -138,7 +145,7 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict
     with seqpar.comm_stats() as stats:
         with use_linear_kernel(case.kernel) if case.kernel else contextlib.nullcontext():
             o = seqpar.linear_attention(q_l, k_l, v_l, group, decay=local_decay, causal=case.causal,
-                                        scale=case.scale, layout=case.layout)
+                                        scale=case.scale, layout=case.layout, cu_seqlens=cu)
         (o.double() * local(do)).sum().backward()
 
     assert o.dtype == case.dtype and all(t.grad.dtype == case.dtype for t in (q_l, k_l, v_l))
@@ -147,7 +154,7 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict
     expected = [local(t) for t in ref]
     errors = compare_results(names, actual, expected, case.dtype, f"rank {rank}/{world} {case}:",
                              lambda: single_device_errors(q, k, v, do, decay, case.causal,
-                                                          case.scale, case.dtype, ref))
+                                                          case.scale, case.dtype, ref, cu))
     errors["bytes_fwd"] = stats.sent("lasp2.fwd")
     errors["bytes_bwd"] = stats.sent("lasp2.bwd")
     return errors
