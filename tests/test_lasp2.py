@@ -118,13 +118,13 @@ def test_states_travel_while_the_local_kernel_runs(monkeypatch):
     events = []
 
     class RecordingKernel(ChunkedLinearKernel):
-        def intra_fwd(self, *args):
+        def intra_fwd(self, *args, **kwargs):
             events.append("kernel fwd")
-            return super().intra_fwd(*args)
+            return super().intra_fwd(*args, **kwargs)
 
-        def intra_bwd(self, *args):
+        def intra_bwd(self, *args, **kwargs):
             events.append("kernel bwd")
-            return super().intra_bwd(*args)
+            return super().intra_bwd(*args, **kwargs)
 
     class RecordingPending(PendingCollective):
         def wait(self):
