@@ -122,19 +122,22 @@ def lasp2_bytes(case: LinearCase, world: int) -> int:
 _SAME = object()
 
 
-def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict[str, float]:
+def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME,
+                    reference_cu_seqlens=_SAME) -> dict[str, float]:
     """Run on every rank; assert this rank's results; return its errors and bytes sent.
 
-    `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
-    reference on purpose, to show it fails.
+    `reference_scale` / `reference_cu_seqlens` (default: the case's) let a test feed the
+    comparison a wrong reference on purpose, to show it fails.
     """
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     q, k, v, do = global_inputs(case, case.seq_local * world)
     decay = case.log_decay()
     cu = None if case.cu_seqlens is None else torch.tensor(case.cu_seqlens, dtype=torch.int32)
+    ref_cu = cu if reference_cu_seqlens is _SAME else reference_cu_seqlens
     ref = reference(q, k, v, do, decay, case.causal,
-                    case.scale if reference_scale is _SAME else reference_scale, cu)
+                    case.scale if reference_scale is _SAME else reference_scale,
+                    None if ref_cu is None else torch.as_tensor(ref_cu))
 
     def local(t):
         return seqpar.shard(t, group, dim=1, layout=case.layout)
