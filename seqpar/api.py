@@ -36,6 +36,7 @@ from .comm.ulysses import UlyssesAttention, UlyssesPlan
 from .comm.usp import usp_plan
 from .cost.hardware import profile_for
 from .cost.predict import AUTO_CANDIDATES, choose, problem_of
+from .documents import check_cu_seqlens, cu_seqlens_agreement
 from .kernels.dispatch import select_kernel, select_linear_kernel
 from .kernels.mask import MaskRule
 from .kernels.s2 import S2Pattern, warn_if_uncovered
@@ -446,18 +447,23 @@ def _decay_checksum(decay: torch.Tensor) -> int:
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None,
                      decay: torch.Tensor | None = None, causal: bool = True,
-                     scale: float | None = None, layout: str = "contiguous") -> torch.Tensor:
+                     scale: float | None = None, layout: str = "contiguous",
+                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Linear attention (no softmax, no normaliser) over a sequence sharded across `group`.
 
     q/k [B, S_loc, H, Dk], v [B, S_loc, H, Dv]: this rank's tokens, sharded with `layout`
     ("contiguous" | "zigzag"). decay: None or [H] per-head log-decays s_h >= 0 (lambda_h =
     exp(-s_h)): causal o_i = sum_{j <= i} lambda^(i-j) scale (q_i . k_j) v_j; non-causal the
-    same over every j with lambda^|i-j|. Returns o [B, S_loc, H, Dv] in q's dtype. Collective:
-    every rank of the group calls it with the same shapes and decay, and calls backward if any
-    rank does.
+    same over every j with lambda^|i-j|. cu_seqlens: None, or the GLOBAL document boundaries
+    [n_docs + 1] of one packed sequence (B == 1, identical on every rank): the sums run over j
+    of i's own document only (the LASP-2 state chain is cut at every boundary). Returns
+    o [B, S_loc, H, Dv] in q's dtype. Collective: every rank of the group calls it with the same
+    shapes, decay and cu_seqlens, and calls backward if any rank does.
     """
     info = resolve_group(group)
     problem = _check_linear_args(q, k, v, decay, causal, scale, layout)
+    if problem is None:
+        problem = check_cu_seqlens(cu_seqlens, q.shape[1] * info.world, q.shape[0])
     ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     agree(info, "seqpar.linear_attention", {
@@ -467,13 +473,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=No
         "value dim": v.shape[3] if ok else -1,
         "decay (None or a tensor)": int(decay is not None),
         "decay": _decay_checksum(decay) if ok and decay is not None else 0,
+        **cu_seqlens_agreement(cu_seqlens, ok),
     }, problem, device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     seq_len = q.shape[1] * info.world
     plan = Lasp2Plan.build(info, all_local_runs(seq_len, info.world, layout), causal,
                            decay is not None, scale,
                            select_linear_kernel(q.device, q.dtype, max(q.shape[3], v.shape[3])),
-                           active_recorders())
+                           active_recorders(), cu_seqlens, q.device)
     log_decay = None
     if not plan.summed:
         log_decay = (torch.zeros(q.shape[2], dtype=accumulator_dtype(q.dtype), device=q.device)

@@ -30,6 +30,7 @@ from seqpar.cost import Problem
 from seqpar.cost.traffic import lasp2_state_bytes, lasp2_volume
 from seqpar.kernels import ChunkedLinearKernel, linear_attention_reference, use_linear_kernel
 from seqpar.kernels.plan import accumulator_dtype
+from seqpar.kernels.reference import document_ids
 from tests.attention_cases import EXACT_REL, compare_results
 from tests.checks import assert_close, max_error
 
@@ -58,12 +59,15 @@ class LinearCase:
     scale: float | None = None
     kernel: str | None = None  # force a local kernel ("chunked" / "lightning")
     seed: int = 0
+    # Packed documents: global boundaries for one world size, or a function of it.
+    cu_seqlens: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
         return (f"lasp2/{self.layout}/{'causal' if self.causal else 'full'}/decay-{self.decay}/"
                 f"H{self.heads}/Dk{self.key_dim}/Dv{self.value_dim}/S_loc{self.seq_local}/"
                 f"B{self.batch}/{str(self.dtype).removeprefix('torch.')}"
-                + (f"/{self.kernel}" if self.kernel else ""))
+                + (f"/{self.kernel}" if self.kernel else "")
+                + (f"/docs{list(self.cu_seqlens)}" if self.cu_seqlens else ""))
 
     def log_decay(self) -> torch.Tensor | None:
         return DECAYS[self.decay](self.heads)
@@ -77,33 +81,38 @@ def global_inputs(case: LinearCase, seq: int):
     return randn(case.key_dim), randn(case.key_dim), randn(case.value_dim), randn(case.value_dim)
 
 
-def reference(q, k, v, do, decay, causal, scale):
+def reference(q, k, v, do, decay, causal, scale, cu_seqlens=None):
     """fp64 output and input gradients of loss = <o, dO>."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=scale)
+    o = linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=scale,
+                                   cu_seqlens=cu_seqlens)
     dq, dk, dv = torch.autograd.grad((o * do).sum(), (q, k, v))
     return o.detach(), dq, dk, dv
 
 
-def same_precision_reference(q, k, v, do, decay, causal, scale, dtype, dfinal=None):
+def same_precision_reference(q, k, v, do, decay, causal, scale, dtype, dfinal=None,
+                             cu_seqlens=None):
     """The reference on inputs rounded to `dtype`, computed in fp32, results rounded to
     `dtype`: o, (the final state, when dfinal is given), dq, dk, dv of <o, dO> (+ <F, dF>)."""
     q, k, v = (t.to(dtype).float().requires_grad_() for t in (q, k, v))
     decay = None if decay is None else decay.float()
-    o = linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=scale)
+    o = linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=scale,
+                                   cu_seqlens=cu_seqlens)
     loss = (o * do.to(dtype).float()).sum()
     outputs = [o]
     if dfinal is not None:
-        final = final_state_reference(k, v, decay)
+        final = final_state_reference(k, v, decay, cu_seqlens)
         loss = loss + (final * dfinal.float()).sum()
         outputs.append(final)
     grads = torch.autograd.grad(loss, (q, k, v))
     return [t.detach().to(dtype) for t in (*outputs, *grads)]
 
 
-def single_device_errors(q, k, v, do, decay, causal, scale, dtype, ref) -> dict[str, float]:
+def single_device_errors(q, k, v, do, decay, causal, scale, dtype, ref, cu_seqlens=None
+                         ) -> dict[str, float]:
     """Errors of the same-precision single-device computation over the whole sequence."""
-    single = same_precision_reference(q, k, v, do, decay, causal, scale, dtype)
+    single = same_precision_reference(q, k, v, do, decay, causal, scale, dtype,
+                                      cu_seqlens=cu_seqlens)
     return {n: max_error(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), single, ref)}
 
 
@@ -120,24 +129,29 @@ def lasp2_bytes(case: LinearCase, world: int) -> int:
                       world=world, acc_itemsize=8 if case.dtype == torch.float64 else 4,
                       causal=case.causal, layout=case.layout)
     assert lasp2_state_bytes(problem) == state_bytes(case)
-    return lasp2_volume(problem, decayed=case.decay != "none").bytes
+    # With documents the non-causal path is the decayed one even without decay (comm/lasp2.py).
+    return lasp2_volume(problem, decayed=case.decay != "none" or case.cu_seqlens is not None).bytes
 
 
 _SAME = object()
 
 
-def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict[str, float]:
+def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME,
+                    reference_cu_seqlens=_SAME) -> dict[str, float]:
     """Run on every rank; assert this rank's results; return its errors and bytes sent.
 
-    `reference_scale` (default: the case's scale) lets a test feed the comparison a wrong
-    reference on purpose, to show it fails.
+    `reference_scale` / `reference_cu_seqlens` (default: the case's) let a test feed the
+    comparison a wrong reference on purpose, to show it fails.
     """
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     q, k, v, do = global_inputs(case, case.seq_local * world)
     decay = case.log_decay()
+    cu = None if case.cu_seqlens is None else torch.tensor(case.cu_seqlens, dtype=torch.int32)
+    ref_cu = cu if reference_cu_seqlens is _SAME else reference_cu_seqlens
     ref = reference(q, k, v, do, decay, case.causal,
-                    case.scale if reference_scale is _SAME else reference_scale)
+                    case.scale if reference_scale is _SAME else reference_scale,
+                    None if ref_cu is None else torch.as_tensor(ref_cu))
 
     def local(t):
         return seqpar.shard(t, group, dim=1, layout=case.layout)
@@ -148,7 +162,7 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict
     with seqpar.comm_stats() as stats:
         with use_linear_kernel(case.kernel) if case.kernel else contextlib.nullcontext():
             o = seqpar.linear_attention(q_l, k_l, v_l, group, decay=local_decay, causal=case.causal,
-                                        scale=case.scale, layout=case.layout)
+                                        scale=case.scale, layout=case.layout, cu_seqlens=cu)
         (o.double() * local(do)).sum().backward()
 
     assert o.dtype == case.dtype and all(t.grad.dtype == case.dtype for t in (q_l, k_l, v_l))
@@ -157,7 +171,7 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME) -> dict
     expected = [local(t) for t in ref]
     errors = compare_results(names, actual, expected, case.dtype, f"rank {rank}/{world} {case}:",
                              lambda: single_device_errors(q, k, v, do, decay, case.causal,
-                                                          case.scale, case.dtype, ref))
+                                                          case.scale, case.dtype, ref, cu))
     errors["bytes_fwd"] = stats.sent("lasp2.fwd")
     errors["bytes_bwd"] = stats.sent("lasp2.bwd")
     return errors
@@ -179,30 +193,43 @@ class _KernelWithState(torch.autograd.Function):
     sees them, so a chain of calls can be differentiated end to end."""
 
     @staticmethod
-    def forward(ctx, q, k, v, initial_state, kernel, log_decay, scale):
-        o, final = kernel.fwd(q, k, v, log_decay, scale, initial_state, final_state=True)
+    def forward(ctx, q, k, v, initial_state, kernel, log_decay, scale, docs):
+        o, final = kernel.fwd(q, k, v, log_decay, scale, initial_state, final_state=True,
+                              docs=docs)
         ctx.save_for_backward(q, k, v, initial_state)
-        ctx.args = (kernel, log_decay, scale)
+        ctx.args = (kernel, log_decay, scale, docs)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, initial_state = ctx.saved_tensors
-        kernel, log_decay, scale = ctx.args
+        kernel, log_decay, scale, docs = ctx.args
         dq, dk, dv, dinitial = kernel.bwd(do, q, k, v, log_decay, scale, initial_state, dfinal,
-                                          dinitial_state=initial_state is not None)
-        return dq, dk, dv, dinitial, None, None, None
+                                          dinitial_state=initial_state is not None, docs=docs)
+        return dq, dk, dv, dinitial, None, None, None, None
 
 
-def final_state_reference(k, v, decay):
-    """F = sum_j lambda^(S - j) k_j^T v_j over the whole sequence (fp64, dense)."""
+def final_state_reference(k, v, decay, cu_seqlens=None):
+    """F = sum_j lambda^(S - j) k_j^T v_j over the whole sequence (fp64, dense); with documents,
+    over the last document only."""
     seq, heads = k.shape[1], k.shape[2]
     s = torch.zeros(heads, dtype=k.dtype) if decay is None else decay.to(k.dtype)
     weights = torch.exp(-s[None, :] * (seq - torch.arange(seq, dtype=k.dtype))[:, None])
+    if cu_seqlens is not None:
+        weights = weights * (torch.arange(seq) >= int(cu_seqlens[-2]))[:, None]
     return torch.einsum("bnhd,bnhe->bhde", k * weights[None, :, :, None], v)
 
 
-def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype):
+def part_documents(cu_seqlens, start: int, length: int, batch: int):
+    """The `docs` of tokens [start, start + length) (linear_state convention: ids relative to
+    the document of the token before them), for every batch entry; None without documents."""
+    if cu_seqlens is None:
+        return None
+    ids = document_ids(torch.arange(start - 1, start + length), cu_seqlens)
+    return (ids[1:] - ids[0]).expand(batch, length).contiguous()
+
+
+def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype, cu_seqlens=None):
     """o, final state and dq, dk, dv of <o, dO> + <F, dF> through a chain of kernel calls."""
     acc = accumulator_dtype(dtype)
     s = torch.zeros(q.shape[2], dtype=acc) if decay is None else decay.to(acc)
@@ -211,7 +238,8 @@ def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype):
     for length in parts:
         rows = slice(start, start + length)
         o, state = _KernelWithState.apply(q_x[:, rows], k_x[:, rows], v_x[:, rows], state,
-                                          kernel, s, scale)
+                                          kernel, s, scale,
+                                          part_documents(cu_seqlens, start, length, q.shape[0]))
         outputs.append(o)
         start += length
     o = torch.cat(outputs, dim=1)
@@ -221,48 +249,57 @@ def _chained(kernel, parts, q, k, v, do, dfinal, decay, scale, dtype):
 
 
 def check_kernel_chain(kernel_name: str, dtype: torch.dtype, decay_name: str,
-                       parts=(13, 16, 8), block: int | None = 16, dims=(5, 7)) -> dict[str, float]:
+                       parts=(13, 16, 8), block: int | None = 16, dims=(5, 7),
+                       cu_seqlens: tuple[int, ...] | None = None) -> dict[str, float]:
     """A causal sequence cut in `parts`, each part one kernel call taking the previous part's
     final state as its initial state, equals the reference on the whole sequence: o, the final
     state, and dq, dk, dv of <o, dO> + <F, dF> — so state in, state out and both their
     gradients are checked (the first part has no initial state, as LASP-2 calls it).
-    Half inputs: within 2 x the error of the same-precision reference (`same_precision_reference`)
-    + eps/4 of the magnitude."""
+    cu_seqlens: packed documents (each part gets its `docs`; the final state is the last
+    document's). Half inputs: within 2 x the error of the same-precision reference
+    (`same_precision_reference`) + eps/4 of the magnitude."""
     case = LinearCase(decay=decay_name, heads=2, key_dim=dims[0], value_dim=dims[1], batch=2)
     q, k, v, do = global_inputs(case, sum(parts))
     dfinal = torch.randn(case.batch, case.heads, case.key_dim, case.value_dim,
                          generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     decay, scale = case.log_decay(), 0.3
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
     q_r, k_r, v_r = (t.clone().requires_grad_() for t in (q, k, v))
-    o_ref = linear_attention_reference(q_r, k_r, v_r, decay=decay, scale=scale)
-    final_ref = final_state_reference(k_r, v_r, decay)
+    o_ref = linear_attention_reference(q_r, k_r, v_r, decay=decay, scale=scale, cu_seqlens=cu)
+    final_ref = final_state_reference(k_r, v_r, decay, cu)
     ref_grads = torch.autograd.grad((o_ref * do).sum() + (final_ref * dfinal).sum(), (q_r, k_r, v_r))
     expected = (o_ref.detach(), final_ref.detach(), *ref_grads)
 
-    inputs = (parts, q, k, v, do, dfinal, decay, scale, dtype)
+    inputs = (parts, q, k, v, do, dfinal, decay, scale, dtype, cu)
     names = ("o", "final_state", "dq", "dk", "dv")
 
     def single_device():
-        single = same_precision_reference(q, k, v, do, decay, True, scale, dtype, dfinal)
+        single = same_precision_reference(q, k, v, do, decay, True, scale, dtype, dfinal, cu)
         return {name: max_error(b, e) for name, b, e in zip(names, single, expected)}
     return compare_results(names, _chained(kernel_by_name(kernel_name, block), *inputs), expected,
-                           dtype, f"{kernel_name} {dtype} decay-{decay_name}", single_device)
+                           dtype, f"{kernel_name} {dtype} decay-{decay_name} docs {cu_seqlens}",
+                           single_device)
 
 
 def check_kernel_intra(kernel_name: str, dtype: torch.dtype, decay_name: str, causal: bool,
-                       seq: int = 37, block: int = 16) -> dict[str, float]:
+                       seq: int = 37, block: int = 16, cu_seqlens: tuple[int, ...] | None = None
+                       ) -> dict[str, float]:
     """The zero-state chunk pass LASP-2 overlaps with its all-gather (causal, or bidirectional
-    from two causal passes) vs the reference: o, dq, dk, dv (fp32 or fp64 inputs)."""
+    from two causal passes) vs the reference: o, dq, dk, dv (fp32 or fp64 inputs); within
+    documents when cu_seqlens is given."""
     kernel = kernel_by_name(kernel_name, block)
     case = LinearCase(decay=decay_name, heads=2, key_dim=5, value_dim=7, batch=2)
     q, k, v, do = global_inputs(case, seq)
     decay, scale = case.log_decay(), 0.3
-    expected = reference(q, k, v, do, decay, causal, scale)
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens)
+    expected = reference(q, k, v, do, decay, causal, scale, cu)
     acc = accumulator_dtype(dtype)
     s = torch.zeros(case.heads, dtype=acc) if decay is None else decay.to(acc)
     x = [t.to(dtype) for t in (q, k, v, do)]
-    actual = (kernel.intra_fwd(*x[:3], s, scale, causal), *kernel.intra_bwd(x[3], *x[:3], s, scale, causal))
-    context = f"{kernel_name} {dtype} decay-{decay_name} causal={causal}"
+    docs = part_documents(cu, 0, seq, case.batch)
+    actual = (kernel.intra_fwd(*x[:3], s, scale, causal, docs),
+              *kernel.intra_bwd(x[3], *x[:3], s, scale, causal, docs))
+    context = f"{kernel_name} {dtype} decay-{decay_name} causal={causal} docs {cu_seqlens}"
     for a in actual:
         assert a.dtype == acc, (context, a.dtype)
     return {name: assert_close(name, a, e, EXACT_REL[dtype], context)

@@ -56,6 +56,23 @@ def test_lightning_intra_matches_reference(interpreted, decay, causal):
     interpreted.run(check_kernel_intra, "lightning", torch.float32, decay, causal)
 
 
+def check_lightning_documents(decay: str, dtype: torch.dtype) -> None:
+    """Documents inside the kernel: the state chain (parts of 13, 16, 8 tokens, blocks of 16;
+    document starts at a call edge, a block edge and inside blocks, one document of 1 token),
+    and the bidirectional intra pass LASP-2 runs."""
+    documents = (0, 5, 13, 16, 29, 36, 37)
+    check_kernel_chain("lightning", dtype, decay, cu_seqlens=documents)
+    if dtype == torch.float32:
+        check_kernel_intra("lightning", dtype, decay, False, cu_seqlens=documents)
+
+
+@pytest.mark.parametrize("decay,dtype", [("none", torch.float32), ("strong", torch.float32),
+                                         ("mild", torch.bfloat16)], ids=["none-fp32",
+                                                                         "strong-fp32", "mild-bf16"])
+def test_lightning_documents_match_reference(interpreted, decay, dtype):
+    interpreted.run(check_lightning_documents, decay, dtype)
+
+
 def check_lasp2_on_lightning(case: LinearCase) -> None:
     import torch.distributed as dist
 
@@ -65,17 +82,20 @@ def check_lasp2_on_lightning(case: LinearCase) -> None:
     assert errors["bytes_fwd"] == errors["bytes_bwd"] == expected
 
 
+@pytest.mark.parametrize("documents", [None, (0, 1, 7, 15, 16, 33, 39, 40)], ids=["dense", "documents"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_lasp2_on_the_lightning_kernel(interpreted, causal):
-    """The CUDA path's kernel under the LASP-2 backend: 2 ranks, zigzag, decay, fp32."""
+def test_lasp2_on_the_lightning_kernel(interpreted, causal, documents):
+    """The CUDA path's kernel under the LASP-2 backend: 2 ranks, zigzag (chunks of 10 tokens),
+    decay, fp32; with documents: of 1 token, spanning a chunk edge, starting inside chunks."""
     case = LinearCase(layout="zigzag", causal=causal, decay="mild", seq_local=20,
-                      dtype=torch.float32, kernel="lightning")
+                      dtype=torch.float32, kernel="lightning", cu_seqlens=documents)
     interpreted.run(check_lasp2_on_lightning, case)
 
 
-def compile_for_sm80(dtype: torch.dtype, head_dim: int) -> list[int]:
+def compile_for_sm80(dtype: torch.dtype, head_dim: int, documents: bool = False) -> list[int]:
     """Compile the three kernels ahead of time for sm_80 (no GPU needed: triton ships ptxas)
-    with the block `auto_block` picks; return each one's shared memory in bytes."""
+    with the block `auto_block` picks, with or without documents; return each one's shared
+    memory in bytes."""
     from seqpar.kernels import lightning
     block = lightning.auto_block(head_dim, head_dim, dtype)
     precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -85,11 +105,14 @@ def compile_for_sm80(dtype: torch.dtype, head_dim: int) -> list[int]:
                           (lightning._lightning_bwd_dq, ("HAS_STATE_IN",)),
                           (lightning._lightning_bwd_dkv, ("HAS_DSTATE_OUT", "HAS_DSTATE_IN"))):
         constants = dict(HEADS=4, DK=head_dim, DV=head_dim, DK_PAD=head_dim, DV_PAD=head_dim,
-                         BLOCK=block, PRECISION=precision, **{flag: True for flag in flags})
+                         BLOCK=block, PRECISION=precision, HAS_DOCS=documents,
+                         **{flag: True for flag in flags})
         names = inspect.signature(kernel.fn).parameters
-        # Upper-case parameters are tensors (inputs in `dtype`, results and states fp32).
-        kinds = {n: f"*{element if n in ('Q', 'K', 'V', 'DO') else 'fp32'}" if n.isupper() else
-                 "fp32" if n == "scale" else "i32" for n in names if n not in constants}
+        # Upper-case parameters are tensors (inputs in `dtype`, document ids int32, results and
+        # states fp32).
+        kinds = {n: f"*{element if n in ('Q', 'K', 'V', 'DO') else 'i32' if n == 'DOCS' else 'fp32'}"
+                 if n.isupper() else "fp32" if n == "scale" else "i32"
+                 for n in names if n not in constants}
         used.append(compile_shared_bytes(kernel, kinds, constants))
     return used
 
@@ -100,4 +123,11 @@ def test_kernels_compile_for_a_gpu_within_shared_memory():
     tightest case (160 of 163 KiB); the others are listed in `auto_block` (compiling costs
     ~20 s per case on a 2-core CPU, so only this one runs)."""
     used = compile_for_sm80(torch.float32, 64)
+    assert max(used) <= SM80_SHARED_BYTES, used
+
+
+def test_kernels_with_documents_compile_within_shared_memory():
+    """The document masks (one [BLOCK, BLOCK] Same mask, int32 ids) still compile and fit, in
+    the tightest case (fp32, head dim 64)."""
+    used = compile_for_sm80(torch.float32, 64, documents=True)
     assert max(used) <= SM80_SHARED_BYTES, used

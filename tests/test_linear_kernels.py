@@ -17,9 +17,15 @@ from tests.linear_cases import check_kernel_chain, check_kernel_intra
 DECAY_NAMES = ["none", "mild", "strong", "extreme"]
 
 
+# Per batch entry: which of the 6 pieces a state crosses (documents: a piece holding a
+# document start cuts the chain there).
+PASSES = torch.tensor([[True, False, True, True, False, True], [False, True, True, True, True, False]])
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["dense", "documents"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
 @pytest.mark.parametrize("with_initial", [False, True], ids=["no-initial", "initial"])
-def test_scan_states_matches_the_recurrence(reverse, with_initial):
+def test_scan_states_matches_the_recurrence(reverse, with_initial, documents):
     g = torch.Generator().manual_seed(0)
     pieces = torch.randn(2, 3, 6, 4, 5, generator=g, dtype=torch.float64)
     initial = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) if with_initial else None
@@ -27,12 +33,40 @@ def test_scan_states_matches_the_recurrence(reverse, with_initial):
     step = 5
     carry = torch.exp(-log_decay * step)[None, :, None, None]
     order = range(5, -1, -1) if reverse else range(6)
+    passes = PASSES if documents else torch.ones(2, 6, dtype=torch.bool)
     state = torch.zeros(2, 3, 4, 5, dtype=torch.float64) if initial is None else initial
     expected = torch.empty_like(pieces)
-    for c in order:  # the state entering piece c, then piece c joins it
+    for c in order:  # the state entering piece c, then piece c joins it (if the state crosses c)
         expected[:, :, c] = state
-        state = carry * state + pieces[:, :, c]
-    assert_close("scan", scan_states(pieces, log_decay, step, reverse, initial), expected, 1e-12)
+        state = carry * passes[:, c, None, None, None] * state + pieces[:, :, c]
+    actual = scan_states(pieces, log_decay, step, reverse, initial,
+                         passes=PASSES if documents else None)
+    assert_close("scan", actual, expected, 1e-12)
+
+
+# Global document boundaries of a 37-token sequence: documents of 1 token (first, last and
+# in the middle), one spanning every kernel call and block, starts at call and block edges.
+DOCUMENTS = {
+    "ones-and-long": (0, 1, 2, 35, 36, 37),
+    "edges": (0, 4, 13, 16, 29, 37),
+    "inside": (0, 3, 5, 6, 18, 22, 31, 37),
+}
+
+
+@pytest.mark.parametrize("documents", list(DOCUMENTS))
+@pytest.mark.parametrize("decay", ["none", "mild", "extreme"])
+def test_chunked_documents_match_reference(decay, documents):
+    """Parts of 13, 16, 8 tokens (state in / out) in blocks of 4, 2 blocks a span: document
+    starts fall at call, span and block edges and inside blocks."""
+    check_kernel_chain("chunked", torch.float64, decay, parts=(13, 16, 8), block=4,
+                       cu_seqlens=DOCUMENTS[documents])
+    for causal in (True, False):
+        check_kernel_intra("chunked", torch.float64, decay, causal, block=4,
+                           cu_seqlens=DOCUMENTS[documents])
+
+
+def test_chunked_documents_fp32():
+    check_kernel_chain("chunked", torch.float32, "mild", cu_seqlens=DOCUMENTS["inside"])
 
 
 @pytest.mark.parametrize("decay", DECAY_NAMES)

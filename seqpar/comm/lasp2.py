@@ -28,10 +28,38 @@ intra term is the bidirectional local pass. Non-causal without decay: every quer
 whole sequence, o_i = q_i sum_all K^T V, so one all-reduce of K^T V forward (and of Q^T dO
 backward) is all the communication and there is no intra-chunk pass at all.
 
+Documents (packed sequence, B = 1, global boundaries cu_seqlens identical on every rank): the
+state chain is cut at every document start, so nothing flows from one document into the next.
+Per chunk c (positions cC .. cC + C - 1) and global document ids doc(p), let
+docs_c[l] = doc(cC + l) - doc(cC - 1) (0: the token continues the document open at the chunk
+start; `kernels/linear_state.py` conventions) and
+
+    first_c[l] = [docs_c[l] == 0]           the query may use the prefix S_c
+    last_c[l]  = [docs_c[l] == docs_c[C-1]]  the key belongs to the chunk's last document
+    passes_c   = [docs_c[C-1] == 0]          no document starts inside chunk c
+
+Then M_c = (K_c * lambda^(C-l) * last_c)^T V_c is the state of chunk c's LAST document segment,
+decayed to the chunk end, and the scan multiplies in the passes flags of the chunks it crosses,
+
+    S_c  = sum_{c' < c} lambda^(C(c-1-c')) [passes_c'' for all c' < c'' < c] M_c'
+    O_c  = [(Q_c K_c^T) * Lambda * Same_c] V_c + (Q_c * lambda^l * first_c) S_c
+
+so S_c is the state of the document of token cC - 1, and only the queries of that document
+(the chunk's FIRST segment; none if a document starts at cC) use it. Backward mirrors it:
+D_c = (Q_c * lambda^l * first_c)^T dO_c, G_c the reverse scan with the same flags, and
+dK_c, dV_c take G_c through lambda^(C-l) * last_c. Non-causal: the suffix direction is the same
+on the reversed sequence (docs'_c[l'] = doc((c+1)C) - doc(cC + C-1-l'); its M' is the chunk's
+FIRST segment, its U reaches the LAST segment), and the intra pass is the bidirectional one with
+the document mask. Every rank knows cu_seqlens, so the flags need no communication: the
+all-gathered tensors are exactly those of the dense case (one all-gather each way). Non-causal
+without decay takes the decayed path with lambda = 1 (a per-document K^T V cannot come from one
+all-reduced sum), so it sends the non-causal-with-decay bytes below.
+
 Traffic per rank, state bytes X = B * H * Dk * Dv * 4 (8 for fp64 inputs), n_loc local chunks
 (1 contiguous, 2 zigzag), forward and backward alike — independent of the sequence length:
     causal                   (P - 1) * n_loc * X           all-gather
     non-causal, decay        (P - 1) * n_loc * 2 X         all-gather
+    non-causal, documents    (P - 1) * n_loc * 2 X         all-gather (decay or not)
     non-causal, no decay     2 (P - 1) * ceil(X / P)       all-reduce
 
 Shapes: q/k [B, S_loc, H, Dk], v [B, S_loc, H, Dv], log_decay [H]; o [B, S_loc, H, Dv].
@@ -43,10 +71,35 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.linear_state import LinearKernel, chunk_weights, outer_sum, scan_states, times_state
+from ..kernels.linear_state import (LinearKernel, chunk_weights, document_masks, outer_sum,
+                                    relative_documents, scan_states, times_state)
 from ..kernels.mask import Runs
 from ..kernels.plan import accumulator_dtype
 from .primitives import CommStats, GroupInfo, Traffic, start_all_gather, start_all_reduce
+
+
+@dataclass(frozen=True)
+class Lasp2Documents:
+    """The document structure LASP-2 needs, per direction (prefix; suffix for non-causal):
+    docs [n_loc, C] of each local chunk in that direction's token order (relative ids,
+    `linear_state` conventions), and passes [N] (bool) of every logical chunk in chunk order."""
+
+    docs: tuple[torch.Tensor, ...]
+    passes: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, chunk_len: int, n_chunks: int,
+              local_chunks: tuple[int, ...], device: torch.device) -> "Lasp2Documents":
+        bounds = cu_seqlens.to("cpu", torch.int64)
+        positions = torch.arange(-1, n_chunks * chunk_len + 1)
+        doc = torch.searchsorted(bounds, positions, right=True) - 1  # doc[p + 1]: of position p
+        starts = torch.arange(n_chunks) * chunk_len
+        inside = starts[:, None] + torch.arange(chunk_len)[None, :] + 1   # [N, C] indices of doc
+        prefix = relative_documents(doc[inside], doc[starts])             # vs token cC - 1
+        suffix = relative_documents(-doc[inside].flip(1), -doc[starts + chunk_len + 1])  # vs (c+1)C
+        local = list(local_chunks)
+        return cls(tuple(d[local].to(device) for d in (prefix, suffix)),
+                   tuple((d[:, -1] == 0).to(device) for d in (prefix, suffix)))
 
 
 @dataclass(frozen=True)
@@ -66,10 +119,15 @@ class Lasp2Plan:
     scale: float
     kernel: LinearKernel
     recorders: tuple[CommStats, ...]
+    documents: Lasp2Documents | None = None
 
     @classmethod
     def build(cls, info: GroupInfo, all_runs: tuple[Runs, ...], causal: bool, decayed: bool,
-              scale: float, kernel: LinearKernel, recorders: tuple[CommStats, ...]) -> "Lasp2Plan":
+              scale: float, kernel: LinearKernel, recorders: tuple[CommStats, ...],
+              cu_seqlens: torch.Tensor | None = None, device: torch.device | None = None
+              ) -> "Lasp2Plan":
+        """cu_seqlens: global document boundaries (validated by the caller), or None; the
+        document tensors are put on `device`."""
         chunk_len = all_runs[0][0].length
         if any(run.length != chunk_len or run.stride != 1 for runs in all_runs for run in runs):
             raise ValueError("LASP-2 needs every rank to hold whole chunks of equal length "
@@ -77,13 +135,20 @@ class Lasp2Plan:
         ids = [run.start // chunk_len for runs in all_runs for run in runs]
         gathered_index = tuple(sorted(range(len(ids)), key=ids.__getitem__))
         local = tuple(run.start // chunk_len for run in all_runs[info.rank])
+        documents = None if cu_seqlens is None else Lasp2Documents.build(
+            cu_seqlens, chunk_len, len(ids), local, device or torch.device("cpu"))
         return cls(info, chunk_len, local, gathered_index, causal, decayed, scale, kernel,
-                   recorders)
+                   recorders, documents)
 
     @property
     def summed(self) -> bool:
-        """Non-causal without decay: one all-reduced K^T V serves every query."""
-        return not self.causal and not self.decayed
+        """Non-causal without decay or documents: one all-reduced K^T V serves every query."""
+        return not self.causal and not self.decayed and self.documents is None
+
+    @property
+    def intra_docs(self) -> torch.Tensor | None:
+        """The local chunks' documents for the kernel's intra pass (prefix direction)."""
+        return None if self.documents is None else self.documents.docs[0]
 
     @property
     def directions(self) -> int:
@@ -97,19 +162,31 @@ def _chunks(t: torch.Tensor, plan: Lasp2Plan) -> torch.Tensor:
 
 
 def _weights(log_decay: torch.Tensor, plan: Lasp2Plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(from_start, to_end) per direction; the suffix direction is the prefix one reversed."""
+    """(from_start, to_end) per direction, [C, H]; the suffix direction is the prefix one
+    reversed. With documents, [n_loc, C, H]: times first / last of each local chunk (in the
+    direction's token order, then back in local order)."""
     from_start, to_end = chunk_weights(log_decay, plan.chunk_len)
-    return [(from_start, to_end), (from_start.flip(0), to_end.flip(0))][:plan.directions]
+    if plan.documents is None:
+        return [(from_start, to_end), (from_start.flip(0), to_end.flip(0))][:plan.directions]
+    weights = []
+    for docs in plan.documents.docs[:plan.directions]:
+        first, last = document_masks(docs, from_start.dtype)  # [n_loc, C, 1]
+        weights.append((from_start[None] * first, to_end[None] * last))
+    if plan.directions == 2:
+        weights[1] = tuple(w.flip(1) for w in weights[1])
+    return weights
 
 
-def _incoming(gathered: torch.Tensor, log_decay: torch.Tensor, plan: Lasp2Plan, reverse: bool
-              ) -> torch.Tensor:
+def _incoming(gathered: torch.Tensor, log_decay: torch.Tensor, plan: Lasp2Plan, reverse: bool,
+              direction: int) -> torch.Tensor:
     """Gathered per-chunk states [P, B, n_loc, H, d, e] -> the state entering each local chunk
     from the others, [B * n_loc, H, d, e]: an exclusive scan in logical chunk order (reverse:
-    from the later chunks)."""
+    from the later chunks), cut at the chunks of `direction` that do not pass a state."""
     in_order = gathered.permute(1, 3, 0, 2, 4, 5).flatten(2, 3)  # [B, H, P * n_loc, d, e]
     index = torch.tensor(plan.gathered_index, device=gathered.device)
-    scanned = scan_states(in_order.index_select(2, index), log_decay, plan.chunk_len, reverse)
+    passes = None if plan.documents is None else plan.documents.passes[direction][None]
+    scanned = scan_states(in_order.index_select(2, index), log_decay, plan.chunk_len, reverse,
+                          passes=passes)
     mine = scanned[:, :, list(plan.local_chunks)]  # [B, H, n_loc, d, e]
     return mine.transpose(1, 2).flatten(0, 1)
 
@@ -126,9 +203,10 @@ def lasp2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torc
     weights = _weights(s, plan)
     outgoing = torch.stack([outer_sum(kc, vc, to_end) for _, to_end in weights])
     pending = start_all_gather(outgoing.unflatten(1, (q.shape[0], -1)), plan.info, traffic)
-    o = plan.kernel.intra_fwd(qc, kc, vc, s, plan.scale, plan.causal)  # while states travel
+    # while states travel:
+    o = plan.kernel.intra_fwd(qc, kc, vc, s, plan.scale, plan.causal, docs=plan.intra_docs)
     gathered = pending.wait()
-    states = tuple(_incoming(gathered[:, d], s, plan, reverse=d == 1)
+    states = tuple(_incoming(gathered[:, d], s, plan, reverse=d == 1, direction=d)
                    for d in range(plan.directions))
     for (from_start, _), state in zip(weights, states):
         o += times_state(qc, state, from_start * plan.scale)
@@ -152,13 +230,14 @@ def lasp2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     outgoing = torch.stack([plan.scale * outer_sum(qc, doc, from_start)
                             for from_start, _ in weights])
     pending = start_all_gather(outgoing.unflatten(1, (q.shape[0], -1)), plan.info, traffic)
-    dq, dk, dv = plan.kernel.intra_bwd(doc, qc, kc, vc, s, plan.scale, plan.causal)
+    dq, dk, dv = plan.kernel.intra_bwd(doc, qc, kc, vc, s, plan.scale, plan.causal,
+                                       docs=plan.intra_docs)
     for (from_start, _), state in zip(weights, states):
         dq += times_state(doc, state.transpose(-1, -2), from_start * plan.scale)
     gathered = pending.wait()
     for d, (_, to_end) in enumerate(weights):
         # The prefix states flowed forward, so their gradients come from later chunks.
-        grad = _incoming(gathered[:, d], s, plan, reverse=d == 0)
+        grad = _incoming(gathered[:, d], s, plan, reverse=d == 0, direction=d)
         dk += times_state(vc, grad.transpose(-1, -2), to_end)
         dv += times_state(kc, grad, to_end)
     return tuple(t.reshape(*q.shape[:3], t.shape[-1]) for t in (dq, dk, dv))

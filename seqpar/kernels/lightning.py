@@ -15,6 +15,20 @@ One program per (batch, head) walks the chunk in blocks of BLOCK tokens with the
         dV_b = [(Q_b K_b^T) * Lambda]^T dO_b + (K_b * lambda^(L - t)) G
         G    = lambda^L G + (Q_b * lambda^t)^T dO_b
 
+Documents (`docs` [B, n] int, relative ids as in `linear_state`; HAS_DOCS): per block, with
+p = the document of the token before the block (0 for the first block: the initial state's) and
+e = that of the block's last valid token, Lambda is masked by [doc_i == doc_j] (Same), the
+state reaches only queries with doc_t == p (first), only keys with doc_t == e enter it (last),
+and it crosses the block only if e == p (passes):
+
+        O_b = [(Q_b K_b^T) * Lambda * Same] V_b + (Q_b * lambda^t * first) S
+        S   = passes lambda^L S + (K_b * lambda^(L - t) * last)^T V_b
+        G   = passes lambda^L G + (Q_b * lambda^t * first)^T dO_b
+
+so the final state is that of the chunk's last document and the chain is cut at every
+document start. The ids are loaded per block (BLOCK int32 plus two scalars); without documents
+the masks are compiled out.
+
 Inputs are loaded and converted to fp32 before any arithmetic (bf16 arithmetic in the Triton
 interpreter is wrong, and fp32 accumulation is the house rule); outputs, gradients and states
 are fp32. Every decay is exp(-s * distance) with distance >= 0. Head dims are padded to a power
@@ -101,12 +115,27 @@ def _block_tail(s, row_ok, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lightning_fwd(Q, K, V, O, LOG_DECAY, STATE_IN, STATE_OUT, scale, seq_len,
+def _documents(DOCS, start, rows, row_ok, seq_len, BLOCK: tl.constexpr):
+    """Document masks of the block starting at `start` of one batch entry's ids `DOCS` [n]:
+    (Same [BLOCK, BLOCK], first [BLOCK], last [BLOCK], passes), fp32 0/1."""
+    doc = tl.load(DOCS + rows, mask=row_ok, other=0)
+    before = tl.load(DOCS + tl.maximum(start - 1, 0))
+    before = tl.where(start > 0, before, 0)  # the initial state belongs to document 0
+    end_doc = tl.load(DOCS + tl.minimum(start + BLOCK, seq_len) - 1)
+    same = tl.where(doc[:, None] == doc[None, :], 1.0, 0.0)
+    first = tl.where(doc == before, 1.0, 0.0)
+    last = tl.where(doc == end_doc, 1.0, 0.0)
+    passes = tl.where(end_doc == before, 1.0, 0.0)
+    return same, first, last, passes
+
+
+@triton.jit
+def _lightning_fwd(Q, K, V, O, LOG_DECAY, STATE_IN, STATE_OUT, DOCS, scale, seq_len,
                    stride_qb, stride_qn, stride_qh, stride_vb, stride_vn, stride_vh,
                    HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
                    HAS_STATE_IN: tl.constexpr, HAS_STATE_OUT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
     b, h, s, d, e, d_ok, e_ok, intra, from_start, state_at, state_ok = _program(
         LOG_DECAY, HEADS, DK, DV, DK_PAD, DV_PAD, BLOCK)
     t = tl.arange(0, BLOCK)
@@ -118,22 +147,32 @@ def _lightning_fwd(Q, K, V, O, LOG_DECAY, STATE_IN, STATE_OUT, scale, seq_len,
         q = _load_rows(Q + qk_at, rows, row_ok, stride_qn, d, d_ok) * scale
         k = _load_rows(K + qk_at, rows, row_ok, stride_qn, d, d_ok)
         v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra
-        o = tl.dot(scores, v, input_precision=PRECISION)
-        o += tl.dot(q * from_start[:, None], state, input_precision=PRECISION)
-        _store_rows(O + v_at, rows, row_ok, stride_vn, e, e_ok, o)
         to_end, across = _block_tail(s, row_ok, BLOCK)
+        block_intra = intra
+        q_in = q * from_start[:, None]
+        if HAS_DOCS:
+            same, first, last, passes = _documents(DOCS + b * seq_len, start, rows, row_ok,
+                                                   seq_len, BLOCK)
+            block_intra = intra * same
+            q_in = q_in * first[:, None]
+            to_end = to_end * last
+            across = across * passes
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * block_intra
+        o = tl.dot(scores, v, input_precision=PRECISION)
+        o += tl.dot(q_in, state, input_precision=PRECISION)
+        _store_rows(O + v_at, rows, row_ok, stride_vn, e, e_ok, o)
         state = state * across + tl.dot(tl.trans(k * to_end[:, None]), v, input_precision=PRECISION)
     if HAS_STATE_OUT:
         tl.store(STATE_OUT + state_at, state, mask=state_ok)
 
 
 @triton.jit
-def _lightning_bwd_dq(Q, K, V, DO, DQ, LOG_DECAY, STATE_IN, scale, seq_len,
+def _lightning_bwd_dq(Q, K, V, DO, DQ, LOG_DECAY, STATE_IN, DOCS, scale, seq_len,
                       stride_qb, stride_qn, stride_qh, stride_vb, stride_vn, stride_vh,
                       HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                      HAS_STATE_IN: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_STATE_IN: tl.constexpr, HAS_DOCS: tl.constexpr,
+                      PRECISION: tl.constexpr):
     b, h, s, d, e, d_ok, e_ok, intra, from_start, state_at, state_ok = _program(
         LOG_DECAY, HEADS, DK, DV, DK_PAD, DV_PAD, BLOCK)
     t = tl.arange(0, BLOCK)
@@ -145,44 +184,62 @@ def _lightning_bwd_dq(Q, K, V, DO, DQ, LOG_DECAY, STATE_IN, scale, seq_len,
         k = _load_rows(K + qk_at, rows, row_ok, stride_qn, d, d_ok)
         v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
         do = _load_rows(DO + v_at, rows, row_ok, stride_vn, e, e_ok)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * intra
-        dq = tl.dot(dp, k, input_precision=PRECISION)
-        dq += tl.dot(do, tl.trans(state), input_precision=PRECISION) * from_start[:, None]
-        _store_rows(DQ + qk_at, rows, row_ok, stride_qn, d, d_ok, dq * scale)
         to_end, across = _block_tail(s, row_ok, BLOCK)
+        block_intra = intra
+        q_weight = from_start
+        if HAS_DOCS:
+            same, first, last, passes = _documents(DOCS + b * seq_len, start, rows, row_ok,
+                                                   seq_len, BLOCK)
+            block_intra = intra * same
+            q_weight = from_start * first
+            to_end = to_end * last
+            across = across * passes
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * block_intra
+        dq = tl.dot(dp, k, input_precision=PRECISION)
+        dq += tl.dot(do, tl.trans(state), input_precision=PRECISION) * q_weight[:, None]
+        _store_rows(DQ + qk_at, rows, row_ok, stride_qn, d, d_ok, dq * scale)
         state = state * across + tl.dot(tl.trans(k * to_end[:, None]), v, input_precision=PRECISION)
 
 
 @triton.jit
-def _lightning_bwd_dkv(Q, K, V, DO, DK_OUT, DV_OUT, LOG_DECAY, DSTATE_OUT, DSTATE_IN, scale,
-                       seq_len, n_blocks,
+def _lightning_bwd_dkv(Q, K, V, DO, DK_OUT, DV_OUT, LOG_DECAY, DSTATE_OUT, DSTATE_IN, DOCS,
+                       scale, seq_len, n_blocks,
                        stride_qb, stride_qn, stride_qh, stride_vb, stride_vn, stride_vh,
                        HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                        DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
                        HAS_DSTATE_OUT: tl.constexpr, HAS_DSTATE_IN: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
     b, h, s, d, e, d_ok, e_ok, intra, from_start, state_at, state_ok = _program(
         LOG_DECAY, HEADS, DK, DV, DK_PAD, DV_PAD, BLOCK)
     t = tl.arange(0, BLOCK)
     grad = _load_state(DSTATE_OUT, state_at, state_ok, HAS_DSTATE_OUT, DK_PAD, DV_PAD)
     qk_at, v_at = _head_offsets(b, h, stride_qb, stride_qh, stride_vb, stride_vh)
     for i in range(0, n_blocks):
-        rows = (n_blocks - 1 - i) * BLOCK + t
+        start = (n_blocks - 1 - i) * BLOCK
+        rows = start + t
         row_ok = rows < seq_len
         q = _load_rows(Q + qk_at, rows, row_ok, stride_qn, d, d_ok) * scale
         k = _load_rows(K + qk_at, rows, row_ok, stride_qn, d, d_ok)
         v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
         do = _load_rows(DO + v_at, rows, row_ok, stride_vn, e, e_ok)
         to_end, across = _block_tail(s, row_ok, BLOCK)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * intra
+        block_intra = intra
+        q_in = q * from_start[:, None]
+        if HAS_DOCS:
+            same, first, last, passes = _documents(DOCS + b * seq_len, start, rows, row_ok,
+                                                   seq_len, BLOCK)
+            block_intra = intra * same
+            q_in = q_in * first[:, None]
+            to_end = to_end * last
+            across = across * passes
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * block_intra
         dk = tl.dot(tl.trans(dp), q, input_precision=PRECISION)
         dk += tl.dot(v, tl.trans(grad), input_precision=PRECISION) * to_end[:, None]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * intra
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * block_intra
         dv = tl.dot(tl.trans(scores), do, input_precision=PRECISION)
         dv += tl.dot(k * to_end[:, None], grad, input_precision=PRECISION)
         _store_rows(DK_OUT + qk_at, rows, row_ok, stride_qn, d, d_ok, dk)
         _store_rows(DV_OUT + v_at, rows, row_ok, stride_vn, e, e_ok, dv)
-        q_in = q * from_start[:, None]
         grad = grad * across + tl.dot(tl.trans(q_in), do, input_precision=PRECISION)
     if HAS_DSTATE_IN:
         tl.store(DSTATE_IN + state_at, grad, mask=state_ok)
@@ -232,7 +289,12 @@ class LightningKernel(LinearKernel):
     def _state(t, like):
         return like if t is None else t.to(torch.float32).contiguous()
 
-    def fwd(self, q, k, v, log_decay, scale, initial_state=None, final_state=False):
+    @staticmethod
+    def _docs(docs, like):
+        """int32 [B, n] document ids (or a placeholder pointer when there are none)."""
+        return like if docs is None else docs.to(device=like.device, dtype=torch.int32).contiguous()
+
+    def fwd(self, q, k, v, log_decay, scale, initial_state=None, final_state=False, docs=None):
         meta = self._meta(q, v)
         q, k, v = (t.contiguous() for t in (q, k, v))
         batch, n, heads, dk = q.shape
@@ -241,12 +303,13 @@ class LightningKernel(LinearKernel):
                      if final_state else o)
         _lightning_fwd[(batch * heads,)](
             q, k, v, o, log_decay.to(torch.float32).contiguous(), self._state(initial_state, o),
-            state_out, float(scale), n, *self._strides(q, v), **meta,
-            HAS_STATE_IN=initial_state is not None, HAS_STATE_OUT=final_state)
+            state_out, self._docs(docs, o), float(scale), n, *self._strides(q, v), **meta,
+            HAS_STATE_IN=initial_state is not None, HAS_STATE_OUT=final_state,
+            HAS_DOCS=docs is not None)
         return o, (state_out if final_state else None)
 
     def bwd(self, do, q, k, v, log_decay, scale, initial_state=None, dfinal_state=None,
-            dinitial_state=False):
+            dinitial_state=False, docs=None):
         meta = self._meta(q, v)
         q, k, v, do = (t.contiguous() for t in (q, k, v, do))
         batch, n, heads, dk = q.shape
@@ -257,10 +320,12 @@ class LightningKernel(LinearKernel):
                      if dinitial_state else dq)
         grid = (batch * heads,)
         strides = self._strides(q, v)
-        _lightning_bwd_dq[grid](q, k, v, do, dq, decay, self._state(initial_state, dq), float(scale),
-                                n, *strides, **meta, HAS_STATE_IN=initial_state is not None)
+        doc_ids = self._docs(docs, dq)
+        _lightning_bwd_dq[grid](q, k, v, do, dq, decay, self._state(initial_state, dq), doc_ids,
+                                float(scale), n, *strides, **meta,
+                                HAS_STATE_IN=initial_state is not None, HAS_DOCS=docs is not None)
         _lightning_bwd_dkv[grid](q, k, v, do, dk_, dv, decay, self._state(dfinal_state, dq),
-                                 dstate_in, float(scale), n, triton.cdiv(n, meta["BLOCK"]), *strides,
-                                 **meta, HAS_DSTATE_OUT=dfinal_state is not None,
-                                 HAS_DSTATE_IN=dinitial_state)
+                                 dstate_in, doc_ids, float(scale), n, triton.cdiv(n, meta["BLOCK"]),
+                                 *strides, **meta, HAS_DSTATE_OUT=dfinal_state is not None,
+                                 HAS_DSTATE_IN=dinitial_state, HAS_DOCS=docs is not None)
         return dq, dk_, dv, (dstate_in if dinitial_state else None)

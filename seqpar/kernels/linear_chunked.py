@@ -28,8 +28,24 @@ gradients with a running state gradient. A ragged last block is zero-padded at t
 sits after every real token, so it changes nothing); the final state and its gradient are taken
 directly from the unpadded keys (F = lambda^n S_in + sum_l lambda^(n - l) k_l^T v_l).
 
-Shapes: q/k [B, n, H, Dk], v [B, n, H, Dv], log_decay [H], states [B, H, Dk, Dv]; results in
-the accumulator dtype (fp32; fp64 for fp64 inputs).
+Documents (`docs` [B, n], relative ids as in `linear_state`): every Lambda above is also
+masked by [doc_i == doc_j]; per block b, with p_b the document of the token before the block
+and e_b that of its last token, queries use S_b only where doc_t == p_b (first_t), keys enter M_b
+only where doc_t == e_b (last_t), and S_b crosses block b only if e_b == p_b (passes_b):
+
+    O_b  = [(Q_b K_b^T) * Lambda * Same] V_b + (Q_b * lambda^t * first) S_b
+    M_b  = (K_b * lambda^(T - t) * last)^T V_b,   S_{b+1} = passes_b lambda^T S_b + M_b
+    dQ_b = (dP * Same) K_b + lambda^t first * (dO_b S_b^T)
+    dK_b = (dP * Same)^T Q_b + lambda^(T - t) last * (V_b G_b^T)
+    dV_b = [(Q_b K_b^T) * Lambda * Same]^T dO_b + (K_b * lambda^(T - t) * last) G_b
+    D_b  = (Q_b * lambda^t * first)^T dO_b,   G_{b-1} = passes_b lambda^T G_b + D_b
+
+(the scans over a span take the passes flags, `scan_states(..., passes=)`). A ragged block is
+padded with its last document id, so the padding continues the last document. No per-document
+loop and no S x S matrix: documents cost one [T, T] mask per block.
+
+Shapes: q/k [B, n, H, Dk], v [B, n, H, Dv], log_decay [H], states [B, H, Dk, Dv], docs [B, n];
+results in the accumulator dtype (fp32; fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -83,6 +99,79 @@ class _BlockDecays:
 
 
 @dataclass(frozen=True)
+class _SpanDocuments:
+    """Document masks of one span's blocks (`docs` convention of `linear_state`), shaped to
+    broadcast over [B, H, nb, T, .]."""
+
+    same: torch.Tensor    # [B, 1, nb, T, T]  [doc_i == doc_j]
+    first: torch.Tensor   # [B, 1, nb, T, 1]  [doc_t == document of the token before the block]
+    last: torch.Tensor    # [B, 1, nb, T, 1]  [doc_t == document of the block's last token]
+    passes: torch.Tensor  # [B, nb] bool      the state entering the block crosses it
+
+    @classmethod
+    def build(cls, docs: torch.Tensor, start: int, end: int, block: int, acc: torch.dtype
+              ) -> "_SpanDocuments":
+        part = docs[:, start:end]
+        padded = -(-(end - start) // block) * block
+        if padded > part.shape[1]:  # padding continues the last document
+            part = torch.cat([part, part[:, -1:].expand(-1, padded - part.shape[1])], dim=1)
+        blocks = part.reshape(part.shape[0], padded // block, block)
+        before = docs[:, start - 1] if start > 0 else torch.zeros_like(docs[:, 0])
+        prev = torch.cat([before[:, None], blocks[:, :-1, -1]], dim=1)  # [B, nb]
+        end_doc = blocks[:, :, -1]
+        return cls((blocks[..., :, None] == blocks[..., None, :]).to(acc)[:, None],
+                   (blocks == prev[..., None]).to(acc)[:, None, ..., None],
+                   (blocks == end_doc[..., None]).to(acc)[:, None, ..., None],
+                   end_doc == prev)
+
+
+@dataclass(frozen=True)
+class _SpanWeights:
+    """The weights one span's blocks use: the decays, masked by documents when there are some."""
+
+    intra: torch.Tensor       # Lambda (* Same)
+    from_start: torch.Tensor  # lambda^t (* first)
+    to_end: torch.Tensor      # lambda^(T - t) (* last)
+    passes: torch.Tensor | None
+    across_last: torch.Tensor   # [B or 1, H, 1, 1] lambda^T (* passes of the last block)
+    across_first: torch.Tensor  # the same for the first block
+
+    @classmethod
+    def build(cls, decays: _BlockDecays, docs: torch.Tensor | None, start: int, end: int,
+              block: int) -> "_SpanWeights":
+        if docs is None:
+            return cls(decays.intra, decays.from_start, decays.to_end, None, decays.across,
+                       decays.across)
+        masks = _SpanDocuments.build(docs, start, end, block, decays.intra.dtype)
+        crossing = masks.passes.to(decays.across.dtype)[:, None, :, None]  # [B, 1, nb, 1]
+        return cls(decays.intra * masks.same, decays.from_start * masks.first,
+                   decays.to_end * masks.last, masks.passes, decays.across * crossing[:, :, -1],
+                   decays.across * crossing[:, :, 0])
+
+
+def _final_weights(log_decay: torch.Tensor, n: int, docs: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key weights into the final state [n, H] or [B, n, H], carry of the initial state into it
+    [B or 1, H, 1, 1]): lambda^(n - l) (* last_l) and lambda^n (* passes)."""
+    _, to_end = chunk_weights(log_decay, n)
+    carry = torch.exp(-log_decay * n)[None, :, None, None]
+    if docs is None:
+        return to_end, carry
+    last = (docs == docs[:, -1:]).to(to_end.dtype)
+    passes = (docs[:, -1] == 0).to(to_end.dtype)[:, None, None, None]
+    return to_end[None] * last[..., None], carry * passes
+
+
+def _span_passes(docs: torch.Tensor | None, start: int, end: int, acc: torch.dtype
+                 ) -> torch.Tensor | float:
+    """[B, 1, 1, 1]: the state entering tokens [start, end) crosses them (1.0 without docs)."""
+    if docs is None:
+        return 1.0
+    before = docs[:, start - 1] if start > 0 else torch.zeros_like(docs[:, 0])
+    return (docs[:, end - 1] == before).to(acc)[:, None, None, None]
+
+
+@dataclass(frozen=True)
 class ChunkedLinearKernel(LinearKernel):
     """Blocks of `block` tokens, `span_blocks` blocks batched per step."""
 
@@ -95,7 +184,7 @@ class ChunkedLinearKernel(LinearKernel):
         step = self.block * self.span_blocks
         return [(start, min(start + step, n)) for start in range(0, n, step)]
 
-    def fwd(self, q, k, v, log_decay, scale, initial_state=None, final_state=False):
+    def fwd(self, q, k, v, log_decay, scale, initial_state=None, final_state=False, docs=None):
         acc = accumulator_dtype(q.dtype)
         batch, n, heads, dk = q.shape
         dv = v.shape[-1]
@@ -105,23 +194,24 @@ class ChunkedLinearKernel(LinearKernel):
         state = (torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
                  if initial_state is None else initial_state.to(acc))
         for start, end in self._spans(n):
+            w = _SpanWeights.build(decays, docs, start, end, self.block)
             q_s = _span_blocks(q, start, end, self.block, acc, scale)
             k_s, v_s = (_span_blocks(t, start, end, self.block, acc) for t in (k, v))
-            scores = (q_s @ k_s.transpose(-1, -2)) * decays.intra
-            block_states = (k_s * decays.to_end).transpose(-1, -2) @ v_s
-            entering = scan_states(block_states, s, self.block, initial=state)
-            _put_span(o, start, scores @ v_s + (q_s * decays.from_start) @ entering)
-            state = decays.across * entering[:, :, -1] + block_states[:, :, -1]
+            scores = (q_s @ k_s.transpose(-1, -2)) * w.intra
+            block_states = (k_s * w.to_end).transpose(-1, -2) @ v_s
+            entering = scan_states(block_states, s, self.block, initial=state, passes=w.passes)
+            _put_span(o, start, scores @ v_s + (q_s * w.from_start) @ entering)
+            state = w.across_last * entering[:, :, -1] + block_states[:, :, -1]
         if not final_state:
             return o, None
-        _, to_end = chunk_weights(s, n)
+        to_end, carry = _final_weights(s, n, docs)
         final = outer_sum(k, v, to_end)
         if initial_state is not None:
-            final = final + torch.exp(-s * n)[None, :, None, None] * initial_state.to(acc)
+            final = final + carry * initial_state.to(acc)
         return o, final
 
     def bwd(self, do, q, k, v, log_decay, scale, initial_state=None, dfinal_state=None,
-            dinitial_state=False):
+            dinitial_state=False, docs=None):
         acc = accumulator_dtype(q.dtype)
         batch, n, heads, dk = q.shape
         dv = v.shape[-1]
@@ -129,14 +219,17 @@ class ChunkedLinearKernel(LinearKernel):
         decays = _BlockDecays.build(s, self.block)
         spans = self._spans(n)
 
-        # Pass 1: the state entering each span.
+        # Pass 1: the state entering each span (of the document open there).
         state = (torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
                  if initial_state is None else initial_state.to(acc))
         span_entry = []
         for start, end in spans:
             span_entry.append(state)
-            _, to_end = chunk_weights(s, end - start)
-            state = (torch.exp(-s * (end - start))[None, :, None, None] * state
+            # Keys of the span's last document, decayed to its end (equality of relative ids
+            # is all `_final_weights` reads), plus the entering state if it crosses the span.
+            to_end, _ = _final_weights(s, end - start, None if docs is None else docs[:, start:end])
+            carry = torch.exp(-s * (end - start))[None, :, None, None]
+            state = (carry * _span_passes(docs, start, end, acc) * state
                      + outer_sum(k[:, start:end], v[:, start:end], to_end))
 
         # Pass 2, in reverse: gradients, with the running gradient of the state at the span end.
@@ -145,27 +238,30 @@ class ChunkedLinearKernel(LinearKernel):
         dv_ = torch.empty(v.shape, dtype=acc, device=q.device)
         state_grad = torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
         for (start, end), entry in zip(reversed(spans), reversed(span_entry)):
+            w = _SpanWeights.build(decays, docs, start, end, self.block)
             q_s = _span_blocks(q, start, end, self.block, acc, scale)
             k_s, v_s, do_s = (_span_blocks(t, start, end, self.block, acc) for t in (k, v, do))
-            dp = (do_s @ v_s.transpose(-1, -2)) * decays.intra
-            scores = (q_s @ k_s.transpose(-1, -2)) * decays.intra
-            k_out = k_s * decays.to_end
-            entering = scan_states(k_out.transpose(-1, -2) @ v_s, s, self.block, initial=entry)
-            block_grads = (q_s * decays.from_start).transpose(-1, -2) @ do_s
-            leaving = scan_states(block_grads, s, self.block, reverse=True, initial=state_grad)
-            inter_dq = (do_s @ entering.transpose(-1, -2)) * decays.from_start
+            dp = (do_s @ v_s.transpose(-1, -2)) * w.intra
+            scores = (q_s @ k_s.transpose(-1, -2)) * w.intra
+            k_out = k_s * w.to_end
+            entering = scan_states(k_out.transpose(-1, -2) @ v_s, s, self.block, initial=entry,
+                                   passes=w.passes)
+            block_grads = (q_s * w.from_start).transpose(-1, -2) @ do_s
+            leaving = scan_states(block_grads, s, self.block, reverse=True, initial=state_grad,
+                                  passes=w.passes)
+            inter_dq = (do_s @ entering.transpose(-1, -2)) * w.from_start
             _put_span(dq, start, (dp @ k_s + inter_dq) * scale)
-            inter_dk = (v_s @ leaving.transpose(-1, -2)) * decays.to_end
+            inter_dk = (v_s @ leaving.transpose(-1, -2)) * w.to_end
             _put_span(dk_, start, dp.transpose(-1, -2) @ q_s + inter_dk)
             _put_span(dv_, start, scores.transpose(-1, -2) @ do_s + k_out @ leaving)
-            state_grad = decays.across * leaving[:, :, 0] + block_grads[:, :, 0]
+            state_grad = w.across_first * leaving[:, :, 0] + block_grads[:, :, 0]
 
         if dfinal_state is not None:
-            _, to_end = chunk_weights(s, n)
+            to_end, carry = _final_weights(s, n, docs)
             dfinal = dfinal_state.to(acc)
             dk_ += times_state(v, dfinal.transpose(-1, -2), to_end)
             dv_ += times_state(k, dfinal, to_end)
-            state_grad = state_grad + torch.exp(-s * n)[None, :, None, None] * dfinal
+            state_grad = state_grad + carry * dfinal
         return dq, dk_, dv_, (state_grad if dinitial_state else None)
 
 

@@ -22,6 +22,22 @@ Every weight is exp(-s * distance) with distance >= 0, computed directly: strong
 underflow to exactly 0, and nothing is ever written as lambda^(+t) * lambda^(-t) (which
 overflows for long spans).
 
+Documents (packed sequences, DESIGN §4 "Masks"): key j reaches query i only inside one
+document, weight lambda^(i - j) [doc_i == doc_j]. A chunk describes its tokens by `docs`, an
+int tensor [B, n] of document ids *relative to the state entering it*: non-decreasing, 0 for
+the tokens of the document that was open when the chunk began (the one the entering state S
+belongs to), +1 at every document start (a chunk whose first token starts a document has
+docs[:, 0] = 1; `relative_documents` builds them from global boundaries). Then, per token,
+
+    first_l = [docs_l == 0]                 query l may use S:   o_l += scale lambda^l first_l q_l S
+    last_l  = [docs_l == docs_{n-1}]        key l is in M:       M = sum_l lambda^(n-l) last_l k_l^T v_l
+    passes  = [docs_{n-1} == 0]             S crosses the chunk: F = passes lambda^n S + M
+
+so a state is always the state of ONE document (that of the token just before the boundary it
+sits at), and the chain is cut at every document start: across pieces, the decayed scan only
+multiplies in the `passes` flags of the pieces a state crosses (`scan_states(..., passes=)`).
+For the reversed (suffix) direction the same holds on the reversed sequence.
+
 `LinearKernel` is what a local kernel provides: causal linear attention of one chunk with an
 optional initial state in and the final state out (`fwd` / `bwd`), from which it derives the
 zero-state chunk computation, causal or bidirectional, that LASP-2 overlaps with its all-gather
@@ -50,52 +66,105 @@ def chunk_weights(log_decay: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
 
 
 def outer_sum(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_l w_l a_l^T b_l per (batch, head): a [B, n, H, Da], b [B, n, H, Db], w [n, H]
-    -> [B, H, Da, Db], in the accumulator dtype."""
+    """sum_l w_l a_l^T b_l per (batch, head): a [B, n, H, Da], b [B, n, H, Db], w [n, H] (or
+    [B, n, H]: per batch entry, e.g. masked by documents) -> [B, H, Da, Db], in the accumulator
+    dtype."""
     acc = accumulator_dtype(a.dtype)
-    a = a.to(acc) if weights is None else a.to(acc) * weights[None, :, :, None]
+    a = a.to(acc) if weights is None else a.to(acc) * weights[..., None]
     return torch.einsum("bnhd,bnhe->bhde", a, b.to(acc))
 
 
 def times_state(a: torch.Tensor, state: torch.Tensor, weights: torch.Tensor | None = None
                 ) -> torch.Tensor:
-    """w_l * a_l @ state per (batch, head): a [B, n, H, Da], state [B, H, Da, Db], w [n, H]
-    -> [B, n, H, Db], in the state's dtype."""
+    """w_l * a_l @ state per (batch, head): a [B, n, H, Da], state [B, H, Da, Db], w [n, H] or
+    [B, n, H] -> [B, n, H, Db], in the state's dtype."""
     out = torch.einsum("bnhd,bhde->bnhe", a.to(state.dtype), state)
-    return out if weights is None else out * weights[None, :, :, None]
+    return out if weights is None else out * weights[..., None]
 
 
-def scan_weights(count: int, step: int, log_decay: torch.Tensor, reverse: bool) -> torch.Tensor:
+def _blocked(passes: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pieces with `passes` [B, N] (a state crosses piece p iff passes[:, p]): (between
+    [B, N, N], initial [B, N]) booleans. Forward: between[c, x] = every piece strictly between x
+    and c passes; initial[c] = pieces 0..c-1 pass. Reverse: between[c, x] for x > c, initial[c]
+    = pieces c+1..N-1 pass (the initial state sits after the last piece)."""
+    count = passes.shape[-1]
+    stops = torch.nn.functional.pad((~passes).to(torch.int64).cumsum(-1), (1, 0))  # stops before p
+    idx = torch.arange(count, device=passes.device)
+    if reverse:  # pieces c+1 .. x-1, and c+1 .. N-1
+        between = stops[:, idx][:, None, :] - stops[:, idx + 1][:, :, None] == 0
+        initial = stops[:, count:] - stops[:, idx + 1] == 0
+    else:        # pieces x+1 .. c-1, and 0 .. c-1
+        between = stops[:, idx][:, :, None] - stops[:, idx + 1][:, None, :] == 0
+        initial = stops[:, idx] == 0
+    return between, initial
+
+
+def scan_weights(count: int, step: int, log_decay: torch.Tensor, reverse: bool,
+                 passes: torch.Tensor | None = None) -> torch.Tensor:
     """[H, count, count] weights of an exclusive decayed scan over `count` pieces of `step`
     tokens: w[c, c'] = lambda^(step (c - 1 - c')) for c' < c (reverse: lambda^(step (c' - 1 - c))
-    for c' > c), else 0."""
+    for c' > c), else 0. With documents, passes [B, count] (bool): [B, H, count, count], times
+    [every piece between c' and c passes]."""
     idx = torch.arange(count, device=log_decay.device)
     gap = idx[:, None] - idx[None, :] - 1
     if reverse:
         gap = gap.T
     keep = gap >= 0
-    return torch.exp(-log_decay[:, None, None] * step * gap.clamp(min=0).to(log_decay.dtype)) * keep
+    weights = torch.exp(-log_decay[:, None, None] * step * gap.clamp(min=0).to(log_decay.dtype)) * keep
+    if passes is None:
+        return weights
+    between, _ = _blocked(passes, reverse)
+    return weights[None] * between[:, None]
 
 
 def scan_states(pieces: torch.Tensor, log_decay: torch.Tensor, step: int, reverse: bool = False,
-                initial: torch.Tensor | None = None) -> torch.Tensor:
+                initial: torch.Tensor | None = None, passes: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Exclusive decayed scan over pieces of `step` tokens: pieces [B, H, N, Dk, Dv] -> the
     state entering each piece, [B, H, N, Dk, Dv].
 
     Forward: x_c = sum_{c' < c} lambda^(step (c-1-c')) m_c' + lambda^(step c) initial, with
     `initial` the state at the start of piece 0. Reverse: x_c = sum_{c' > c}
     lambda^(step (c'-1-c)) m_c' + lambda^(step (N-1-c)) initial, `initial` at the end of the last
-    piece (the gradient flowing back into it). Direct weights, O(N^2): for small N only.
+    piece (the gradient flowing back into it). Documents: passes [B, N] bool (or [1, N]); a term
+    counts only if every piece it crosses on its way to c passes (the chain is cut at a piece
+    that holds a document start). Direct weights, O(N^2): for small N only.
     """
     count = pieces.shape[2]
-    weights = scan_weights(count, step, log_decay.to(pieces.dtype), reverse)
-    out = torch.einsum("hcx,bhxde->bhcde", weights, pieces)
+    s = log_decay.to(pieces.dtype)
+    weights = scan_weights(count, step, s, reverse, passes)
+    equation = "hcx,bhxde->bhcde" if passes is None else "bhcx,bhxde->bhcde"
+    out = torch.einsum(equation, weights, pieces)
     if initial is not None:
         idx = torch.arange(count, device=pieces.device)
         hops = count - 1 - idx if reverse else idx
-        carry = torch.exp(-log_decay.to(pieces.dtype)[:, None] * step * hops.to(pieces.dtype))
-        out = out + carry[None, :, :, None, None] * initial[:, :, None]
+        carry = torch.exp(-s[:, None] * step * hops.to(pieces.dtype))[None]  # [1, H, N]
+        if passes is not None:
+            carry = carry * _blocked(passes, reverse)[1][:, None]
+        out = out + carry[..., None, None] * initial[:, :, None]
     return out
+
+
+def relative_documents(doc_ids: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Global document ids of the tokens of pieces [B, n] and of the token just before each
+    piece [B] -> the `docs` convention of this module: ids relative to the document open at
+    the piece's start (0 = continues it)."""
+    return doc_ids - before[:, None]
+
+
+def reversed_documents(docs: torch.Tensor) -> torch.Tensor:
+    """`docs` [B, n] of a chunk -> those of the reversed chunk, with no state entering it: ids
+    non-decreasing in reversed order, equal exactly where the originals are."""
+    return (docs[:, -1:] - docs).flip(1)
+
+
+def document_masks(docs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, last), each [B, n, 1] in `dtype`: token l continues the entering state's document
+    (may use it / feed its gradient), token l belongs to the chunk's last document (feeds the
+    leaving state)."""
+    first = (docs == 0).to(dtype)[..., None]
+    last = (docs == docs[:, -1:]).to(dtype)[..., None]
+    return first, last
 
 
 def diagonal_fwd(q, k, v, scale: float) -> torch.Tensor:
@@ -114,35 +183,42 @@ def diagonal_bwd(do, q, k, v, scale: float):
 
 class LinearKernel:
     """A single-device linear-attention kernel. Subclasses implement causal `fwd` / `bwd` with
-    an optional initial state in and the final state out; the zero-state chunk computation LASP-2
-    needs (causal or bidirectional) is derived here once for every kernel."""
+    an optional initial state in and the final state out, and optionally documents (`docs`
+    [B, n] int, the convention of the module docstring; None: one document); the zero-state
+    chunk computation LASP-2 needs (causal or bidirectional) is derived here once for every
+    kernel."""
 
     name = "linear"
 
-    def fwd(self, q, k, v, log_decay, scale: float, initial_state=None, final_state: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(o, F): o [B, n, H, Dv] (accumulator dtype), F the state at the end (or None)."""
+    def fwd(self, q, k, v, log_decay, scale: float, initial_state=None, final_state: bool = False,
+            docs=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(o, F): o [B, n, H, Dv] (accumulator dtype), F the state at the end (or None); with
+        docs, F is the state of the chunk's last document."""
         raise NotImplementedError
 
     def bwd(self, do, q, k, v, log_decay, scale: float, initial_state=None, dfinal_state=None,
-            dinitial_state: bool = False):
+            dinitial_state: bool = False, docs=None):
         """(dq, dk, dv, dS): gradients of <o, do> + <F, dfinal_state>; dS for the initial state
         (or None)."""
         raise NotImplementedError
 
-    def intra_fwd(self, q, k, v, log_decay, scale: float, causal: bool) -> torch.Tensor:
-        """Linear attention of the chunk alone (no state in): causal, or bidirectional as a
-        forward pass plus a pass over the reversed chunk, minus the doubly counted diagonal."""
-        o, _ = self.fwd(q, k, v, log_decay, scale)
+    def intra_fwd(self, q, k, v, log_decay, scale: float, causal: bool, docs=None) -> torch.Tensor:
+        """Linear attention of the chunk alone (no state in), within documents when `docs` is
+        given: causal, or bidirectional as a forward pass plus a pass over the reversed chunk
+        (its documents reversed), minus the doubly counted diagonal."""
+        o, _ = self.fwd(q, k, v, log_decay, scale, docs=docs)
         if causal:
             return o
-        o_rev, _ = self.fwd(q.flip(1), k.flip(1), v.flip(1), log_decay, scale)
+        docs_rev = None if docs is None else reversed_documents(docs)
+        o_rev, _ = self.fwd(q.flip(1), k.flip(1), v.flip(1), log_decay, scale, docs=docs_rev)
         return o + o_rev.flip(1) - diagonal_fwd(q, k, v, scale)
 
-    def intra_bwd(self, do, q, k, v, log_decay, scale: float, causal: bool):
-        dq, dk, dv, _ = self.bwd(do, q, k, v, log_decay, scale)
+    def intra_bwd(self, do, q, k, v, log_decay, scale: float, causal: bool, docs=None):
+        dq, dk, dv, _ = self.bwd(do, q, k, v, log_decay, scale, docs=docs)
         if causal:
             return dq, dk, dv
-        reverse = self.bwd(do.flip(1), q.flip(1), k.flip(1), v.flip(1), log_decay, scale)
+        docs_rev = None if docs is None else reversed_documents(docs)
+        reverse = self.bwd(do.flip(1), q.flip(1), k.flip(1), v.flip(1), log_decay, scale,
+                           docs=docs_rev)
         diagonal = diagonal_bwd(do, q, k, v, scale)
         return tuple(g + r.flip(1) - d for g, r, d in zip((dq, dk, dv), reverse[:3], diagonal))
