@@ -326,8 +326,6 @@ class RingExchange:
                 raise ValueError("RingExchange.start: tensors must be contiguous")
         directs = [direct] if isinstance(direct, DirectMessages) else list(direct or ())
         direct_ops = [op for d in directs for op in self._direct_ops(d)]
-        direct = DirectMessages(send=[t for d in directs for t in d.send],
-                                receive=[t for d in directs for t in d.receive])
         group = self.info.group
         sent = tensors if send else []
         receive_into = self._free_buffer_set(tensors) if receive else []
@@ -342,13 +340,14 @@ class RingExchange:
                                      (received_from, self.recv_peer, receive_into)):
             if tensors:
                 peers[peer] = peers.get(peer, 0) + nbytes(tensors)
-        if direct.send:
-            to = self.info.global_rank(direct.to)
-            sent_to[to] = sent_to.get(to, 0) + nbytes(direct.send)
-        if direct.receive:
-            source = self.info.global_rank(direct.source)
-            received_from[source] = received_from.get(source, 0) + nbytes(direct.receive)
-        self.traffic.add(sent_to, received_from, len(sent) + len(direct.send))
+        for d in directs:
+            if d.send:
+                to = self.info.global_rank(d.to)
+                sent_to[to] = sent_to.get(to, 0) + nbytes(d.send)
+            if d.receive:
+                source = self.info.global_rank(d.source)
+                received_from[source] = received_from.get(source, 0) + nbytes(d.receive)
+        self.traffic.add(sent_to, received_from, len(sent) + sum(len(d.send) for d in directs))
         self._pending = (requests, receive_into)
 
     def wait(self) -> list[torch.Tensor]:
