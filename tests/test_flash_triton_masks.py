@@ -62,6 +62,10 @@ CASES = [
     # a zigzag second half (global positions 50..69) against the first 40 tokens
     ("zigzag half docs window", 20, 40, arith(50, 20, 0, 40, window=30, cu_seqlens=CU_70), None,
      (4, 2), 16),
+    # int64 positions and boundaries (past 2^32): nothing is truncated to 32 bits
+    ("positions past 2^32", 20, 30, arith(2**33, 20, 2**33 - 10, 30, window=5,
+                                          cu_seqlens=torch.tensor([0, 2**33 + 3, 2**34])),
+     None, (2, 1), 16),
     ("explicit non-causal docs window softcap", 20, 30,
      (MaskSpec(MaskMode.EXPLICIT, q_pos=_PERM[:20], k_pos=_PERM[20:50], causal=False, window=12,
                cu_seqlens=CU_70), _PERM[:20], _PERM[20:50]), 2.0, (4, 2), 16),
@@ -118,7 +122,8 @@ def check_every_ingredient_bites():
     """The comparison is not vacuous: in the all-ingredients case the kernel disagrees with the
     reference as soon as any one of window, documents, causality or soft cap is dropped (or the
     window reaches one more key: positions step by 4), and the soft cap works at s / c of 1 to 3."""
-    name, n_q, n_k, (spec, q_pos, k_pos), softcap, heads, dim = CASES[7]
+    name, n_q, n_k, (spec, q_pos, k_pos), softcap, heads, dim = next(
+        case for case in CASES if case[0] == "striped docs window softcap")
     q, k, v, do = problem(n_q, n_k, *heads, dim)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, 2)) * SCALE
     assert (scores.abs() / softcap).quantile(0.9) > 1.0 and (scores.abs() / softcap).max() < 5

@@ -6,10 +6,8 @@ One program handles one (batch, query head) and a tile of BLOCK_M queries (forwa
 
     s_ij  = scale * q_i . k_j                     (q head h reads kv head h // group: GQA
                                                     without materialising repeated K/V)
-    s_ij  <- c * tanh(s_ij / c)                   (soft cap c, when given)
-    visible(i, j) = (kp_j <= qp_i          when causal)       (kp, qp: positions, see MaskSpec)
-                and (|qp_i - kp_j| < W     with a window W)
-                and (same document         with documents: c[d] <= qp_i, kp_j < c[d + 1])
+    s_ij  <- c * tanh(s_ij / c)                   (with a soft cap c)
+    visible(i, j): causal / window / same document, by positions (`MaskSpec`, flash_mask.py)
     lse_i = log sum_{visible j} exp(s_ij)         (-inf when row i sees nothing)
     o_i   = sum_{visible j} exp(s_ij - lse_i) v_j (0 when row i sees nothing)
 
@@ -18,21 +16,12 @@ Backward, with the FINAL (o, lse) of the whole attention so per-block gradients 
     ds = p * (do v^T - delta) * (1 - tanh(s_raw / c)^2 with a soft cap, else 1),
     dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
 dK/dV programs loop over the `group` query heads of their kv head (no atomics, deterministic).
-In base 2 the soft cap keeps its form: c tanh(s / c) * log2(e) = c2 tanh(s2 / c2), c2 = c log2(e).
 Attention sinks are not the kernel's business: they are applied once, after all partials merge.
 
 Positions (`MaskSpec`): FULL (no mask); ARITHMETIC (qp_i = q_start + i * q_step, kp_j = k_start
-+ j * k_step, steps >= 1: contiguous, zigzag halves, striped and ring steps are all of this form);
-EXPLICIT (position vectors in memory). Documents are the global boundaries `cu_seqlens`: each
-program finds the document span [c[d], c[d+1]) of its own rows (forward, dQ) or keys (dK/dV) once,
-by binary search, and a pair is in one document iff the other side's position lies in that span
-(no per-token document ids are stored or loaded).
-
-Work the mask removes is not done (ARITHMETIC only; EXPLICIT visits every tile): a query tile
-visits only the key tiles between its first and last visible key position -- at most its last
-query position (causal), within W - 1 of its queries (window), inside the documents its rows
-belong to -- and a key tile only the matching query tiles. Tiles with no visible entry inside that
-range occur only where the band has holes (several documents in one tile, window < step).
++ j * k_step, steps >= 1: contiguous, zigzag halves, striped and ring steps are all of this form,
+so a tile visits only the tiles of the other side that can hold a visible pair); EXPLICIT
+(position vectors in memory; every tile is visited). Documents: the boundaries `cu_seqlens`.
 
 Head dims 16..256, any value (padded to a power of two inside, masked loads). Inputs fp16,
 bf16 or fp32; accumulation in fp32. Addresses in int64. On CPU tensors this runs under the
@@ -42,86 +31,19 @@ Triton interpreter (TRITON_INTERPRET=1): there bf16 is upcast to fp32 right afte
 
 from __future__ import annotations
 
-import enum
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .flash_mask import (FULL, LOG2E, TOP_LEFT_CAUSAL, MaskMode, MaskSpec, capped_scores,
+                         document_spans, mask_args, positions, row_masking, tile_range,
+                         visible_pairs)
 from .mask import MaskKind, SubBlock
 from .plan import PlanKernel, backward_slices, block_slices, softmax_delta
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# Windows wider than this are clipped (they are then no constraint at all): positions are int64
-# and the kernels add W to positions without overflow.
-_WINDOW_CLIP = 1 << 62
-
-
-class MaskMode(enum.IntEnum):
-    FULL = 0
-    ARITHMETIC = 1
-    EXPLICIT = 2
-
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """Which (query, key) pairs of one block are visible.
-
-    mode:       FULL (every pair; no positions, so no causal / window / documents),
-                ARITHMETIC (qp_i = q_start + i * q_step, kp_j = k_start + j * k_step, steps >= 1)
-                or EXPLICIT (q_pos [n_q], k_pos [n_k] int tensors).
-    causal:     kp_j <= qp_i applies (positions modes only).
-    window:     None or W >= 1: |qp_i - kp_j| < W (with causal: qp_i - W < kp_j <= qp_i).
-    cu_seqlens: None or the document boundaries [n_docs + 1] (int, increasing, in the SAME
-                coordinates as the positions: give global positions (q_start / k_start of the
-                block's first tokens), or shift cu_seqlens by the block's origin): a pair is
-                visible only inside one document. A position outside [c[0], c[-1]) sees nothing.
-                Validated (0 = c[0] < ... < c[-1] = S) at the API edge, not here; pass it on the
-                kernel's device as int64 to spare a copy per call.
-    """
-
-    mode: MaskMode
-    q_start: int = 0
-    q_step: int = 1
-    k_start: int = 0
-    k_step: int = 1
-    q_pos: torch.Tensor | None = None  # int64 [n_q] (EXPLICIT)
-    k_pos: torch.Tensor | None = None  # int64 [n_k] (EXPLICIT)
-    causal: bool = True
-    window: int | None = None
-    cu_seqlens: torch.Tensor | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "mode", MaskMode(self.mode))  # a plain 0 / 1 / 2 works too
-        if self.mode is MaskMode.FULL and (self.window is not None or self.cu_seqlens is not None):
-            raise ValueError("MaskSpec: a window or documents need positions; use mode ARITHMETIC "
-                             "or EXPLICIT instead of FULL")
-        if self.mode is MaskMode.ARITHMETIC and (self.q_step < 1 or self.k_step < 1):
-            raise ValueError(f"MaskSpec: q_step={self.q_step}, k_step={self.k_step}; arithmetic "
-                             "positions need steps >= 1 (use EXPLICIT positions otherwise)")
-        if self.mode is MaskMode.EXPLICIT and (self.q_pos is None or self.k_pos is None):
-            raise ValueError("MaskSpec: mode EXPLICIT needs both q_pos and k_pos")
-        if self.window is not None:
-            if (isinstance(self.window, bool) or not isinstance(self.window, numbers.Integral)
-                    or self.window < 1):
-                raise ValueError(f"MaskSpec: window={self.window!r}; pass an int >= 1 or None")
-            object.__setattr__(self, "window", int(self.window))
-        cu = self.cu_seqlens
-        if cu is not None and (not isinstance(cu, torch.Tensor) or cu.dim() != 1
-                               or cu.numel() < 2 or cu.is_floating_point() or cu.is_complex()):
-            raise ValueError("MaskSpec: cu_seqlens must be a 1-D integer tensor of document "
-                             f"boundaries [n_docs + 1] (at least 2 entries), got "
-                             f"{getattr(cu, 'dtype', type(cu))} of shape {tuple(getattr(cu, 'shape', ()))}")
-
-
-FULL = MaskSpec(MaskMode.FULL)
-TOP_LEFT_CAUSAL = MaskSpec(MaskMode.ARITHMETIC)
-
-
 def _configs():
     # The last GPU config is the one every dtype fits in: fp32 at head dim 128 needs 104 KiB of
     # shared memory there (measured ahead of time for sm_80) where the bigger tiles need up to
@@ -157,65 +79,6 @@ _TUNE = dict(configs=_configs(), prune_configs_by={"early_config_prune": _prune}
 
 
 @triton.jit
-def _positions(start, step, offs, POS, ok, MASK_MODE: tl.constexpr):
-    if MASK_MODE == 2:
-        return tl.load(POS + offs, mask=ok, other=-1)
-    return start + offs.to(tl.int64) * step
-
-
-@triton.jit
-def _count_at_most(pos, start, step, n):
-    """How many of the n arithmetic positions start, start + step, ... (step >= 1) are <= pos."""
-    reach = (pos - start) // step + 1
-    reach = tl.where(pos < start, 0, reach)  # `//` truncates: never divide a negative
-    return tl.minimum(reach, n)
-
-
-@triton.jit
-def _document_spans(pos, ok, CU, n_docs, doc_bits, doc_top):
-    """[lo, hi) = [c[d], c[d + 1]): the document holding each position (binary search over the
-    boundaries CU[0..n_docs] for the last c[d] <= pos); [pos, pos) -- nothing -- outside them."""
-    d = tl.zeros_like(pos)
-    for it in range(doc_bits):  # probes doc_top, doc_top / 2, ..., 1 ahead
-        probe = d + (doc_top >> it)
-        inside = ok & (probe < n_docs)
-        bound = tl.load(CU + probe, mask=inside, other=0)
-        d = tl.where(inside & (bound <= pos), probe, d)
-    lo = tl.load(CU + d, mask=ok, other=0)
-    hi = tl.load(CU + d + 1, mask=ok, other=0)
-    member = (lo <= pos) & (pos < hi)
-    return tl.where(member, lo, pos), tl.where(member, hi, pos)
-
-
-@triton.jit
-def _tile_range(pos_first, pos_last, span_lo, span_hi, ok, start, step, n, window,
-                OTHER_IS_KEYS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                DOCS: tl.constexpr, BLOCK: tl.constexpr):
-    """[first, last): the tiles of BLOCK along the other side (arithmetic positions start +
-    i * step, i < n) that can hold a visible entry for this tile (increasing positions
-    pos_first..pos_last; document spans span_lo/span_hi where ok). Bounds are counted in
-    indices, [first, last), so no position arithmetic can overflow."""
-    first = tl.full([], 0, tl.int64)
-    last = first + n
-    if CAUSAL:
-        if OTHER_IS_KEYS:  # no key after the last query
-            last = tl.minimum(last, _count_at_most(pos_last, start, step, n))
-        else:  # no query before the first key
-            first = tl.maximum(first, _count_at_most(pos_first - 1, start, step, n))
-    if WINDOW:
-        first = tl.maximum(first, _count_at_most(pos_first - window, start, step, n))
-        last = tl.minimum(last, _count_at_most(pos_last + window - 1, start, step, n))
-    if DOCS:
-        # Fillers can only widen the range (a min over more values is lower, a max higher).
-        doc_lo = tl.min(tl.where(ok, span_lo, tl.max(span_hi, 0)), 0)
-        doc_hi = tl.max(tl.where(ok, span_hi, doc_lo), 0)
-        first = tl.maximum(first, _count_at_most(doc_lo - 1, start, step, n))
-        last = tl.minimum(last, _count_at_most(doc_hi - 1, start, step, n))
-    first_tile = first // BLOCK
-    return first_tile, tl.where(last > first, tl.cdiv(last, BLOCK), first_tile)
-
-
-@triton.jit
 def _load_tile(base, idx, stride, dims, ok, dim_ok, UPCAST: tl.constexpr):
     """[len(idx), BLOCK_D] tile of rows `idx` (int64 addressing), zero where out of range."""
     tile = tl.load(base + idx[:, None].to(tl.int64) * stride + dims[None, :],
@@ -223,41 +86,6 @@ def _load_tile(base, idx, stride, dims, ok, dim_ok, UPCAST: tl.constexpr):
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
-
-
-@triton.jit
-def _visible(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
-             MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-             DOCS: tl.constexpr, SPANS_OF_ROWS: tl.constexpr):
-    """[rows, keys] visibility. Document spans belong to the rows (forward, dQ: a key must lie
-    in its row's document) or to the keys (dK/dV: the row must lie in the key's document)."""
-    visible = row_ok[:, None] & col_ok[None, :]
-    if MASK_MODE != 0:
-        ahead = q_pos[:, None] - k_pos[None, :]
-        if CAUSAL:
-            visible = visible & (ahead >= 0)
-        if WINDOW:
-            visible = visible & (ahead < window) & (ahead > -window)
-        if DOCS:
-            if SPANS_OF_ROWS:
-                visible = visible & (k_pos[None, :] >= span_lo[:, None]) & (k_pos[None, :] < span_hi[:, None])
-            else:
-                visible = visible & (q_pos[:, None] >= span_lo[None, :]) & (q_pos[:, None] < span_hi[None, :])
-    return visible
-
-
-@triton.jit
-def _scores(q, k, scale_log2, cap_log2, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """Base-2 scores of a tile, soft-capped, and t = tanh(s / c) (the backward's 1 - t^2;
-    without a cap t is the scores themselves, unused)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    t = s
-    if SOFTCAP:
-        # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 with no inf / inf; exp(2x) =
-        # exp2(2 log2(e) x), x = s2 / c2.
-        t = 1.0 - 2.0 / (tl.exp2(s * (2.8853900817779268 / cap_log2)) + 1.0)
-        s = cap_log2 * t
-    return s, t
 
 
 @triton.jit
@@ -272,9 +100,9 @@ def _key_tile_scores(q, q_pos, row_ok, span_lo, span_hi, k_base, v_base, start, 
     col_ok = cols < n_k
     k = _load_tile(k_base, cols, sks, dims, col_ok, dim_ok, UPCAST)
     v = _load_tile(v_base, cols, svs, dims, col_ok, dim_ok, UPCAST)
-    k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
-    s, t = _scores(q, k, scale_log2, cap_log2, SOFTCAP, PRECISION)
-    visible = _visible(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
+    k_pos = positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+    s, t = capped_scores(q, k, scale_log2, cap_log2, SOFTCAP, PRECISION)
+    visible = visible_pairs(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
                        MASK_MODE, CAUSAL, WINDOW, DOCS, True)
     return k, v, s, t, visible
 
@@ -312,18 +140,6 @@ def _query_program(pid_m, pid_bh, heads_q, group, n_q, head_dim,
 
 
 @triton.jit
-def _row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs, doc_bits, doc_top,
-                 MASK_MODE: tl.constexpr, DOCS: tl.constexpr):
-    """Positions of a query tile and, with documents, each row's document span."""
-    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
-    span_lo = q_pos
-    span_hi = q_pos
-    if DOCS:
-        span_lo, span_hi = _document_spans(q_pos, row_ok, CU, n_docs, doc_bits, doc_top)
-    return q_pos, span_lo, span_hi
-
-
-@triton.jit
 def _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start, k_step, window,
                span_lo, span_hi, row_ok, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, DOCS: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
@@ -340,7 +156,7 @@ def _key_tiles(ROW_PTR, kvh, s_ptr, pid_m, n_q, n_k, q_start, q_step, k_start, k
         last = tl.cdiv(n_k, BLOCK_N)
         if MASK_MODE == 1:
             last_row = tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1
-            first, last = _tile_range(
+            first, last = tile_range(
                 q_start + (pid_m * BLOCK_M).to(tl.int64) * q_step,
                 q_start + last_row.to(tl.int64) * q_step, span_lo, span_hi, row_ok,
                 k_start, k_step, n_k, window, True, CAUSAL, WINDOW, DOCS, BLOCK_N)
@@ -370,7 +186,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QPOS, KPOS, CU, ROW_PTR, COL_IDX,
     b, h, kvh, rows, dims, row_ok, dim_ok = _query_program(
         pid_m, tl.program_id(1), heads_q, group, n_q, head_dim, BLOCK_M, BLOCK_D)
     q = _load_tile(Q + b * sqb + h * sqh, rows, sqs, dims, row_ok, dim_ok, UPCAST)
-    q_pos, span_lo, span_hi = _row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs,
+    q_pos, span_lo, span_hi = row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs,
                                            doc_bits, doc_top, MASK_MODE, DOCS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -428,9 +244,9 @@ def _dkdv_tile(k, v, k_pos, col_ok, span_lo, span_hi, dk, dv, Q, DO, LSE, DELTA,
     row_ok = rows < n_q
     q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
                                        sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
-    q_pos = _positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
-    s, t = _scores(q, k, scale_log2, cap_log2, SOFTCAP, PRECISION)
-    visible = _visible(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
+    q_pos = positions(q_start, q_step, rows, QPOS, row_ok, MASK_MODE)
+    s, t = capped_scores(q, k, scale_log2, cap_log2, SOFTCAP, PRECISION)
+    visible = visible_pairs(q_pos, k_pos, row_ok, col_ok, span_lo, span_hi, window,
                        MASK_MODE, CAUSAL, WINDOW, DOCS, False)
     p = tl.where(visible, tl.exp2(s - lse_log2[:, None]), 0.0)
     dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
@@ -460,12 +276,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, CU, COL_PTR, R
     dim_ok = dims < head_dim
     k = _load_tile(K + b * skb + kvh * skh, cols, sks, dims, col_ok, dim_ok, UPCAST)
     v = _load_tile(V + b * svb + kvh * svh, cols, svs, dims, col_ok, dim_ok, UPCAST)
-    k_pos = _positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
+    k_pos = positions(k_start, k_step, cols, KPOS, col_ok, MASK_MODE)
     # Document spans of the KEYS: a row is in a key's document iff its position lies in it.
     span_lo = k_pos
     span_hi = k_pos
     if DOCS:
-        span_lo, span_hi = _document_spans(k_pos, col_ok, CU, n_docs, doc_bits, doc_top)
+        span_lo, span_hi = document_spans(k_pos, col_ok, CU, n_docs, doc_bits, doc_top)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # [first, last): query tiles (dense: with arithmetic positions only those that can see a
@@ -478,7 +294,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, KPOS, CU, COL_PTR, R
         last = tl.cdiv(n_q, BLOCK_M)
         if MASK_MODE == 1:
             last_col = tl.minimum((pid_n + 1) * BLOCK_N, n_k) - 1
-            first, last = _tile_range(
+            first, last = tile_range(
                 k_start + (pid_n * BLOCK_N).to(tl.int64) * k_step,
                 k_start + last_col.to(tl.int64) * k_step, span_lo, span_hi, col_ok,
                 q_start, q_step, n_q, window, False, CAUSAL, WINDOW, DOCS, BLOCK_M)
@@ -529,7 +345,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, CU, ROW_PTR, COL_IDX
         pid_m, tl.program_id(1), heads_q, group, n_q, head_dim, BLOCK_M, BLOCK_D)
     q, do, lse_log2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, h, rows, row_ok, dims, dim_ok,
                                        sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh, UPCAST)
-    q_pos, span_lo, span_hi = _row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs,
+    q_pos, span_lo, span_hi = row_masking(rows, row_ok, QPOS, CU, q_start, q_step, n_docs,
                                            doc_bits, doc_top, MASK_MODE, DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + kvh * skh
@@ -553,27 +369,6 @@ def _block_d(head_dim: int) -> int:
     if not 1 <= head_dim <= 256:
         raise ValueError(f"head_dim={head_dim} is not supported by the Triton kernels (1..256)")
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def _mask_args(mask: MaskSpec, softcap: float | None, device):
-    """(QPOS, KPOS, CU) tensors, the runtime scalars after the scales (cap_log2 ... doc_top) and
-    the mask constexprs, for any kernel."""
-    if softcap is not None and not (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
-                                    and math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap={softcap!r}; pass a finite number > 0 or None")
-    dummy = torch.empty(1, dtype=torch.int64, device=device)
-    as_index = lambda t: t.to(device=device, dtype=torch.int64).contiguous() if t is not None else dummy
-    positions = mask.mode is not MaskMode.FULL
-    docs = mask.cu_seqlens is not None
-    n_docs = mask.cu_seqlens.numel() - 1 if docs else 1
-    doc_bits = (n_docs - 1).bit_length()  # binary-search steps: 2^bits >= n_docs
-    window = min(mask.window, _WINDOW_CLIP) if mask.window is not None else 1
-    scalars = (float(softcap) * LOG2E if softcap is not None else 1.0,
-               mask.q_start, mask.q_step, mask.k_start, mask.k_step,
-               window, n_docs, doc_bits, 1 << (doc_bits - 1) if doc_bits else 0)
-    flags = dict(MASK_MODE=int(mask.mode), CAUSAL=positions and mask.causal,
-                 WINDOW=mask.window is not None, DOCS=docs, SOFTCAP=softcap is not None)
-    return (as_index(mask.q_pos), as_index(mask.k_pos), as_index(mask.cu_seqlens)), scalars, flags
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -620,10 +415,10 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
-    positions, (cap_log2, *arith), flags = _mask_args(mask, softcap, q.device)
+    index_tensors, (cap_log2, *arith), flags = mask_args(mask, softcap, q.device)
     (ptr, idx), sparse_strides, sparse_block = _sparse_args(sparse, q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
-    _fwd_kernel[grid](q, k, v, o, lse, *positions, ptr, idx,
+    _fwd_kernel[grid](q, k, v, o, lse, *index_tensors, ptr, idx,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                       lse.stride(0), lse.stride(1), *sparse_strides,
@@ -648,7 +443,7 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
-    positions, (cap_log2, *arith), flags = _mask_args(mask, softcap, q.device)
+    index_tensors, (cap_log2, *arith), flags = mask_args(mask, softcap, q.device)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
               lse.stride(0), lse.stride(1))
@@ -656,13 +451,13 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     flags.update(UPCAST=_upcast(q), BLOCK_D=_block_d(head_dim), PRECISION=_precision(q))
     (ptr, idx), strides, sparse_block = _sparse_args(sparse, q.device, transpose=True)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads_kv)
-    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *positions, ptr, idx, *common,
+    _bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *index_tensors, ptr, idx, *common,
                               dk.stride(0), dk.stride(1), dk.stride(2), *strides,
                               n_q, n_k, heads_kv, group, head_dim, scale, scale * LOG2E,
                               cap_log2, *arith, SPARSE_BLOCK=sparse_block, **flags)
     (ptr, idx), strides, sparse_block = _sparse_args(sparse, q.device)
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads_q)
-    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *positions, ptr, idx, *common,
+    _bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *index_tensors, ptr, idx, *common,
                            dq.stride(0), dq.stride(1), dq.stride(2), *strides,
                            n_q, n_k, heads_q, group, head_dim, scale, scale * LOG2E, cap_log2,
                            *arith, SPARSE_BLOCK=sparse_block, **flags)
