@@ -115,8 +115,8 @@ def lasp2_bytes(case: LinearCase, world: int) -> int:
                       world=world, acc_itemsize=8 if case.dtype == torch.float64 else 4,
                       causal=case.causal, layout=case.layout)
     assert lasp2_state_bytes(problem) == state_bytes(case)
-    # With documents the non-causal path is the decayed one even without decay (comm/lasp2.py).
-    return lasp2_volume(problem, decayed=case.decay != "none" or case.cu_seqlens is not None).bytes
+    return lasp2_volume(problem, decayed=case.decay != "none",
+                        documents=case.cu_seqlens is not None).bytes
 
 
 _SAME = object()
