@@ -160,6 +160,9 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME,
                                                           case.scale, case.dtype, ref, cu))
     errors["bytes_fwd"] = stats.sent("lasp2.fwd")
     errors["bytes_bwd"] = stats.sent("lasp2.bwd")
+    # Messages of each pass: an all-gather counts P - 1, so one collective per pass is P - 1.
+    errors["messages"] = [stats.ops[op].messages if op in stats.ops else 0
+                          for op in ("lasp2.fwd", "lasp2.bwd")]
     return errors
 
 

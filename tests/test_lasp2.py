@@ -183,6 +183,7 @@ def check_lasp2_documents(layout: str, causal: bool, decay: str, pattern: str,
     n_loc = 2 if layout == "zigzag" else 1
     expected = (world - 1) * n_loc * (1 if causal else 2) * state_bytes(case)
     assert errors["bytes_fwd"] == errors["bytes_bwd"] == expected, (errors, expected)
+    assert errors["messages"] == [world - 1, world - 1], errors  # one all-gather per pass
 
 
 @pytest.mark.parametrize("pattern", ["ones-and-long", "edges", "inside"])

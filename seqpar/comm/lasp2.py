@@ -110,7 +110,8 @@ class Lasp2Documents:
 
 @dataclass(frozen=True)
 class Lasp2Plan:
-    """Everything non-tensor a LASP-2 call needs; lives on ctx between forward and backward.
+    """Everything a LASP-2 call needs besides its inputs; lives on ctx between forward and
+    backward (tensors only in `documents`: small, derived from cu_seqlens).
 
     local_chunks: logical chunk ids this rank holds, in local order. gathered_index[c]: where
     chunk c sits in the all-gathered (rank, local chunk) list.
