@@ -167,6 +167,7 @@ def document_patterns(seq: int, chunk: int) -> dict[str, tuple[int, ...]]:
         "edges": tuple(sorted(({0, *range(chunk, seq, chunk)} - set(range(3 * chunk, seq, 3 * chunk)))
                               | {seq})),
         "inside": tuple(sorted({0, seq} | {x for x in inside if 0 < x < seq})),
+        "alternate": tuple(range(0, seq, 2)) + (seq,),  # documents of 2 tokens (1 at the end)
     }
 
 
@@ -208,6 +209,16 @@ def test_lasp2_documents_non_causal(worlds, world, layout, decay, pattern):
 def test_lasp2_documents_fp32_many_kernel_blocks(worlds, layout):
     """fp32, 150 tokens a rank: chunks cross several (ragged) kernel blocks of 64."""
     worlds(4).run(check_lasp2_documents, layout, True, "mild", "inside", 150, torch.float32)
+
+
+@pytest.mark.parametrize("layout,causal,decay,seq_local", [
+    ("contiguous", True, "none", 1),   # 1 token a rank: every chunk a document edge or inside one
+    ("zigzag", False, "mild", 2),      # 1-token chunks, non-causal
+    ("zigzag", True, "extreme", 6),    # odd chunks of 3; one head's decay underflows to 0
+], ids=str)
+@pytest.mark.parametrize("world", [3])
+def test_lasp2_documents_tiny_chunks(worlds, world, layout, causal, decay, seq_local):
+    worlds(world).run(check_lasp2_documents, layout, causal, decay, "alternate", seq_local)
 
 
 def documents_are_not_ignored() -> bool:
