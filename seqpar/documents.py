@@ -23,8 +23,8 @@ def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> Exception | None:
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor):
-        return TypeError(f"cu_seqlens must be None or a 1-D integer torch.Tensor of global document "
-                         f"boundaries [n_docs + 1], got {type(cu_seqlens).__name__}")
+        return TypeError(f"cu_seqlens must be None or a 1-D integer torch.Tensor of global "
+                         f"document boundaries [n_docs + 1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
         return TypeError(f"cu_seqlens.dtype={cu_seqlens.dtype} is not supported; pass the document "
                          f"boundaries as torch.int32 or torch.int64")
@@ -35,9 +35,9 @@ def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> Exception | None:
         return ValueError(f"cu_seqlens must hold at least [0, S] (one document), got "
                           f"{cu_seqlens.tolist()}")
     if batch != 1:
-        return ValueError(f"cu_seqlens packs documents into one sequence, which needs batch size 1, "
-                          f"got batch size {batch}; concatenate the rows into one packed sequence "
-                          f"and shift their boundaries")
+        return ValueError(f"cu_seqlens packs documents into one sequence, which needs batch "
+                          f"size 1, got batch size {batch}; concatenate the rows into one packed "
+                          f"sequence and shift their boundaries")
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         return ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={bounds[0]}; the first "

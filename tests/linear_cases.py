@@ -129,8 +129,8 @@ def lasp2_bytes(case: LinearCase, world: int) -> int:
                       world=world, acc_itemsize=8 if case.dtype == torch.float64 else 4,
                       causal=case.causal, layout=case.layout)
     assert lasp2_state_bytes(problem) == state_bytes(case)
-    # With documents the non-causal path is the decayed one even without decay (comm/lasp2.py).
-    return lasp2_volume(problem, decayed=case.decay != "none" or case.cu_seqlens is not None).bytes
+    return lasp2_volume(problem, decayed=case.decay != "none",
+                        documents=case.cu_seqlens is not None).bytes
 
 
 _SAME = object()
@@ -174,6 +174,9 @@ def run_linear_case(case: LinearCase, group=None, reference_scale=_SAME,
                                                           case.scale, case.dtype, ref, cu))
     errors["bytes_fwd"] = stats.sent("lasp2.fwd")
     errors["bytes_bwd"] = stats.sent("lasp2.bwd")
+    # Messages of each pass: an all-gather counts P - 1, so one collective per pass is P - 1.
+    errors["messages"] = [stats.ops[op].messages if op in stats.ops else 0
+                          for op in ("lasp2.fwd", "lasp2.bwd")]
     return errors
 
 

@@ -167,6 +167,7 @@ def document_patterns(seq: int, chunk: int) -> dict[str, tuple[int, ...]]:
         "edges": tuple(sorted(({0, *range(chunk, seq, chunk)} - set(range(3 * chunk, seq, 3 * chunk)))
                               | {seq})),
         "inside": tuple(sorted({0, seq} | {x for x in inside if 0 < x < seq})),
+        "alternate": tuple(range(0, seq, 2)) + (seq,),  # documents of 2 tokens (1 at the end)
     }
 
 
@@ -183,6 +184,7 @@ def check_lasp2_documents(layout: str, causal: bool, decay: str, pattern: str,
     n_loc = 2 if layout == "zigzag" else 1
     expected = (world - 1) * n_loc * (1 if causal else 2) * state_bytes(case)
     assert errors["bytes_fwd"] == errors["bytes_bwd"] == expected, (errors, expected)
+    assert errors["messages"] == [world - 1, world - 1], errors  # one all-gather per pass
 
 
 @pytest.mark.parametrize("pattern", ["ones-and-long", "edges", "inside"])
@@ -207,6 +209,16 @@ def test_lasp2_documents_non_causal(worlds, world, layout, decay, pattern):
 def test_lasp2_documents_fp32_many_kernel_blocks(worlds, layout):
     """fp32, 150 tokens a rank: chunks cross several (ragged) kernel blocks of 64."""
     worlds(4).run(check_lasp2_documents, layout, True, "mild", "inside", 150, torch.float32)
+
+
+@pytest.mark.parametrize("layout,causal,decay,seq_local", [
+    ("contiguous", True, "none", 1),   # 1 token a rank: every chunk a document edge or inside one
+    ("zigzag", False, "mild", 2),      # 1-token chunks, non-causal
+    ("zigzag", True, "extreme", 6),    # odd chunks of 3; one head's decay underflows to 0
+], ids=str)
+@pytest.mark.parametrize("world", [3])
+def test_lasp2_documents_tiny_chunks(worlds, world, layout, causal, decay, seq_local):
+    worlds(world).run(check_lasp2_documents, layout, causal, decay, "alternate", seq_local)
 
 
 def documents_are_not_ignored() -> bool:

@@ -90,21 +90,28 @@ class Lasp2Documents:
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, chunk_len: int, n_chunks: int,
               local_chunks: tuple[int, ...], device: torch.device) -> "Lasp2Documents":
+        """O(local tokens + chunks) work: document ids only of this rank's tokens and of the
+        tokens at the chunk edges (never of the whole sequence)."""
         bounds = cu_seqlens.to("cpu", torch.int64)
-        positions = torch.arange(-1, n_chunks * chunk_len + 1)
-        doc = torch.searchsorted(bounds, positions, right=True) - 1  # doc[p + 1]: of position p
-        starts = torch.arange(n_chunks) * chunk_len
-        inside = starts[:, None] + torch.arange(chunk_len)[None, :] + 1   # [N, C] indices of doc
-        prefix = relative_documents(doc[inside], doc[starts])             # vs token cC - 1
-        suffix = relative_documents(-doc[inside].flip(1), -doc[starts + chunk_len + 1])  # vs (c+1)C
-        local = list(local_chunks)
-        return cls(tuple(d[local].to(device) for d in (prefix, suffix)),
-                   tuple((d[:, -1] == 0).to(device) for d in (prefix, suffix)))
+
+        def doc(positions: torch.Tensor) -> torch.Tensor:  # -1 before the sequence, n_docs after
+            return torch.searchsorted(bounds, positions, right=True) - 1
+
+        edges = torch.arange(n_chunks + 1) * chunk_len
+        before, at = doc(edges - 1), doc(edges)  # the tokens just before / at each chunk edge
+        local = torch.tensor(local_chunks)
+        ids = doc(edges[local][:, None] + torch.arange(chunk_len)[None, :])  # [n_loc, C]
+        prefix = relative_documents(ids, before[local])                # vs token cC - 1
+        suffix = relative_documents(-ids.flip(1), -at[local + 1])      # vs token (c+1)C
+        passes = (before[1:] == before[:-1], at[:-1] == at[1:])        # [N] each, chunk order
+        return cls(tuple(d.to(device) for d in (prefix, suffix)),
+                   tuple(f.to(device) for f in passes))
 
 
 @dataclass(frozen=True)
 class Lasp2Plan:
-    """Everything non-tensor a LASP-2 call needs; lives on ctx between forward and backward.
+    """Everything a LASP-2 call needs besides its inputs; lives on ctx between forward and
+    backward (tensors only in `documents`: small, derived from cu_seqlens).
 
     local_chunks: logical chunk ids this rank holds, in local order. gathered_index[c]: where
     chunk c sits in the all-gathered (rank, local chunk) list.

@@ -317,14 +317,15 @@ def lasp2_state_bytes(p: Problem) -> int:
     return p.batch * p.heads_q * p.head_dim * p.dv * p.acc_itemsize
 
 
-def lasp2_volume(p: Problem, decayed: bool) -> Volume:
+def lasp2_volume(p: Problem, decayed: bool, documents: bool = False) -> Volume:
     """One pass (forward and backward alike) of LASP-2 (`comm/lasp2.py`): causal, one
-    all-gather of a state per local chunk; non-causal with decay, two states (prefix and
-    suffix); non-causal without decay, one all-reduce of K^T V."""
+    all-gather of a state per local chunk; non-causal with decay or with packed documents
+    (cu_seqlens), two states (prefix and suffix); non-causal without either, one all-reduce of
+    K^T V. Documents change no causal byte: the cut flags come from cu_seqlens, known to all."""
     world = p.world
     if world == 1:
         return Volume()
-    if not p.causal and not decayed:
+    if not p.causal and not decayed and not documents:
         return Volume(2 * (world - 1) * -(-lasp2_state_bytes(p) // world), 2 * (world - 1))
     chunks = 2 if p.layout == "zigzag" else 1
     directions = 1 if p.causal else 2

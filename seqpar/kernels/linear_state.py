@@ -29,9 +29,9 @@ the tokens of the document that was open when the chunk began (the one the enter
 belongs to), +1 at every document start (a chunk whose first token starts a document has
 docs[:, 0] = 1; `relative_documents` builds them from global boundaries). Then, per token,
 
-    first_l = [docs_l == 0]                 query l may use S:   o_l += scale lambda^l first_l q_l S
-    last_l  = [docs_l == docs_{n-1}]        key l is in M:       M = sum_l lambda^(n-l) last_l k_l^T v_l
-    passes  = [docs_{n-1} == 0]             S crosses the chunk: F = passes lambda^n S + M
+    first_l = [docs_l == 0]            query l may use S:   o_l += scale lambda^l first_l q_l S
+    last_l  = [docs_l == docs_{n-1}]   key l is in M:       M = sum_l lambda^(n-l) last_l k_l^T v_l
+    passes  = [docs_{n-1} == 0]        S crosses the chunk: F = passes lambda^n S + M
 
 so a state is always the state of ONE document (that of the token just before the boundary it
 sits at), and the chain is cut at every document start: across pieces, the decayed scan only
@@ -110,7 +110,8 @@ def scan_weights(count: int, step: int, log_decay: torch.Tensor, reverse: bool,
     if reverse:
         gap = gap.T
     keep = gap >= 0
-    weights = torch.exp(-log_decay[:, None, None] * step * gap.clamp(min=0).to(log_decay.dtype)) * keep
+    distance = step * gap.clamp(min=0).to(log_decay.dtype)
+    weights = torch.exp(-log_decay[:, None, None] * distance) * keep
     if passes is None:
         return weights
     between, _ = _blocked(passes, reverse)
