@@ -7,9 +7,12 @@ with per-head decay (LASP-2). Validation runs locally and then through one tiny 
 (`comm.primitives.agree`), so bad arguments on any rank, or shapes that differ between ranks,
 raise on every rank instead of hanging the next collective.
 
-A softmax backend is a function `(q, k, v, info, causal, scale, layout, return_lse, mesh) ->
-(o, lse)` registered in `BACKENDS`; lse may be None when return_lse is False (backends whose
-lse costs communication skip it), and mesh is the `SPMesh` passed as group, or None.
+A softmax backend is a function `(q, k, v, info, mask, scale, layout, return_lse, mesh) ->
+(o, lse)` registered in `BACKENDS`; mask is the call's `kernels.mask.MaskRule` (causal, window,
+documents, soft cap: the backend hands it to its plans, nothing else), lse may be None when
+return_lse is False (backends whose lse costs communication skip it), and mesh is the `SPMesh`
+passed as group, or None. Sinks are not the backends' business: with sinks the backend is
+asked for lse and `kernels.sinks.AttentionSinks` folds them into the merged (o, lse).
 
 backend="auto" asks the cost model (`seqpar.cost.choose`) for the predicted fastest legal
 exact backend of these shapes, heads, group size, mesh and hardware profile

@@ -22,6 +22,10 @@ Traffic per rank (K/V itemsize b, accumulators a = 4 bytes, 8 for fp64):
     backward  (P - 1) * 2 * B * S_loc * Hkv * D * a       reduce-scatter of dK and dV
 Memory: the gathered K/V (P times the local K/V) is kept for the backward.
 
+Windows and documents: the plan (`plan_blocks` with the call's `MaskRule`) cuts the gathered
+keys to the sub-blocks some local query sees, so invisible pairs cost no compute; the
+collectives (and their bytes) stay those above.
+
 Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc].
 """
 

@@ -37,6 +37,9 @@ Replication costs n = 1 K/V head per rank instead of Hkv / U, i.e. U/Hkv times t
 of an even split; the uneven case sends m K/V heads per rank. The ring part (USP) adds the
 ring's own traffic on the head-sharded tensors (see ring.py), under "<op>.fwd.ring".
 
+Windows and documents: the middle runs the plan of the call's `MaskRule` on the gathered
+sequence (invisible pairs cost no compute); the all-to-alls, and their bytes, are unchanged.
+
 Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc].
 """
 
