@@ -23,6 +23,16 @@ CASES = [
     AttnCase(backend="ulysses", layout="zigzag", heads_q=4, heads_kv=2, kernel="triton"),
     AttnCase(backend="ring", layout="zigzag", heads_q=4, heads_kv=2, kernel="triton",
              dtype=torch.bfloat16),
+    # the masks through the Triton kernel (BAND sub-blocks as arithmetic windows, explicit
+    # positions with windows, soft caps inside the kernel, sinks after the merge)
+    AttnCase(backend="ring", layout="zigzag", heads_q=4, heads_kv=2, kernel="triton",
+             docs="mixed", window=5, softcap=0.6),
+    AttnCase(backend="allgather", layout="striped", causal=False, heads_q=2, heads_kv=1,
+             kernel="triton", window=7, sinks=True),
+    AttnCase(backend="tokenring", layout="contiguous", heads_q=2, heads_kv=2, kernel="triton",
+             docs="span", softcap=0.6),
+    AttnCase(backend="ulysses", layout="zigzag", heads_q=4, heads_kv=2, kernel="triton",
+             window=3, sinks=True),
 ]
 
 

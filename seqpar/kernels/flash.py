@@ -467,20 +467,23 @@ def flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 # ---------------------------------------------------------------- running a plan
 
 def mask_spec(block: SubBlock, device) -> MaskSpec:
-    """The kernel's mask for one plan sub-block (positions relative to the sub-block)."""
-    if (block.kind is MaskKind.BAND or block.softcap is not None
-            or (block.kind is MaskKind.POSITIONS and (block.window is not None or not block.causal))):
-        # Wiring point for the Triton mask kernels (issue 12): a BAND is "query positions i,
-        # key positions j - hi, causal, window hi - lo + 1"; softcap caps the scores.
-        raise NotImplementedError(
-            f"the Triton flash kernel does not run {block.kind.name} sub-blocks with window / "
-            f"soft cap yet; use seqpar.kernels.use_kernel('chunked') for masked attention on GPU")
+    """The kernel's mask for one plan sub-block, in positions relative to the sub-block (a
+    sub-block never spans two documents, so no document boundaries are needed here).
+
+    BAND (local keys j visible to local rows i iff lo <= j - i <= hi) is "query positions i,
+    key positions j - hi, causal, window hi - lo + 1": kp <= qp <=> j - i <= hi, and
+    qp - kp < hi - lo + 1 <=> j - i >= lo. Both starts are shifted to stay >= 0."""
     if block.kind is MaskKind.FULL:
         return FULL
     if block.kind is MaskKind.CAUSAL:
         return TOP_LEFT_CAUSAL
+    if block.kind is MaskKind.BAND:
+        q_start = max(0, block.hi)
+        return MaskSpec(MaskMode.ARITHMETIC, q_start=q_start, k_start=q_start - block.hi,
+                        causal=True, window=block.hi - block.lo + 1)
     return MaskSpec(MaskMode.EXPLICIT, q_pos=torch.tensor(block.q_pos, device=device),
-                    k_pos=torch.tensor(block.k_pos, device=device))
+                    k_pos=torch.tensor(block.k_pos, device=device), causal=block.causal,
+                    window=block.window)
 
 
 @dataclass(frozen=True)
@@ -491,11 +494,13 @@ class TritonBlockKernel(PlanKernel):
     name: str = "triton"
 
     def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
-        return flash_fwd(*block_slices(q, k, v, block), scale, mask_spec(block, q.device))
+        return flash_fwd(*block_slices(q, k, v, block), scale, mask_spec(block, q.device),
+                         softcap=block.softcap)
 
     def _block_bwd(self, do, q, k, v, o, lse, dlse, delta, block: SubBlock, scale: float):
         do_b, q_b, k_b, v_b, o_b, lse_b, dlse_b, delta_b = backward_slices(
             do, q, k, v, o, lse, dlse, delta, block)
         if delta_b is None:
             delta_b = softmax_delta(do_b, o_b, dlse_b)
-        return flash_bwd(do_b, q_b, k_b, v_b, lse_b, delta_b, scale, mask_spec(block, q.device))
+        return flash_bwd(do_b, q_b, k_b, v_b, lse_b, delta_b, scale, mask_spec(block, q.device),
+                         softcap=block.softcap)
