@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from benchmarks import attention, linear_scaling
 from tests.markers import needs_triton
 
@@ -140,3 +142,31 @@ def test_the_model_supports_what_the_readme_reports():
     many = Problem(batch=1, seq_len=2 ** 17, world=128, ulysses=8, **llama)
     assert choose(many, h100).backend == "usp"
     assert predict("usp", many, h100).seconds < 0.7 * predict("ring", many, h100).seconds
+
+
+def test_masks_benchmark_counts_pairs_and_runs(tmp_path, capsys):
+    from benchmarks import masks
+    from seqpar.kernels.reference import document_ids
+    lengths = masks.document_lengths(4096, 64, 300, seed=3)
+    assert sum(lengths) == 4096 and max(lengths) <= 300 and min(lengths) >= 1
+    # visible causal pairs against the rule written out (documents, window)
+    pos = torch.arange(200)
+    cu = masks.cu_seqlens_of([50, 1, 149])
+    docs = document_ids(pos, cu)
+    causal = pos[None, :] <= pos[:, None]
+    assert masks.visible_pairs(200, [50, 1, 149], None) == int(
+        (causal & (docs[:, None] == docs[None, :])).sum())
+    assert masks.visible_pairs(200, None, 17) == int(
+        (causal & (pos[:, None] - pos[None, :] < 17)).sum())
+    rows = masks.main(["--world", "2", "--dense-seq", "256", "--docs-seq", "512",
+                       "--window-seq", "512", "--window", "64", "--median-doc", "32",
+                       "--max-doc", "128", "--backends", "ring", "allgather", "--repeats", "1",
+                       "--out", str(tmp_path)])
+    methods = {r["method"] for r in rows}
+    assert {"seqpar ring", "seqpar allgather"} <= methods
+    for row in rows:  # every method computes the masked attention (vs a masked SDPA in fp32)
+        assert row["diff"] < 1e-5, row
+        assert row["pair_cost"] is not None and row["pairs"] > 0
+    (result,) = tmp_path.glob("masks-*.json")
+    assert (tmp_path / result.name.replace(".json", ".png")).exists()
+    assert "pair cost vs dense" in capsys.readouterr().out
