@@ -335,24 +335,30 @@ def _coalesce_full(blocks: list[SubBlock]) -> list[SubBlock]:
     """Fuse FULL sub-blocks that tile a larger rectangle, so the kernel runs fewer, bigger calls.
 
     First keys: same rows, adjacent key ranges. Then rows: same keys, adjacent row ranges.
+    Linear in the number of sub-blocks (a masked plan may hold thousands).
     """
-    def fuse(items: list[SubBlock], same, adjacent, join) -> list[SubBlock]:
-        out: list[SubBlock] = []
+    def fuse(items: list[SubBlock], along_keys: bool) -> list[SubBlock]:
+        out: list[SubBlock | None] = []
+        open_end: dict[tuple[int, int, int], int] = {}  # (other extent, end) -> index in out
         for b in items:
-            for i, a in enumerate(out):
-                if a.kind is MaskKind.FULL and b.kind is MaskKind.FULL and same(a, b) and adjacent(a, b):
-                    out[i] = join(a, b)
-                    break
-            else:
+            if b.kind is not MaskKind.FULL:
                 out.append(b)
+                continue
+            other, start, end = ((b.q0, b.q1), b.k0, b.k1) if along_keys else ((b.k0, b.k1), b.q0, b.q1)
+            index = open_end.pop(other + (start,), None)
+            if index is None:
+                out.append(b)
+                index = len(out) - 1
+            else:
+                a = out[index]
+                out[index] = (SubBlock(a.q0, a.q1, a.k0, b.k1, MaskKind.FULL) if along_keys
+                              else SubBlock(a.q0, b.q1, a.k0, a.k1, MaskKind.FULL))
+            open_end[other + (end,)] = index
         return out
 
     if sum(b.kind is MaskKind.FULL for b in blocks) < 2:
         return blocks
-    blocks = fuse(blocks, lambda a, b: (a.q0, a.q1) == (b.q0, b.q1), lambda a, b: a.k1 == b.k0,
-                  lambda a, b: SubBlock(a.q0, a.q1, a.k0, b.k1, MaskKind.FULL))
-    return fuse(blocks, lambda a, b: (a.k0, a.k1) == (b.k0, b.k1), lambda a, b: a.q1 == b.q0,
-                lambda a, b: SubBlock(a.q0, b.q1, a.k0, a.k1, MaskKind.FULL))
+    return fuse(fuse(blocks, along_keys=True), along_keys=False)
 
 
 def plan_blocks(q_runs: Runs, k_runs: Runs, causal: "bool | MaskRule") -> tuple[SubBlock, ...]:
