@@ -25,6 +25,7 @@ MASKS = [
     (None, 1000, None, True, True, (4, 2)),         # window > S
     ("mixed", None, 1.0, True, False, (4, 4)),
     (None, None, None, True, True, (4, 2)),         # sinks alone
+    (None, None, 3.0, False, True, (8, 2)),         # a soft cap alone (the dense schedules)
 ]
 
 
