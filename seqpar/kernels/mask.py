@@ -62,11 +62,13 @@ from dataclasses import dataclass
 import torch
 
 MIN_TILE = 64  # narrowest band the fused op is worth calling on; narrower: chunked BAND tiles
-# Rows per tile of a masked plan's causal edges: the fused op computes a FULL block at ~1 unit
-# per pair at any size >= 256, a causal n x n block at ~1.9 units (n = 256) .. 1.45 (n = 1024)
-# .. 1.15 (n = 8192) (measured on CPU, fp32, D = 64): edges cut into 256-row tiles (a FULL
-# rectangle + a 256 x 256 triangle each) cost ~1.2 units per visible pair.
-EDGE_TILE = 256
+# Rows per tile of a masked plan's causal edges. The fused CPU op computes a FULL block at ~1
+# unit per pair at any size >= 256, a causal n x n block at ~1.9 units (n = 256), 1.45
+# (n = 1024), 1.15 (n = 8192) (fp32, D = 64, one thread). Measured per visible pair against a
+# dense ring's blocks at S = 16384 (noise ~ +-0.05): windows of 1K / 2K cost 1.07-1.18x at tiles
+# of 256, 512 or unbounded; packed documents (log-normal, median 1K) 1.32x at 512, 1.39x
+# unbounded, 1.43x at 256. 512 rows: fewer calls and merges than 256, no slower.
+EDGE_TILE = 512
 
 
 @dataclass(frozen=True)
