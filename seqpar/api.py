@@ -308,7 +308,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     }, problem, device)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     options = {"s2": s2} if backend == "s2" else {}
-    mask = MaskRule(causal, window, None if cu_seqlens is None else tuple(cu_seqlens.tolist()),
+    mask = MaskRule(causal, None if window is None else int(window),
+                    None if cu_seqlens is None else tuple(cu_seqlens.tolist()),
                     None if softcap is None else float(softcap))
     o, lse = BACKENDS[backend](q, k, v, info, mask, scale, layout,
                                return_lse or sinks is not None, mesh, **options)

@@ -5,8 +5,6 @@ planned at all."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 

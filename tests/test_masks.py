@@ -25,6 +25,7 @@ MASKS = [
     (None, 1000, None, True, True, (4, 2)),         # window > S
     ("mixed", None, 1.0, True, False, (4, 4)),
     (None, None, None, True, True, (4, 2)),         # sinks alone
+    (None, None, 3.0, False, True, (8, 2)),         # a soft cap alone (the dense schedules)
 ]
 
 
@@ -164,3 +165,39 @@ def test_comparison_rejects_a_wrong_mask(worlds):
 
 def test_sinks_step_is_exact_and_nan_free():
     sinks_on_rows_that_see_nothing()
+
+
+# ---------------------------------------------------------------- work: only visible pairs
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("rule_args", [(True, 5, None), (False, 3, None),
+                                       (True, None, (0, 1, 9, 30, 31, 48)), (False, 7, (0, 20, 48))])
+def test_backends_plan_only_visible_pairs(layout, rule_args):
+    """Summed over the ranks, the (query, key) pairs the ring, TokenRing and all-gather plans
+    compute are exactly the visible pairs of the sequence: no invisible block pair is planned
+    (a step with nothing visible has an empty plan and computes nothing)."""
+    from seqpar.comm.allgather import AllGatherPlan
+    from seqpar.comm.primitives import GroupInfo
+    from seqpar.comm.ring import RingPlan
+    from seqpar.comm.tokenring import TokenRingPlan
+    from seqpar.kernels import KERNELS
+    from seqpar.kernels.mask import MaskRule, causal_pairs
+    from seqpar.layout import all_local_runs
+    rule = MaskRule(*rule_args)
+    world, seq = 4, 48
+    visible = int(rule.visible(torch.arange(seq), torch.arange(seq)).sum())
+    runs = all_local_runs(seq, world, layout)
+    kernel = KERNELS["flash"]
+    ring = tokenring = allgather = 0
+    empty_steps = 0
+    for rank in range(world):
+        info = GroupInfo(None, rank, world)
+        plan = RingPlan.build(info, runs[rank], runs, rule, 1.0, kernel, ())
+        ring += sum(causal_pairs(blocks) for blocks in plan.step_blocks)
+        empty_steps += sum(not blocks for blocks in plan.step_blocks)
+        tokenring += sum(causal_pairs(blocks) for blocks in
+                         TokenRingPlan.build(info, runs, rule, 1.0, kernel, ()).blocks)
+        allgather += causal_pairs(AllGatherPlan.build(info, runs, rule, 1.0, kernel, ()).blocks)
+    assert ring == tokenring == allgather == visible
+    if rule.window is not None and layout != "striped":
+        assert empty_steps > 0  # windows leave whole steps with nothing to compute

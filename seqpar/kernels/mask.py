@@ -46,8 +46,10 @@ Without a window (lo = None) one tile holds every row: keys [0, hi) are FULL and
 bounds, rows are cut into tiles of T = w - 1 rows (w = hi - lo + 1 keys per row), so each tile
 is a reversed-causal T x T block (the window's lower edge), a FULL block (empty when T = w - 1)
 and a CAUSAL T x T block (the upper edge): the fused op does all of it and computes about one
-product per visible pair. Bands narrower than `MIN_TILE` keys go to the chunked path as BAND
-tiles of `MIN_TILE` rows.
+product per visible pair. Masked plans (a window or documents) cap T at `EDGE_TILE` rows: the
+fused op's small triangles are slow per pair, its FULL blocks are not. Dense plans keep one
+causal call per pair (the cost model's calibrated kernel). Bands narrower than `MIN_TILE` keys
+go to the chunked path as BAND tiles of `MIN_TILE` rows.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ from dataclasses import dataclass
 import torch
 
 MIN_TILE = 64  # narrowest band the fused op is worth calling on; narrower: chunked BAND tiles
+# Rows per tile of a masked plan's causal edges. The fused CPU op computes a FULL block at ~1
+# unit per pair at any size >= 256, a causal n x n block at ~1.9 units (n = 256), 1.45
+# (n = 1024), 1.15 (n = 8192) (fp32, D = 64, one thread). Measured per visible pair against a
+# dense ring's blocks at S = 16384 (noise ~ +-0.05): windows of 1K / 2K cost 1.07-1.18x at tiles
+# of 256, 512 or unbounded; packed documents (log-normal, median 1K) 1.32x at 512, 1.39x
+# unbounded, 1.43x at 256. 512 rows: fewer calls and merges than 256, no slower.
+EDGE_TILE = 512
 
 
 @dataclass(frozen=True)
@@ -263,8 +272,10 @@ def _band_part(r0: int, r1: int, k0: int, k1: int, n: int, m: int, lo: int | Non
     return [SubBlock(r0, r1, k0, k1, MaskKind.BAND, lo=lo_local, hi=hi_local)]
 
 
-def _band_blocks(n: int, m: int, lo: int | None, hi: int | None) -> list[SubBlock]:
-    """Sub-blocks (pair-local coordinates) of an n x m pair visible on lo <= j - i <= hi."""
+def _band_blocks(n: int, m: int, lo: int | None, hi: int | None, edge_tile: int | None = None
+                 ) -> list[SubBlock]:
+    """Sub-blocks (pair-local coordinates) of an n x m pair visible on lo <= j - i <= hi.
+    edge_tile: rows per tile at most (None: a band with one open side is one tile)."""
     if lo is not None and lo <= -(n - 1):
         lo = None
     if hi is not None and hi >= m - 1:
@@ -280,6 +291,8 @@ def _band_blocks(n: int, m: int, lo: int | None, hi: int | None) -> list[SubBloc
     # Tiles of T rows: keys [r0 + lo, r1 + lo) reversed-causal, [r1 + lo, r0 + hi) FULL,
     # [r0 + hi, r1 + hi) CAUSAL (None bound: that side is all FULL, one tile holds every row).
     tile = n if lo is None or hi is None else hi - lo
+    if edge_tile is not None:
+        tile = min(tile, edge_tile)
     blocks: list[SubBlock] = []
     for r0 in range(0, n, tile):
         r1 = min(n, r0 + tile)
@@ -317,31 +330,37 @@ def _pair_blocks(q: Run, q_off: int, k: Run, k_off: int, rule: MaskRule) -> list
     lo = None if window is None else (d - window) // qs + 1
     return [dataclasses.replace(b, q0=b.q0 + q_off, q1=b.q1 + q_off, k0=b.k0 + k_off,
                                 k1=b.k1 + k_off)
-            for b in _band_blocks(n, m, lo, hi)]
+            for b in _band_blocks(n, m, lo, hi, EDGE_TILE if rule.masked else None)]
 
 
 def _coalesce_full(blocks: list[SubBlock]) -> list[SubBlock]:
     """Fuse FULL sub-blocks that tile a larger rectangle, so the kernel runs fewer, bigger calls.
 
     First keys: same rows, adjacent key ranges. Then rows: same keys, adjacent row ranges.
+    Linear in the number of sub-blocks (a masked plan may hold thousands).
     """
-    def fuse(items: list[SubBlock], same, adjacent, join) -> list[SubBlock]:
-        out: list[SubBlock] = []
+    def fuse(items: list[SubBlock], along_keys: bool) -> list[SubBlock]:
+        out: list[SubBlock | None] = []
+        open_end: dict[tuple[int, int, int], int] = {}  # (other extent, end) -> index in out
         for b in items:
-            for i, a in enumerate(out):
-                if a.kind is MaskKind.FULL and b.kind is MaskKind.FULL and same(a, b) and adjacent(a, b):
-                    out[i] = join(a, b)
-                    break
-            else:
+            if b.kind is not MaskKind.FULL:
                 out.append(b)
+                continue
+            other, start, end = ((b.q0, b.q1), b.k0, b.k1) if along_keys else ((b.k0, b.k1), b.q0, b.q1)
+            index = open_end.pop(other + (start,), None)
+            if index is None:
+                out.append(b)
+                index = len(out) - 1
+            else:
+                a = out[index]
+                out[index] = (SubBlock(a.q0, a.q1, a.k0, b.k1, MaskKind.FULL) if along_keys
+                              else SubBlock(a.q0, b.q1, a.k0, a.k1, MaskKind.FULL))
+            open_end[other + (end,)] = index
         return out
 
     if sum(b.kind is MaskKind.FULL for b in blocks) < 2:
         return blocks
-    blocks = fuse(blocks, lambda a, b: (a.q0, a.q1) == (b.q0, b.q1), lambda a, b: a.k1 == b.k0,
-                  lambda a, b: SubBlock(a.q0, a.q1, a.k0, b.k1, MaskKind.FULL))
-    return fuse(blocks, lambda a, b: (a.k0, a.k1) == (b.k0, b.k1), lambda a, b: a.q1 == b.q0,
-                lambda a, b: SubBlock(a.q0, b.q1, a.k0, a.k1, MaskKind.FULL))
+    return fuse(fuse(blocks, along_keys=True), along_keys=False)
 
 
 def plan_blocks(q_runs: Runs, k_runs: Runs, causal: "bool | MaskRule") -> tuple[SubBlock, ...]:

@@ -31,6 +31,7 @@ Shapes: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D], o like q, lse [B, Hq, Sq].
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +48,16 @@ _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 # ---------------------------------------------------------------- flash (CPU fused op)
 
-def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask: None, or an additive [Sq, Sk] mask in q's dtype (0 / -inf) of one sub-block."""
     out, lse = _flash_cpu(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal,
-                          scale=scale)
+                          attn_mask=mask, scale=scale)
     return out.transpose(1, 2), lse
 
 
-def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=None):
+def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=None,
+              mask: torch.Tensor | None = None):
     """(dq, dk, dv) of one sub-block. Give o (and dlse, if lse has a gradient), or delta alone.
 
     The op computes delta = rowsum(do * o) itself and uses o for nothing else, so a given
@@ -64,14 +67,27 @@ def flash_bwd(do, q, k, v, o, lse, causal: bool, scale: float, dlse=None, delta=
     if delta is None and dlse is None:
         grads = _flash_cpu_backward(do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
                                     v.transpose(1, 2), o.transpose(1, 2), lse.contiguous(), 0.0,
-                                    causal, scale=scale)
+                                    causal, attn_mask=mask, scale=scale)
         return tuple(g.transpose(1, 2) for g in grads)
     if delta is None:
         delta = softmax_delta(do, o, dlse)
     stand_in = _output_for_delta(do, delta)
     if stand_in is None:
-        return _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale)
-    return flash_bwd(do, q, k, v, stand_in, lse, causal, scale)
+        return _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale, mask)
+    return flash_bwd(do, q, k, v, stand_in, lse, causal, scale, mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def band_mask(rows: int, keys: int, lo: int, hi: int, dtype: torch.dtype, device: str
+              ) -> torch.Tensor:
+    """The additive [rows, keys] mask of a BAND sub-block: 0 where lo <= j - i <= hi, -inf
+    elsewhere. Sub-block sized (a window's tiles: at most EDGE_TILE x (EDGE_TILE + W)), never
+    S x S; tiles of one plan share it."""
+    diff = (torch.arange(keys, device=device)[None, :]
+            - torch.arange(rows, device=device)[:, None])
+    visible = (diff >= lo) & (diff <= hi)
+    return torch.zeros(rows, keys, dtype=dtype, device=device).masked_fill(~visible,
+                                                                           float("-inf"))
 
 
 def _output_for_delta(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | None:
@@ -104,7 +120,7 @@ def _output_for_delta(do: torch.Tensor, delta: torch.Tensor) -> torch.Tensor | N
                                          values)
 
 
-def _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale):
+def _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale, mask=None):
     """Run the fused backward with a given delta in place of the output, for any do.
 
     Appending two head-dim columns -- zeros to q, k, v (scores and do v^T unchanged), zeros
@@ -119,7 +135,7 @@ def _flash_bwd_with_delta(do, q, k, v, delta, lse, causal, scale):
     do_aug = torch.cat([do, columns], dim=-1)
     o_aug = torch.cat([torch.zeros_like(do), torch.ones_like(columns)], dim=-1)
     dq, dk, dv = flash_bwd(do_aug, pad(q, (0, 2)), pad(k, (0, 2)), pad(v, (0, 2)), o_aug, lse,
-                           causal, scale)
+                           causal, scale, mask=mask)
     return dq[..., :-2], dk[..., :-2], dv[..., :-2]
 
 
@@ -274,9 +290,10 @@ def _flip(*tensors, dim: int = 1):
 class TorchBlockKernel(PlanKernel):
     """Runs a plan of sub-blocks with the CPU flash op (`flash=True`) or the chunked path.
 
-    The flash op runs FULL and CAUSAL sub-blocks, and reversed-causal BANDs (a window's lower
-    edge) on inputs with rows and keys reversed; everything else (other BANDs, POSITIONS,
-    soft-capped scores, dtypes it lacks) takes the chunked path.
+    The flash op runs FULL and CAUSAL sub-blocks, reversed-causal BANDs (a window's lower
+    edge) on inputs with rows and keys reversed (it skips the masked tiles), and other BANDs
+    with their small additive mask (`band_mask`); POSITIONS, soft-capped scores and dtypes it
+    lacks take the chunked path.
     """
 
     flash: bool
@@ -284,21 +301,30 @@ class TorchBlockKernel(PlanKernel):
 
     def _use_flash(self, block: SubBlock, dtype: torch.dtype) -> bool:
         return (self.flash and block.softcap is None and dtype in FLASH_DTYPES
-                and (block.kind in (MaskKind.FULL, MaskKind.CAUSAL) or block.is_reversed_causal))
+                and block.kind is not MaskKind.POSITIONS)
+
+    @staticmethod
+    def _mask(block: SubBlock, q: torch.Tensor) -> torch.Tensor | None:
+        if block.kind is not MaskKind.BAND or block.is_reversed_causal:
+            return None
+        return band_mask(block.q1 - block.q0, block.k1 - block.k0, block.lo, block.hi, q.dtype,
+                         str(q.device))
 
     def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
         q_blk, k_blk, v_blk = block_slices(q, k, v, block)
         if not self._use_flash(block, q.dtype):
             return chunked_fwd(q_blk, k_blk, v_blk, block, scale)
-        if block.kind is MaskKind.BAND:
+        if block.is_reversed_causal:
             o, lse = flash_fwd(*_flip(q_blk, k_blk, v_blk), True, scale)
             return _flip(o, lse)
-        return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale)
+        return flash_fwd(q_blk, k_blk, v_blk, block.kind is MaskKind.CAUSAL, scale,
+                         self._mask(block, q))
 
     def _block_bwd(self, do, q, k, v, o, lse, dlse, delta, block: SubBlock, scale: float):
         sliced = backward_slices(do, q, k, v, o, lse, dlse, delta, block)
         if not self._use_flash(block, q.dtype):
             return chunked_bwd(*sliced[:6], block, scale, *sliced[6:])
-        if block.kind is MaskKind.BAND:
+        if block.is_reversed_causal:
             return _flip(*flash_bwd(*_flip(*sliced[:6]), True, scale, *_flip(*sliced[6:])))
-        return flash_bwd(*sliced[:6], block.kind is MaskKind.CAUSAL, scale, *sliced[6:])
+        return flash_bwd(*sliced[:6], block.kind is MaskKind.CAUSAL, scale, *sliced[6:],
+                         mask=self._mask(block, q))
