@@ -45,7 +45,7 @@ from .kernels.mask import MaskRule
 from .kernels.s2 import S2Pattern, warn_if_uncovered
 from .kernels.sinks import AttentionSinks
 from .kernels.plan import accumulator_dtype
-from .layout import LAYOUTS, all_local_runs, document_bounds_error, local_runs
+from .layout import LAYOUTS, all_local_runs, local_runs
 from .mesh import SPMesh
 
 BACKENDS: dict[str, Callable] = {}
@@ -318,15 +318,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     return (o, lse) if return_lse else o
 
 
-def _check_cu_seqlens(cu_seqlens, q, seq_len: int) -> Exception | None:
-    """Boundaries 0 = c[0] < ... < c[-1] = S (`layout.document_bounds_error`) of a B = 1 batch."""
-    problem = document_bounds_error(cu_seqlens, seq_len)
-    if problem is None and q.shape[0] != 1:
-        problem = ValueError(f"cu_seqlens needs batch size 1 (the documents are packed into one "
-                             f"sequence), got q.shape[0]={q.shape[0]}; pack the batch into one row")
-    return problem
-
-
 def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, sinks
                  ) -> Exception | None:
     """This rank's verdict on the mask arguments (q is already known to be well formed)."""
@@ -336,7 +327,7 @@ def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, 
                           "block-sparse pattern is its mask); use backend='ring', 'tokenring', "
                           "'ulysses', 'usp' or 'allgather' for these masks")
     if cu_seqlens is not None:
-        problem = _check_cu_seqlens(cu_seqlens, q, q.shape[1] * info.world)
+        problem = check_cu_seqlens(cu_seqlens, q.shape[1] * info.world, q.shape[0])
         if problem:
             return problem
     if window is not None:
@@ -371,13 +362,8 @@ def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, 
 
 def _mask_values(cu_seqlens, window, softcap, sinks, ok: bool) -> dict[str, int]:
     """The mask arguments as integers every rank must share (zeros where absent)."""
-    cu_ok = ok and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1
-    bounds = tuple(cu_seqlens.tolist()) if cu_ok else ()
     return {
-        "cu_seqlens (None or a tensor)": int(cu_seqlens is not None),
-        "number of cu_seqlens entries": len(bounds),
-        # hash of a tuple of ints is the same in every process (no string hashing involved)
-        "cu_seqlens": hash(bounds) & ((1 << 62) - 1) if cu_ok else 0,
+        **cu_seqlens_agreement(cu_seqlens, ok),
         "window": int(window) if ok and isinstance(window, numbers.Integral) else 0,
         "softcap": _float_bits(float(softcap)) if ok and isinstance(softcap, numbers.Real) else 0,
         "sinks (None or a tensor)": int(sinks is not None),

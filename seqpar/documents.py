@@ -59,7 +59,9 @@ def cu_seqlens_agreement(cu_seqlens, ok: bool) -> dict[str, int]:
     arguments are bad: its own error is raised instead)."""
     present = cu_seqlens is not None
     fingerprint, count = 0, 0
-    if ok and present:
+    well_formed = (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1
+                   and not (cu_seqlens.is_floating_point() or cu_seqlens.is_complex()))
+    if ok and present and well_formed:
         bounds = cu_seqlens.tolist()
         count = len(bounds) - 1
         for b in bounds:

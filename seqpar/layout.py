@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .comm.primitives import GroupInfo, agree, all_gather_along, resolve_group
+from .documents import check_cu_seqlens
 from .kernels.mask import Run, Runs, runs_to_positions
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -69,39 +70,6 @@ def _positions(seq_len: int, info: GroupInfo, layout: str, device=None) -> torch
     return runs_to_positions(local_runs(seq_len, info.world, info.rank, layout), device=device)
 
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def document_bounds_error(cu_seqlens, seq_len: int) -> Exception | None:
-    """Why `cu_seqlens` is not a 1-D int tensor of GLOBAL document boundaries
-    0 = c[0] < c[1] < ... < c[-1] = seq_len, or None."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        return TypeError(f"cu_seqlens must be None or a 1-D integer tensor of document "
-                         f"boundaries, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in _INDEX_DTYPES:
-        return TypeError(f"cu_seqlens.dtype={cu_seqlens.dtype} is not supported; pass the "
-                         f"document boundaries as torch.int32 or torch.int64")
-    if cu_seqlens.dim() != 1:
-        return ValueError(f"cu_seqlens must be 1-D [n_docs + 1], got shape "
-                          f"{tuple(cu_seqlens.shape)}; pass one boundary list for the packed "
-                          f"sequence (B = 1)")
-    bounds = cu_seqlens.tolist()
-    if len(bounds) < 2:
-        return ValueError(f"cu_seqlens needs at least 2 entries [0, S], got {bounds}")
-    if bounds[0] != 0:
-        return ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={bounds[0]}")
-    if bounds[-1] != seq_len:
-        return ValueError(f"cu_seqlens must end at the global sequence length S={seq_len} "
-                          f"(local length x group size), got cu_seqlens[-1]={bounds[-1]}; "
-                          f"boundaries are GLOBAL positions")
-    for i in range(1, len(bounds)):
-        if bounds[i] <= bounds[i - 1]:
-            return ValueError(f"cu_seqlens must be strictly increasing, got cu_seqlens[{i - 1}]="
-                              f"{bounds[i - 1]} >= cu_seqlens[{i}]={bounds[i]}; drop empty "
-                              f"documents")
-    return None
-
-
 def positions(seq_len: int, group=None, layout: str = "zigzag", device=None,
               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Global token ids (int64, increasing) of the tokens this rank holds; with `cu_seqlens`
@@ -115,7 +83,7 @@ def positions(seq_len: int, group=None, layout: str = "zigzag", device=None,
     pos = _positions(seq_len, info, layout, device)
     if cu_seqlens is None:
         return pos
-    problem = document_bounds_error(cu_seqlens, seq_len)
+    problem = check_cu_seqlens(cu_seqlens, seq_len, batch=1)
     if problem:
         raise type(problem)(f"seqpar.positions: {problem}")
     bounds = cu_seqlens.to(pos.device, torch.int64)

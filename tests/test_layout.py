@@ -98,7 +98,7 @@ def test_positions_restart_in_every_document():
     every = torch.cat([torch.arange(1), torch.arange(5), torch.arange(7), torch.arange(3)])
     assert seqpar.positions(16, layout="contiguous", cu_seqlens=cu).tolist() == every.tolist()
     with pytest.raises(ValueError, match=r"seqpar.positions: cu_seqlens must end at the global "
-                                         r"sequence length S=16"):
+                                         r"sequence length S = 16"):
         seqpar.positions(16, layout="contiguous", cu_seqlens=torch.tensor([0, 8]))
     with pytest.raises(TypeError, match=r"cu_seqlens.dtype=torch.float32"):
         seqpar.positions(16, layout="contiguous", cu_seqlens=torch.tensor([0.0, 16.0]))
