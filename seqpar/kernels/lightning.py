@@ -130,6 +130,20 @@ def _documents(DOCS, start, rows, row_ok, seq_len, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _block_masks(DOCS, start, rows, row_ok, seq_len, intra, from_start, to_end, across,
+                 BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The block's intra mask, the weight of the incoming state per row, the weight of each row
+    in the outgoing state and the decay across the block -- cut by documents with HAS_DOCS."""
+    if HAS_DOCS:
+        same, first, last, passes = _documents(DOCS, start, rows, row_ok, seq_len, BLOCK)
+        intra = intra * same
+        from_start = from_start * first
+        to_end = to_end * last
+        across = across * passes
+    return intra, from_start, to_end, across
+
+
+@triton.jit
 def _lightning_fwd(Q, K, V, O, LOG_DECAY, STATE_IN, STATE_OUT, DOCS, scale, seq_len,
                    stride_qb, stride_qn, stride_qh, stride_vb, stride_vn, stride_vh,
                    HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -148,15 +162,10 @@ def _lightning_fwd(Q, K, V, O, LOG_DECAY, STATE_IN, STATE_OUT, DOCS, scale, seq_
         k = _load_rows(K + qk_at, rows, row_ok, stride_qn, d, d_ok)
         v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
         to_end, across = _block_tail(s, row_ok, BLOCK)
-        block_intra = intra
-        q_in = q * from_start[:, None]
-        if HAS_DOCS:
-            same, first, last, passes = _documents(DOCS + b * seq_len, start, rows, row_ok,
-                                                   seq_len, BLOCK)
-            block_intra = intra * same
-            q_in = q_in * first[:, None]
-            to_end = to_end * last
-            across = across * passes
+        block_intra, q_weight, to_end, across = _block_masks(
+            DOCS + b * seq_len, start, rows, row_ok, seq_len, intra, from_start, to_end, across,
+            BLOCK, HAS_DOCS)
+        q_in = q * q_weight[:, None]
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * block_intra
         o = tl.dot(scores, v, input_precision=PRECISION)
         o += tl.dot(q_in, state, input_precision=PRECISION)
@@ -185,15 +194,9 @@ def _lightning_bwd_dq(Q, K, V, DO, DQ, LOG_DECAY, STATE_IN, DOCS, scale, seq_len
         v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
         do = _load_rows(DO + v_at, rows, row_ok, stride_vn, e, e_ok)
         to_end, across = _block_tail(s, row_ok, BLOCK)
-        block_intra = intra
-        q_weight = from_start
-        if HAS_DOCS:
-            same, first, last, passes = _documents(DOCS + b * seq_len, start, rows, row_ok,
-                                                   seq_len, BLOCK)
-            block_intra = intra * same
-            q_weight = from_start * first
-            to_end = to_end * last
-            across = across * passes
+        block_intra, q_weight, to_end, across = _block_masks(
+            DOCS + b * seq_len, start, rows, row_ok, seq_len, intra, from_start, to_end, across,
+            BLOCK, HAS_DOCS)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * block_intra
         dq = tl.dot(dp, k, input_precision=PRECISION)
         dq += tl.dot(do, tl.trans(state), input_precision=PRECISION) * q_weight[:, None]
@@ -223,15 +226,10 @@ def _lightning_bwd_dkv(Q, K, V, DO, DK_OUT, DV_OUT, LOG_DECAY, DSTATE_OUT, DSTAT
         v = _load_rows(V + v_at, rows, row_ok, stride_vn, e, e_ok)
         do = _load_rows(DO + v_at, rows, row_ok, stride_vn, e, e_ok)
         to_end, across = _block_tail(s, row_ok, BLOCK)
-        block_intra = intra
-        q_in = q * from_start[:, None]
-        if HAS_DOCS:
-            same, first, last, passes = _documents(DOCS + b * seq_len, start, rows, row_ok,
-                                                   seq_len, BLOCK)
-            block_intra = intra * same
-            q_in = q_in * first[:, None]
-            to_end = to_end * last
-            across = across * passes
+        block_intra, q_weight, to_end, across = _block_masks(
+            DOCS + b * seq_len, start, rows, row_ok, seq_len, intra, from_start, to_end, across,
+            BLOCK, HAS_DOCS)
+        q_in = q * q_weight[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * block_intra
         dk = tl.dot(tl.trans(dp), q, input_precision=PRECISION)
         dk += tl.dot(v, tl.trans(grad), input_precision=PRECISION) * to_end[:, None]
