@@ -54,6 +54,7 @@ from ..api import BACKENDS, attention
 from ..comm.primitives import GroupInfo, Traffic, agree, resolve_group, start_all_reduce
 from ..layout import LAYOUTS, check_layout, positions, seq_len_error, shard
 from ..mesh import SPMesh
+from .memory import MemorySavers, disable_memory_savers, enable_memory_savers
 from .tiled_loss import IGNORE_INDEX, loss_dtype, tiled_lm_loss_sum
 
 _BATCH_KEYS = ("input_ids", "labels", "attention_mask")
@@ -375,4 +376,5 @@ def sync_grads(model: torch.nn.Module, group=None) -> None:
             offset += g.numel()
 
 
-__all__ = ["apply", "shard_batch", "loss", "lm_loss", "sync_grads", "SeqparAttention", "IGNORE_INDEX"]
+__all__ = ["apply", "shard_batch", "loss", "lm_loss", "sync_grads", "enable_memory_savers",
+           "disable_memory_savers", "MemorySavers", "SeqparAttention", "IGNORE_INDEX"]
