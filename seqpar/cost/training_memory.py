@@ -12,7 +12,7 @@ C = S / P tokens per rank (batch 1), b bytes per weight/activation element (bf16
 losses. Everything is per GPU, in bytes.
 
 Model states (mixed precision + Adam: b weights, b gradients, 12 fp32 master + m + v per
-parameter), sharded by ZeRO over the P ranks (sequence-parallel ranks hold the same model, so
+parameter; fp32 or fp64 training: m and v only, 2 b -- written "12" below), sharded by ZeRO over the P ranks (sequence-parallel ranks hold the same model, so
 they are the ZeRO group, as in DeepSpeed-Ulysses/ALST):
     stage 0: (2b + 12) N      stage 1: 2b N + 12 N / P      stage 2: b N + (b + 12) N / P
     stage 3: (2b + 12) N / P + two layers' weights gathered (the one computing, the prefetch)
@@ -107,7 +107,8 @@ class StepMemory:
 def model_state_bytes(m: ModelShape, world: int, t: Training) -> float:
     """Weights, gradients and Adam states per GPU under ZeRO (module docstring)."""
     n, b = m.params, t.itemsize
-    opt = 0 if t.offload_optimizer else 12
+    # mixed precision keeps an fp32 master copy beside Adam's m and v; fp32 training does not
+    opt = 0 if t.offload_optimizer else (12 if b < 4 else 2 * b)
     if t.zero_stage == 0:
         return (2 * b + opt) * n
     if t.zero_stage == 1:
@@ -163,7 +164,7 @@ def step_memory(m: ModelShape, seq_len: int, world: int, backend: str, savers: S
     scratch = 4 * tokens * h * b
     layer_backward = recompute + att_work + mlp_work + scratch
     if s.tiled_loss:
-        logits = _loss_tile(m, s) * m.vocab * (b + 12)
+        logits = min(tokens, _loss_tile(m, s)) * m.vocab * (b + 12)
     else:
         logits = tokens * m.vocab * (b + 4) + tokens * m.vocab * 8
     states = model_state_bytes(m, world, t)
