@@ -282,6 +282,18 @@ def overheads(rows: list[dict]) -> dict:
     return result
 
 
+def headroom(summary: list[dict]) -> dict:
+    """The fitted longest S of (d) over today's path's and over ALST's (the issue's targets:
+    >= 8x and >= 1x)."""
+    longest = {line["variant"]: line.get("longest_k") for line in summary}
+    out = {}
+    if longest.get("d") and longest.get("a"):
+        out["d / a"] = longest["d"] / longest["a"]
+    if longest.get("d") and longest.get("alst"):
+        out["d / alst"] = longest["d"] / longest["alst"]
+    return out
+
+
 def plot(rows: list[dict], summary: list[dict], budget_gib: float, stem) -> list[str]:
     try:
         import matplotlib
@@ -377,12 +389,16 @@ def main(argv=None) -> dict:
     print(f"# per variant: peak = fixed + slope * S (least squares); budget "
           f"{args.budget_gib:g} GiB per rank")
     print(table(summary, sum_columns))
+    ratios = headroom(summary)
+    if ratios:
+        print("# longest S in the budget (fit): " + ", ".join(f"{k} x{v:.1f}"
+                                                              for k, v in ratios.items()))
     if over:
         print(f"# step time over today's path at S = {over['S']}: " + ", ".join(
             f"{k} {100 * v:+.0f}%" for k, v in over.items() if k != "S"))
     stem = results_stem("long_context", args.out)
     payload = {"machine": info, "args": vars(args), "config": config, "rows": rows,
-               "summary": summary, "overheads": over}
+               "summary": summary, "overheads": over, "headroom": ratios}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
     write_csv(stem.with_suffix(".csv"), rows, [c[0] for c in columns])
     stem.with_suffix(".md").write_text(

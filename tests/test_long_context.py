@@ -34,3 +34,16 @@ def test_smoke_run(tmp_path):
 def test_options_that_need_other_branches(argv, pattern):
     with pytest.raises(SystemExit, match=pattern):
         long_context.main(argv)
+
+
+def test_fit_headroom_and_overheads_arithmetic():
+    slope, fixed = long_context._fit([(1024, 3.0), (2048, 5.0), (4096, 9.0)])
+    assert abs(slope - 2 / 1024) < 1e-12 and abs(fixed - 1.0) < 1e-9
+    assert long_context._fit([(1024, 3.0)]) is None
+    summary = [{"variant": "a", "longest_k": 4.0}, {"variant": "d", "longest_k": 40.0},
+               {"variant": "alst", "longest_k": 20.0}]
+    assert long_context.headroom(summary) == {"d / a": 10.0, "d / alst": 2.0}
+    rows = [{"variant": "a", "S": 1024, "seconds": 2.0}, {"variant": "a", "S": 2048, "seconds": 4.0},
+            {"variant": "b", "S": 2048, "seconds": 4.4}, {"variant": "d", "S": 4096, "seconds": 9.0}]
+    over = long_context.overheads(rows)
+    assert over["S"] == 2048 and abs(over["b"] - 0.1) < 1e-12 and "d" not in over
