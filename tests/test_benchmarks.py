@@ -111,6 +111,9 @@ def test_simulator_writes_every_output_and_reports_the_claims(tmp_path, capsys):
     assert at64 == {"ring", "tokenring", "allgather", "usp U2", "usp U4", "usp U8", "usp U16",
                     "usp U32", "lasp2", "ring_linear"}  # no ulysses: 64 ranks, 32 heads
     assert all(r["choice"] for r in payload["rows"] if r["backend"] == "auto")
+    assert {r["savers"] for r in payload["whole_model"]} >= {"a: today", "d: + checkpointing"}
+    assert {(r["P"], r["backend"]) for r in payload["alst"]} >= {(8, "ulysses"), (32, "ulysses")}
+    assert "## Whole training step" in stem.with_name(stem.name + ".md").read_text()
     claims = "\n".join(payload["claims"])
     for expected in ("LASP-2 vs ring, 64 GPUs x 2048K tokens, a100-sxm",
                      "TokenRing vs ring, pcie-a100",

@@ -12,7 +12,8 @@ given machine, and which backend backend="auto" picks.
 Files: `traffic.py` bytes and messages per backend (the formulas the tests assert),
 `hardware.py` profiles (spec sheets with sources, measured JSON), `model.py` the alpha-beta +
 roofline schedules, `predict.py` predictions, legality, choice and explanation,
-`calibrate.py` the measurement (`python -m seqpar.cost calibrate`).
+`calibrate.py` the measurement (`python -m seqpar.cost calibrate`), `training_memory.py` the
+peak memory of a whole training step and the longest sequence that fits.
 """
 
 from .calibrate import calibrate
@@ -20,7 +21,9 @@ from .hardware import CPU_DEFAULT, SPEC_SHEETS, Link, Profile, profile_for, use_
 from .predict import (AUTO_CANDIDATES, Prediction, choose, explain, legality, memory_bytes,
                       predict, predict_all, problem_of)
 from .traffic import Problem, Volume, backend_volume
+from .training_memory import ModelShape, Savers, Training, longest_sequence, step_memory
 
 __all__ = ["Problem", "Volume", "backend_volume", "Profile", "Link", "SPEC_SHEETS", "CPU_DEFAULT",
            "profile_for", "use_profile", "AUTO_CANDIDATES", "Prediction", "predict", "predict_all",
-           "choose", "explain", "legality", "memory_bytes", "problem_of", "calibrate"]
+           "choose", "explain", "legality", "memory_bytes", "problem_of", "calibrate",
+           "ModelShape", "Savers", "Training", "step_memory", "longest_sequence"]

@@ -33,10 +33,12 @@ Sharding (`shard_batch`): labels are shifted by one over the *whole* sequence be
 global positions (RoPE sees the same angles as on one device), and the layout is the one the
 attention backend is told, so every rank's shards of q, k and v line up.
 
-Loss (`loss`): per-token cross entropy in fp32 over this rank's tokens, summed, divided by the
+Loss (`loss`): per-token cross entropy in fp32 (fp64 for an fp64 model) over this rank's tokens, summed, divided by the
 number of labelled tokens of the whole sequence (one all-reduce). Its value is the global mean
 on every rank; its gradient is only this rank's share, so after `backward` the sum of the
 ranks' parameter gradients is the single-process gradient -- `sync_grads` all-reduces them.
+`lm_loss(model, local, group)` is the same loss without the full logits: the model's body, then
+lm_head and the cross entropy over sequence tiles (`tiled_loss`).
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ from ..api import BACKENDS, attention
 from ..comm.primitives import GroupInfo, Traffic, agree, resolve_group, start_all_reduce
 from ..layout import LAYOUTS, check_layout, positions, seq_len_error, shard
 from ..mesh import SPMesh
+from .memory import MemorySavers, disable_memory_savers, enable_memory_savers
+from .tiled_loss import IGNORE_INDEX, loss_dtype, tiled_lm_loss_sum
 
-IGNORE_INDEX = -100  # transformers' label for "no target"
 _BATCH_KEYS = ("input_ids", "labels", "attention_mask")
 _GRAD_BUCKET_BYTES = 32 * 2**20
 
@@ -237,31 +240,102 @@ def shard_batch(batch: Mapping[str, torch.Tensor], group=None, layout: str = "zi
     return local
 
 
-def loss(logits_local: torch.Tensor, local_batch: Mapping[str, torch.Tensor], group=None
-         ) -> torch.Tensor:
-    """The mean next-token cross entropy over the whole sequence (all ranks' labelled tokens),
-    the same value on every rank; backward gives this rank's share of the gradient (module
-    docstring). 0 when no token has a label."""
-    info = resolve_group(group)
+def _loss_problem(local_batch, shape_of: str, shape, dims: int
+                  ) -> tuple[torch.Tensor | None, Exception | None]:
+    """shift_labels, or why not; `shape` (of `shape_of`) must be [B, S_loc] + (dims - 2) more."""
     labels = local_batch.get("shift_labels") if isinstance(local_batch, Mapping) else None
-    problem = None
     if labels is None:
-        problem = ValueError("local_batch has no 'shift_labels'; pass the batch's labels to "
-                             "shard_batch, and its output here")
-    elif logits_local.dim() != 3 or logits_local.shape[:2] != labels.shape:
-        problem = ValueError(f"logits_local must be [B, S_loc, vocab] for shift_labels "
-                             f"{tuple(labels.shape)}, got {tuple(logits_local.shape)}")
-    agree(info, "hf.loss", {}, problem, logits_local.device)
-    token_losses = F.cross_entropy(logits_local.float().flatten(0, 1), labels.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return None, ValueError("local_batch has no 'shift_labels'; pass the batch's labels to "
+                                "shard_batch, and its output here")
+    if len(shape) != dims or tuple(shape[:2]) != tuple(labels.shape):
+        expected = "[B, S_loc, vocab]" if dims == 3 else "[B, S_loc]"
+        return labels, ValueError(f"{shape_of} must be {expected} for shift_labels "
+                                  f"{tuple(labels.shape)}, got {tuple(shape)}")
+    return labels, None
+
+
+def _global_mean(token_losses: torch.Tensor, labels: torch.Tensor, info: GroupInfo,
+                 name: str) -> torch.Tensor:
+    """token_losses: this rank's summed per-token losses (differentiable). Returns the global
+    mean on every rank, whose gradient is this rank's share (module docstring)."""
     counted = (labels != IGNORE_INDEX).sum()
     # One all-reduce of (sum, count) in fp64: the count stays exact, the sum as good as fp32.
     local = torch.stack([token_losses.detach().double(), counted.double()])
-    total_sum, total_count = start_all_reduce(local, info, Traffic.now("hf.loss")).wait()
+    total_sum, total_count = start_all_reduce(local, info, Traffic.now(name)).wait()
     count = total_count.clamp(min=1)
     value = (total_sum / count).to(token_losses.dtype)
     # The value is the global mean (identical everywhere); the gradient is this rank's share.
     return value + (token_losses - token_losses.detach()) / count.to(token_losses.dtype)
+
+
+def loss(logits_local: torch.Tensor, local_batch: Mapping[str, torch.Tensor], group=None
+         ) -> torch.Tensor:
+    """The mean next-token cross entropy over the whole sequence (all ranks' labelled tokens),
+    the same value on every rank; backward gives this rank's share of the gradient (module
+    docstring). 0 when no token has a label. Computed in fp32, or fp64 for fp64 logits."""
+    info = resolve_group(group)
+    labels, problem = _loss_problem(local_batch, "logits_local", tuple(logits_local.shape), 3)
+    agree(info, "hf.loss", {}, problem, logits_local.device)
+    token_losses = F.cross_entropy(logits_local.to(loss_dtype(logits_local.dtype)).flatten(0, 1),
+                                   labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return _global_mean(token_losses, labels, info, "hf.loss")
+
+
+def lm_loss(model, local_batch: Mapping[str, torch.Tensor], group=None,
+            tile_tokens: int | None = None) -> torch.Tensor:
+    """`hf.loss(model(**local_batch).logits, local_batch, group)` -- the same value and, after
+    backward, the same gradient of every parameter (tied embeddings and a final-logit soft cap
+    included) -- without the logits: the model's body runs on `shard_batch`'s output, then
+    "last hidden states -> lm_head -> soft cap -> cross entropy" runs over tiles of
+    `tile_tokens` tokens (default: tiles whose fp32 logits take about 64 MiB), recomputed per
+    tile in the backward, so at most one tile's logits exist at a time
+    (`seqpar.integrations.tiled_loss`). Collective over `group`, like `loss`."""
+    info = resolve_group(group)
+    ids = local_batch.get("input_ids") if isinstance(local_batch, Mapping) else None
+    labels, problem = _loss_problem(local_batch, "local_batch['input_ids']",
+                                    tuple(getattr(ids, "shape", ())), 2)
+    head, body, softcap = None, None, None
+    if problem is None:
+        head, body, softcap, problem = _lm_parts(model)
+    if problem is None and tile_tokens is not None and (
+            not isinstance(tile_tokens, int) or isinstance(tile_tokens, bool) or tile_tokens < 1):
+        problem = ValueError(f"tile_tokens must be None or an int >= 1, got {tile_tokens!r}")
+    agree(info, "hf.lm_loss", {}, problem, ids.device if isinstance(ids, torch.Tensor)
+          else torch.device("cpu"))
+    hidden = body(input_ids=ids, position_ids=local_batch.get("position_ids"),
+                  use_cache=False).last_hidden_state
+    if tile_tokens is None:
+        tile_tokens = max(1, DEFAULT_LOSS_TILE_BYTES // (4 * head.weight.shape[0]))
+    token_losses = tiled_lm_loss_sum(hidden, head.weight, head.bias, labels, tile_tokens, softcap)
+    return _global_mean(token_losses, labels, info, "hf.lm_loss")
+
+
+DEFAULT_LOSS_TILE_BYTES = 64 * 2**20
+# Config fields of known causal LMs that change the logits after lm_head in a way lm_loss does
+# not reproduce (Cohere multiplies by logit_scale, Granite divides by logits_scaling).
+_UNSUPPORTED_LOGIT_FIELDS = ("logit_scale", "logits_scaling")
+
+
+def _lm_parts(model):
+    """(lm_head, body, soft cap, problem) of a transformers causal LM."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None, None, None, TypeError(
+            f"hf.lm_loss needs a transformers causal LM whose output embedding is an nn.Linear "
+            f"(lm_head); {type(model).__name__} has {type(head).__name__}")
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(body, torch.nn.Module) or body is model:
+        return None, None, None, TypeError(
+            f"hf.lm_loss: cannot find the body of {type(model).__name__} (looked for "
+            f"model.{getattr(model, 'base_model_prefix', None)}); call hf.loss on its logits")
+    config = model.config
+    for field in _UNSUPPORTED_LOGIT_FIELDS:
+        value = getattr(config, field, None)
+        if value not in (None, 1, 1.0):
+            return None, None, None, ValueError(
+                f"hf.lm_loss: config.{field}={value!r} rescales the logits, which lm_loss does "
+                f"not reproduce; call hf.loss on the model's logits instead")
+    return head, body, getattr(config, "final_logit_softcapping", None), None
 
 
 def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -302,4 +376,5 @@ def sync_grads(model: torch.nn.Module, group=None) -> None:
             offset += g.numel()
 
 
-__all__ = ["apply", "shard_batch", "loss", "sync_grads", "SeqparAttention", "IGNORE_INDEX"]
+__all__ = ["apply", "shard_batch", "loss", "lm_loss", "sync_grads", "enable_memory_savers",
+           "disable_memory_savers", "MemorySavers", "SeqparAttention", "IGNORE_INDEX"]
