@@ -12,7 +12,8 @@ given machine, and which backend backend="auto" picks.
 Files: `traffic.py` bytes and messages per backend (the formulas the tests assert),
 `hardware.py` profiles (spec sheets with sources, measured JSON), `model.py` the alpha-beta +
 roofline schedules, `predict.py` predictions, legality, choice and explanation,
-`calibrate.py` the measurement (`python -m seqpar.cost calibrate`).
+`calibrate.py` the measurement (`python -m seqpar.cost calibrate`),
+`partial_prefill.py` inference's pass-KV vs pass-Q for a new turn against a cached context.
 """
 
 from .calibrate import calibrate
