@@ -21,7 +21,7 @@ pass-KV when they are many. Every rank agrees on the pick (profiles must match).
 
 Afterwards the new K/V are appended to every rank's shard (each rank grows by T/P, so the
 cache stays balanced) and later decode steps see them. Sinks are folded in after the merge.
-Windows need the masks branch (refused, as in prefill).
+Windows shorter than the whole sequence need the masks branch (refused, as in prefill).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .cache import ShardedKVCache
 from .checks import (UNSET, agreement_group, call_values, check_cache, check_matches_cache,
                      check_new_tokens, check_scale_window_sinks, layout_code)
 from .merge import apply_sinks
-from .prefill import WINDOW_NEEDS_MASKS
+from .prefill import WINDOW_NEEDS_MASKS, _window_is_moot
 
 MODES = ("auto",) + model.MODES
 PASS_KV_OP = "pass_kv"
@@ -128,8 +128,9 @@ def partial_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Sh
                              f"to a prefilled cache (seqpar.inference.prefill first)")
     if problem is None:
         problem = check_matches_cache(cache, layer, k) or check_scale_window_sinks(
-            scale, None, sinks, q.shape[2])
-    if problem is None and window is not None:
+            scale, window, sinks, q.shape[2])
+    if problem is None and not _window_is_moot(window if window is not None else 2**62,
+                                               cache.seq_len(layer) + q.shape[1] * info.world):
         problem = ValueError(WINDOW_NEEDS_MASKS)
     if problem is None and mode not in MODES:
         problem = ValueError(f"mode={mode!r} is unknown; choose one of {MODES}")

@@ -8,8 +8,9 @@ exactly the prompt tokens the layout gave r.
 
 Sinks: `seqpar.attention` returns (o, lse) over the prompt's keys; one sink logit per head is
 folded in after (`merge.apply_sinks`), as DESIGN §4 prescribes. Sliding windows need
-`seqpar.attention(..., window=)` from the masks branch, not merged yet: refused with a clear
-error (TODO(masks): pass window= through once it lands).
+`seqpar.attention(..., window=)` from the masks branch, not merged yet: a window shorter than
+the prompt is refused with a clear error (TODO(masks): pass window= through once it lands); a
+window of at least the prompt's length hides nothing and is accepted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ WINDOW_NEEDS_MASKS = ("a sliding window in prefill needs seqpar.attention(..., w
                       "(decode supports windows), or wait for that branch")
 
 
+def _window_is_moot(window, seq_len: int) -> bool:
+    """A window of at least the whole sequence hides nothing (every i - j < seq_len <= W)."""
+    return isinstance(window, int) and not isinstance(window, bool) and window >= seq_len
+
+
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: ShardedKVCache,
             layer: int, *, backend: str = "ring", scale: float | None = None,
             sinks: torch.Tensor | None = None, window: int | None = None, group=UNSET,
@@ -45,9 +51,10 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: ShardedKVC
         problem = ValueError(f"layer {layer} is already prefilled ({cache.seq_len(layer)} "
                              f"tokens); add tokens with partial_prefill or decode, or use a "
                              f"new cache")
-    if window is not None:
-        problem = problem or ValueError(WINDOW_NEEDS_MASKS)
-    problem = problem or check_scale_window_sinks(scale, None, sinks, q.shape[2])
+    problem = problem or check_scale_window_sinks(scale, window, sinks, q.shape[2])
+    if problem is None and window is not None and not _window_is_moot(window,
+                                                                      q.shape[1] * info.world):
+        problem = ValueError(WINDOW_NEEDS_MASKS)
     agree(info, "seqpar.inference.prefill", {
         "layer": layer,
         "cache layout": layout_code(cache.layout) if isinstance(cache, ShardedKVCache) else -1,

@@ -302,4 +302,8 @@ def sync_grads(model: torch.nn.Module, group=None) -> None:
             offset += g.numel()
 
 
-__all__ = ["apply", "shard_batch", "loss", "sync_grads", "SeqparAttention", "IGNORE_INDEX"]
+# Inference: generate over a sequence-sharded KV cache (its own file, hf_generate.py).
+from .hf_generate import SeqparCache, generate  # noqa: E402
+
+__all__ = ["apply", "shard_batch", "loss", "sync_grads", "SeqparAttention", "IGNORE_INDEX",
+           "generate", "SeqparCache"]
