@@ -137,7 +137,7 @@ def _decode_rows(config, world, dtype) -> list[dict]:
     import seqpar
     from seqpar import inference
 
-    rank, layout, dim = dist.get_rank(), "zigzag", config["dim"]
+    layout, dim = "zigzag", config["dim"]
     unit = _unit(world, layout)
     rows = []
     for seq in config["decode_seqs"]:
@@ -159,7 +159,6 @@ def _decode_rows(config, world, dtype) -> list[dict]:
         rows.append({"part": "decode", "P": world, "S": seq, "seconds": seconds,
                      "sent_bytes": _max_over_ranks(stats.sent("decode")),
                      "check_bytes": _max_over_ranks(stats.sent("agree"))})
-        del cache
     return rows
 
 

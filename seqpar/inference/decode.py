@@ -23,8 +23,8 @@ import torch
 
 from ..comm.primitives import Traffic, agree
 from .cache import ShardedKVCache
-from .checks import (UNSET, agreement_group, call_values, check_cache, check_matches_cache, check_new_tokens,
-                     check_scale_window_sinks, checksum)
+from .checks import (UNSET, agreement_group, call_values, check_cache, check_matches_cache,
+                     check_new_tokens, check_scale_window_sinks, checksum)
 from .local import shard_attention
 from .merge import apply_sinks, merge_across_ranks
 
