@@ -39,6 +39,7 @@ from benchmarks.common import (header_text, launch, machine, start_rank, table, 
 K = 1024
 SHARES = (0.01, 0.10, 0.50)
 MODES = ("pass-kv", "pass-q", "auto")
+PARTS = ("prefill", "partial", "decode")
 
 
 def _slowest(seconds: list[float]) -> tuple[float, list[float]]:
@@ -105,20 +106,21 @@ def _partial_rows(config, world, dtype) -> list[dict]:
     unit = _unit(world, layout)
     context = config["context"] // unit * unit
     rows = []
-    for share in SHARES:
+    cases = [(kv_heads, share) for kv_heads in config["partial_kv_heads"] for share in SHARES]
+    for kv_heads, share in cases if world > 1 else ():  # one process: nothing to choose
         new = max(unit, round(share * context / unit) * unit)
         gen = torch.Generator().manual_seed(int(share * 1000) + rank)
         q = torch.randn(1, new // world, config["heads"], dim, generator=gen).to(dtype)
-        k, v = (torch.randn(1, new // world, config["kv_heads"], dim, generator=gen).to(dtype)
+        k, v = (torch.randn(1, new // world, kv_heads, dim, generator=gen).to(dtype)
                 for _ in range(2))
         p = model.PartialPrefill(batch=1, context=context, new=new, heads_q=config["heads"],
-                                 heads_kv=config["kv_heads"], head_dim=dim, world=world,
+                                 heads_kv=kv_heads, head_dim=dim, world=world,
                                  itemsize=q.element_size(), acc_itemsize=4, layout=layout)
         pick, predicted = model.choose(p, profile_for(q.device))
-        for mode in MODES if world > 1 else ("pass-kv",):
+        for mode in MODES:
             times, sent = [], 0
             for repeat in range(config["repeats"]):
-                cache = _filled_cache(context, config["kv_heads"], dim, dtype, repeat, layout)
+                cache = _filled_cache(context, kv_heads, dim, dtype, repeat, layout)
                 dist.barrier()
                 with seqpar.comm_stats() as stats:
                     times.append(timed(lambda: inference.partial_prefill(
@@ -126,7 +128,7 @@ def _partial_rows(config, world, dtype) -> list[dict]:
                 sent = max(sent, stats.sent() - stats.sent("agree"))
             seconds, per_repeat = _slowest(times)
             rows.append({"part": "partial", "P": world, "S": context, "T": new, "share": share,
-                         "mode": mode, "seconds": seconds, "times": per_repeat,
+                         "Hkv": kv_heads, "mode": mode, "seconds": seconds, "times": per_repeat,
                          "sent_bytes": _max_over_ranks(sent),
                          "pick": pick, "predicted_kv": predicted["pass-kv"],
                          "predicted_q": predicted["pass-q"]})
@@ -166,8 +168,9 @@ def _worker(config: dict) -> list[dict]:
     from tqdm import tqdm
 
     rank, world, _, dtype = start_rank(config)
-    parts = [("prefill", _prefill_rows), ("partial prefill", _partial_rows),
-             ("decode", _decode_rows)]
+    parts = [(name, run) for name, run in (("prefill", _prefill_rows),
+                                           ("partial", _partial_rows), ("decode", _decode_rows))
+             if name in config["parts"]]
     rows = []
     for name, run in tqdm(parts, desc=f"inference P={world}", disable=rank != 0,
                           file=sys.stderr):
@@ -186,14 +189,16 @@ def summarize(single: list[dict], sharded: list[dict]) -> dict[str, list[dict]]:
         prefill.append({"S": r["S"], "t1": t1, "tP": r["seconds"], "speedup": t1 / r["seconds"],
                         "efficiency": t1 / (world * r["seconds"])})
     partial = []
-    for share in SHARES:
-        runs = {r["mode"]: r for r in sharded if r["part"] == "partial" and r["share"] == share}
-        if not runs:
-            continue
+    cases = sorted({(r["Hkv"], r["share"]) for r in sharded if r["part"] == "partial"},
+                   key=lambda c: (-c[0], c[1]))
+    for kv_heads, share in cases:
+        runs = {r["mode"]: r for r in sharded if r["part"] == "partial"
+                and (r["Hkv"], r["share"]) == (kv_heads, share)}
         kv, q, auto = runs["pass-kv"], runs["pass-q"], runs["auto"]
         faster = "pass-kv" if kv["seconds"] <= q["seconds"] else "pass-q"
         gap = abs(kv["seconds"] - q["seconds"]) / min(kv["seconds"], q["seconds"])
-        partial.append({"S": kv["S"], "T": kv["T"], "share": share, "kv_s": kv["seconds"],
+        partial.append({"S": kv["S"], "T": kv["T"], "share": share, "Hkv": kv_heads,
+                        "kv_s": kv["seconds"],
                         "q_s": q["seconds"], "auto_s": auto["seconds"], "pick": kv["pick"],
                         "faster": faster, "gap": gap, "right": kv["pick"] == faster,
                         "kv_mib": kv["sent_bytes"] / 2**20, "q_mib": q["sent_bytes"] / 2**20,
@@ -215,7 +220,7 @@ def plot(rows: dict, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
     pre = rows["prefill"]
     axes[0].plot([r["S"] for r in pre], [r["efficiency"] for r in pre], marker="o")
     axes[0].set_ylabel("prefill efficiency t1 / (P tP)")
@@ -226,7 +231,7 @@ def plot(rows: dict, path) -> None:
                                            ("auto_s", "model's pick"))):
         axes[1].bar([x + 0.27 * (offset - 1) for x in xs], [r[key] for r in part], width=0.27,
                     label=label)
-    axes[1].set_xticks(list(xs), [f"T={r['share']:.0%} S" for r in part])
+    axes[1].set_xticks(list(xs), [f"Hkv={r['Hkv']}\nT={r['share']:.0%} S" for r in part])
     axes[1].set_ylabel("partial prefill seconds")
     axes[1].legend()
     dec = rows["decode"]
@@ -245,7 +250,7 @@ def plot(rows: dict, path) -> None:
 
 PREFILL_COLUMNS = [("S", "S", "d"), ("t1", "1 process s", ".3f"), ("tP", "P ranks s", ".3f"),
                    ("speedup", "speed-up", ".2f"), ("efficiency", "efficiency", ".0%")]
-PARTIAL_COLUMNS = [("S", "S", "d"), ("T", "T", "d"), ("kv_s", "pass-KV s", ".3f"),
+PARTIAL_COLUMNS = [("Hkv", "Hkv", "d"), ("S", "S", "d"), ("T", "T", "d"), ("kv_s", "pass-KV s", ".3f"),
                    ("q_s", "pass-Q s", ".3f"), ("auto_s", "auto s", ".3f"), ("pick", "pick", "s"),
                    ("faster", "measured faster", "s"), ("gap", "gap", ".0%"),
                    ("kv_mib", "pass-KV MiB/rank", ".2f"), ("q_mib", "pass-Q MiB/rank", ".2f")]
@@ -264,7 +269,10 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-seqs", type=int, nargs="+",
                         default=[16 * K, 32 * K, 64 * K, 128 * K])
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--kv-heads", type=int, default=2, help="K/V heads of decode")
+    parser.add_argument("--partial-kv-heads", type=int, nargs="+", default=[8, 2],
+                        help="K/V heads of the partial prefill cases (MHA and GQA by default)")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=10)
@@ -274,6 +282,8 @@ def main(argv=None) -> None:
     bad = [s for s in args.prefill_seqs if s % unit]
     if bad:
         parser.error(f"--prefill-seqs {bad} are not divisible by {unit} (2 x {args.world} ranks)")
+    if any(args.heads % h for h in [args.kv_heads] + args.partial_kv_heads):
+        parser.error(f"--heads {args.heads} must be a multiple of every K/V head count")
 
     info = machine()
     cores = info["cores"] or 1
@@ -281,6 +291,7 @@ def main(argv=None) -> None:
     config = {"prefill_seqs": sorted(args.prefill_seqs), "prefill_heads": args.prefill_heads,
               "context": args.context, "decode_seqs": sorted(args.decode_seqs),
               "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim,
+              "partial_kv_heads": args.partial_kv_heads, "parts": args.parts,
               "repeats": args.repeats, "decode_steps": args.decode_steps, "dtype": "float32"}
     single = launch(1, _worker, {**config, "threads": cores})
     sharded = launch(args.world, _worker, {**config, "threads": max(1, cores // args.world)})
@@ -289,9 +300,9 @@ def main(argv=None) -> None:
           f"1 process x {cores} threads vs P={args.world} ranks x "
           f"{max(1, cores // args.world)}; median of {args.repeats}")
     print(table(summary["prefill"], PREFILL_COLUMNS))
-    print(f"# partial prefill: T new tokens against S cached, Hq={args.heads}, "
-          f"Hkv={args.kv_heads}, D={args.dim}, P={args.world}; pick = the cost model's "
-          f"(CPU profile)")
+    print(f"# partial prefill: T new tokens against S cached, Hq={args.heads}, D={args.dim}, "
+          f"P={args.world}; pick = the cost model's (CPU profile); gap = |pass-KV - pass-Q| / "
+          f"the faster")
     print(table(summary["partial"], PARTIAL_COLUMNS))
     clear = [r for r in summary["partial"] if r["gap"] >= 0.15]
     right = sum(r["right"] for r in clear)

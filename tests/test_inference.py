@@ -202,3 +202,19 @@ def test_bad_input_raises_on_every_rank(worlds, case, pattern):
         expected = (r"rank 1 of the group rejected its arguments"
                     if case == "positions differ" and rank != 1 else pattern)
         assert re.search(expected, message), (rank, message)
+
+
+@pytest.mark.parametrize("key_chunk", [None, 5])
+def test_shard_attention_in_chunks_with_masks_and_any_key_order(key_chunk):
+    """One shard, keys in a scrambled order (as after appends), T = 3 queries, window 6: the
+    chunked merge of the local kernel against the reference on the same keys."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, HQ, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 17, HKV, D, generator=g, dtype=torch.float64) for _ in range(2))
+    k_pos = torch.randperm(17, generator=g)
+    q_pos = torch.tensor([14, 15, 16])
+    o, lse = inference.shard_attention(q, k, v, q_pos, k_pos, 0.3, window=6, key_chunk=key_chunk)
+    ref_o, ref_lse = attention_reference(q, k, v, causal=True, scale=0.3, q_pos=q_pos,
+                                         k_pos=k_pos, window=6)
+    assert_close("o", o, ref_o, REL)
+    assert_close("lse", lse, ref_lse, REL)
