@@ -239,8 +239,9 @@ def plot(rows: dict, path) -> None:
     axes[2].plot([r["S"] for r in dec], [r["tP_ms"] for r in dec], marker="o", label="P ranks")
     axes[2].set_ylabel("decode ms / token")
     axes[2].legend()
-    for ax in (axes[0], axes[2]):
-        ax.set_xscale("log", base=2)
+    for ax, part in ((axes[0], pre), (axes[2], dec)):
+        if part:  # a part that was not run (--parts) leaves its panel empty
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("context S")
     for ax in axes:
         ax.grid(alpha=0.3)
