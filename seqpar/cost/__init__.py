@@ -13,7 +13,8 @@ Files: `traffic.py` bytes and messages per backend (the formulas the tests asser
 `hardware.py` profiles (spec sheets with sources, measured JSON), `model.py` the alpha-beta +
 roofline schedules, `predict.py` predictions, legality, choice and explanation,
 `calibrate.py` the measurement (`python -m seqpar.cost calibrate`), `training_memory.py` the
-peak memory of a whole training step and the longest sequence that fits.
+peak memory of a whole training step and the longest sequence that fits,
+`partial_prefill.py` inference's pass-KV vs pass-Q for a new turn against a cached context.
 """
 
 from .calibrate import calibrate

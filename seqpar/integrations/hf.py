@@ -9,6 +9,7 @@ sequence, its loss and gradients over the sequence-parallel group.
     loss = hf.loss(logits, local, group)                             # the global mean, every rank
     loss.backward()
     hf.sync_grads(model, group)                                      # = single-process gradients
+    out = hf.generate(model, prompt_ids, group, max_new_tokens=32)   # inference, sharded KV cache
 
 `group` is what `seqpar.attention` takes: None (WORLD), a ProcessGroup, or a `seqpar.SPMesh`
 (needed by backend "usp"; with a data-parallel axis, `sync_grads` also averages over it).
@@ -376,5 +377,23 @@ def sync_grads(model: torch.nn.Module, group=None) -> None:
             offset += g.numel()
 
 
+# Inference: generate over a sequence-sharded KV cache (its own file, hf_generate.py, imported on
+# first use: it subclasses transformers' Cache; importing this module needs no transformers).
+def generate(model, input_ids, group=None, backend: str = "ring", layout: str = "zigzag",
+             **generate_kwargs):
+    """`model.generate(input_ids, **generate_kwargs)` with the context sharded over `group`;
+    the same result on every rank (see `hf_generate`)."""
+    from .hf_generate import generate as sharded_generate
+    return sharded_generate(model, input_ids, group, backend, layout, **generate_kwargs)
+
+
+def __getattr__(name: str):
+    if name == "SeqparCache":
+        from .hf_generate import SeqparCache
+        return SeqparCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["apply", "shard_batch", "loss", "lm_loss", "sync_grads", "enable_memory_savers",
-           "disable_memory_savers", "MemorySavers", "SeqparAttention", "IGNORE_INDEX"]
+           "disable_memory_savers", "MemorySavers", "SeqparAttention", "IGNORE_INDEX",
+           "generate", "SeqparCache"]
