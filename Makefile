@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.seqpar-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev
 
-.PHONY: demo test bench bench-linear bench-scaling bench-two-nodes simulate calibrate clean
+.PHONY: demo test bench bench-linear bench-scaling bench-two-nodes bench-model simulate calibrate clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-scaling: $(STAMP)
 bench-two-nodes: $(STAMP)
 	# needs root: network namespaces and a tc-shaped veth pair (removed afterwards)
 	$(PYTHON) -m benchmarks.two_nodes
+
+bench-model: $(STAMP)
+	$(PYTHON) -m benchmarks.model_agreement
 
 simulate: $(STAMP)
 	$(PYTHON) -m benchmarks.simulate

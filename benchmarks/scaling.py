@@ -116,19 +116,29 @@ def predict_rows(rows: list[dict], profiles: dict[int, dict], config: dict) -> N
         row["predicted_exposed_s"] = prediction.exposed
 
 
-def model_agreement(rows: list[dict]) -> tuple[int, int]:
-    """(pairs ordered as predicted, clearly different pairs) over every (P, S)."""
-    agreed = clear = 0
+def clear_pairs(rows: list[dict], problem=lambda r: (r["P"], r["S"])) -> list[tuple[dict, dict]]:
+    """Pairs of rows of one problem (default: one (P, S)) with predictions whose measured times
+    clearly differ: every repeat in the same order and medians >= CLEARLY apart."""
+    pairs = []
     predicted = [r for r in rows if r.get("predicted_s") is not None]
-    for _, group in itertools.groupby(sorted(predicted, key=lambda r: (r["P"], r["S"])),
-                                      key=lambda r: (r["P"], r["S"])):
+    for _, group in itertools.groupby(sorted(predicted, key=problem), key=problem):
         for a, b in itertools.combinations(list(group), 2):
             unanimous = max(a["times"]) < min(b["times"]) or max(b["times"]) < min(a["times"])
             ta, tb = statistics.median(a["times"]), statistics.median(b["times"])
             if unanimous and max(ta, tb) >= CLEARLY * min(ta, tb):
-                clear += 1
-                agreed += (ta < tb) == (a["predicted_s"] < b["predicted_s"])
-    return agreed, clear
+                pairs.append((a, b))
+    return pairs
+
+
+def in_predicted_order(a: dict, b: dict) -> bool:
+    return ((statistics.median(a["times"]) < statistics.median(b["times"]))
+            == (a["predicted_s"] < b["predicted_s"]))
+
+
+def model_agreement(rows: list[dict], problem=lambda r: (r["P"], r["S"])) -> tuple[int, int]:
+    """(pairs ordered as predicted, clearly different pairs) over every problem."""
+    pairs = clear_pairs(rows, problem)
+    return sum(in_predicted_order(a, b) for a, b in pairs), len(pairs)
 
 
 def _axes(plt, panels: list, title: str):

@@ -33,7 +33,7 @@ from seqpar.cost import Problem
 from seqpar.kernels import attention_reference, use_kernel
 from seqpar.kernels.torch_cpu import flash_fwd
 from seqpar.layout import LAYOUTS
-from tests.checks import assert_close, magnitude, max_error
+from tests.checks import assert_close, magnitude, max_error, s2_rule_token_mask
 
 EXACT_REL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -132,16 +132,6 @@ def mask_options(case: AttnCase, seq_len: int) -> dict:
     """The reference's / seqpar.attention's mask keyword arguments of `case` (without sinks)."""
     return {"cu_seqlens": document_bounds(case.docs, seq_len), "window": case.window,
             "softcap": case.softcap}
-
-
-def s2_token_mask(pattern, seq_len: int, heads_q: int, heads_kv: int) -> torch.Tensor:
-    """[1, Hq, S, S] visibility of the S2 pattern over the global heads (query head h uses
-    kv head h // (Hq / Hkv)), written from `block_mask` block by block."""
-    from seqpar.kernels.s2 import block_mask
-    blocks = block_mask(pattern, seq_len // pattern.block_size, list(range(heads_kv)), heads_q)
-    size = pattern.block_size
-    return (blocks.repeat_interleave(size, 1).repeat_interleave(size, 2)
-            .repeat_interleave(heads_q // heads_kv, 0))[None]
 
 
 def reference(q, k, v, do, dlse, causal, scale, mask=None, sinks=None, **masks):
@@ -249,7 +239,7 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME) -> dict[str, flo
     world, rank = info.world, info.rank
     q, k, v, do, dlse = global_inputs(case, world)
     mask = (None if case.s2 is None else
-            s2_token_mask(case.s2, q.shape[1], case.heads_q, case.heads_kv))
+            s2_rule_token_mask(case.s2, q.shape[1], case.heads_q, case.heads_kv))
     sinks = global_sinks(case)
     masks = mask_options(case, q.shape[1])
     ref = reference(q, k, v, do, dlse, case.causal,
@@ -364,17 +354,18 @@ def low_precision_case(backend: str, layout: str, dtype: torch.dtype) -> AttnCas
 
 def check_lse_only_gradient(backend: str, layout: str) -> None:
     """Only lse used downstream: backward still runs (do is None inside; collectives run on
-    every rank all the same) and dq is exact."""
+    every rank all the same) and dq, dk are exact (dv is zero: lse does not depend on v)."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    qr = q.clone().requires_grad_()
-    _, lse_ref = attention_reference(qr, k, v, causal=True)
-    (dq_ref,) = torch.autograd.grad(lse_ref.sum(), qr)
-    q_l = seqpar.shard(q, layout=layout).requires_grad_()
-    _, lse = seqpar.attention(q_l, seqpar.shard(k, layout=layout), seqpar.shard(v, layout=layout),
-                              backend=backend, layout=layout, return_lse=True)
+    qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+    _, lse_ref = attention_reference(qr, kr, v, causal=True)
+    dq_ref, dk_ref = torch.autograd.grad(lse_ref.sum(), (qr, kr))
+    q_l, k_l, v_l = (seqpar.shard(t, layout=layout).requires_grad_() for t in (q, k, v))
+    _, lse = seqpar.attention(q_l, k_l, v_l, backend=backend, layout=layout, return_lse=True)
     lse.sum().backward()
     assert_close("dq", q_l.grad, seqpar.shard(dq_ref, layout=layout), 1e-10)
+    assert_close("dk", k_l.grad, seqpar.shard(dk_ref, layout=layout), 1e-10)
+    assert v_l.grad is None or not v_l.grad.any()
 
 
 # ---------------------------------------------------------------- the grids every backend runs

@@ -12,12 +12,21 @@ It never hangs the suite:
 * when one rank raises, the others get `grace` seconds to finish (they are usually stuck in a
   collective waiting for the failed rank), then the world is killed; the test fails with every
   rank's traceback;
-* the process group itself has a finite collective timeout as a second line of defence.
+* the process group itself has a finite collective timeout as a second line of defence;
+* every case carries an id, and so does every result: a result of another case (a late answer
+  of an earlier, interrupted case) is an error, never credited to the case being collected;
+* a `run` interrupted from outside (pytest-timeout's signal, Ctrl-C: anything raised while it
+  collects) kills its world and marks it broken, so no later case can meet its leftovers.
+
+Timeouts are layered below pytest-timeout's 300 s per test (set-up included): a world starts
+within `start_timeout_s` (60 s) and a case within its `timeout` (120 s by default), so a stuck
+world is reported by the harness, with every rank's state, before pytest interrupts the test.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -26,6 +35,13 @@ import sys
 import tempfile
 import time
 import traceback
+
+
+READY = 0  # the case id of the start-up handshake; cases count from 1
+
+
+class StaleResult(AssertionError):
+    """A result arrived for another case than the one being collected."""
 
 
 class RankFailure(AssertionError):
@@ -48,16 +64,16 @@ def _serve(rank: int, size: int, store_path: str, tasks, results, path: list[str
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=size,
                             timeout=datetime.timedelta(seconds=collective_timeout_s))
-    results.put((rank, "ready", None))
+    results.put((rank, READY, "ok", None))
     while True:
         item = tasks.get()
         if item is None:
             break
-        fn, args, kwargs = item
+        case_id, fn, args, kwargs = item
         try:
-            results.put((rank, "ok", fn(*args, **kwargs)))
+            results.put((rank, case_id, "ok", fn(*args, **kwargs)))
         except BaseException:  # report everything, including assertion errors
-            results.put((rank, "error", traceback.format_exc()))
+            results.put((rank, case_id, "error", traceback.format_exc()))
     dist.destroy_process_group()
 
 
@@ -65,9 +81,10 @@ class World:
     """`size` gloo ranks on CPU, kept alive across many cases."""
 
     def __init__(self, size: int, threads: int = 1, collective_timeout_s: float = 60.0,
-                 start_timeout_s: float = 120.0, env: dict[str, str] | None = None):
+                 start_timeout_s: float = 60.0, env: dict[str, str] | None = None):
         self.size = size
         self.broken = False
+        self._case_ids = itertools.count(READY + 1)
         ctx = mp.get_context("spawn")
         self._dir = tempfile.mkdtemp(prefix=f"seqpar-world{size}-")
         self._tasks = [ctx.Queue() for _ in range(size)]
@@ -80,9 +97,22 @@ class World:
             for rank in range(size)]
         for p in self._procs:
             p.start()
-        self._collect("ready", start_timeout_s, grace=start_timeout_s)
+        self._collect_or_kill(READY, "ready", start_timeout_s, grace=start_timeout_s)
 
-    def _collect(self, what: str, timeout: float, grace: float) -> list:
+    def _collect_or_kill(self, case_id: int, what: str, timeout: float, grace: float) -> list:
+        """`_collect`, and whatever interrupts it (a failure, a timeout, pytest-timeout's signal
+        or Ctrl-C) kills the world: its ranks may still be running the case or hold its late
+        results, which no later case may see."""
+        done = False
+        try:
+            values = self._collect(case_id, what, timeout, grace)
+            done = True
+            return values
+        finally:
+            if not done:
+                self.close(kill=True)
+
+    def _collect(self, case_id: int, what: str, timeout: float, grace: float) -> list:
         values: dict[int, object] = {}
         errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout
@@ -91,7 +121,8 @@ class World:
                 deadline = min(deadline, first_error_at + grace)
             remaining = deadline - time.monotonic()
             try:
-                rank, status, value = self._results.get(timeout=max(0.01, min(remaining, 1.0)))
+                rank, result_id, status, value = self._results.get(
+                    timeout=max(0.01, min(remaining, 1.0)))
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
                 if dead and not errors:
@@ -101,6 +132,9 @@ class World:
                 if time.monotonic() >= deadline:
                     break
                 continue
+            if result_id != case_id:
+                raise StaleResult(f"rank {rank} answered case #{result_id} while case #{case_id} "
+                                  f"({what!r}) was being collected; the world is killed")
             if status == "error":
                 if not errors:
                     first_error_at = time.monotonic()
@@ -109,7 +143,6 @@ class World:
                 values[rank] = value
         missing = [r for r in range(self.size) if r not in values and r not in errors]
         if errors or missing:
-            self.close(kill=True)
             report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
             if missing:
                 report += f"\nranks {missing} did not finish ({what})"
@@ -121,9 +154,10 @@ class World:
         """Run fn(*args, **kwargs) on every rank; per-rank return values in rank order."""
         if self.broken:
             raise RuntimeError("this world was killed by an earlier failure")
+        case_id = next(self._case_ids)
         for q in self._tasks:
-            q.put((fn, args, kwargs))
-        return self._collect(getattr(fn, "__name__", str(fn)), timeout, grace)
+            q.put((case_id, fn, args, kwargs))
+        return self._collect_or_kill(case_id, getattr(fn, "__name__", str(fn)), timeout, grace)
 
     def close(self, kill: bool = False) -> None:
         if not kill and not self.broken:

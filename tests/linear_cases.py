@@ -10,10 +10,11 @@ Tolerances (relative to max(1, max |reference|)), as for softmax attention
 (tests/attention_cases.py):
 * float64: 1e-10 — the algorithm must be exact up to double rounding;
 * float32: 1e-5  — single-precision rounding of sums over a few hundred terms;
-* bf16/fp16: 2 x the error of the same-precision single-device computation (the chunked kernel
-  over the whole sequence on one process, inputs and results rounded to the dtype), plus a
-  quarter rounding unit of the magnitude: LASP-2 rounds inputs and results exactly once, like
-  the single-device kernel, and accumulates in fp32 in between.
+* bf16/fp16: 2 x the error of the same-precision single-device computation, plus a quarter
+  rounding unit of the magnitude. That computation is the plain reference itself, independent
+  of seqpar's kernels: inputs rounded to the dtype, computed in fp32 (the accumulator), results
+  rounded to the dtype (`same_precision_reference`). LASP-2 and the kernels round inputs and
+  results exactly once too, and accumulate in fp32 in between.
 """
 
 from __future__ import annotations
@@ -84,15 +85,26 @@ def reference(q, k, v, do, decay, causal, scale):
     return o.detach(), dq, dk, dv
 
 
+def same_precision_reference(q, k, v, do, decay, causal, scale, dtype, dfinal=None):
+    """The reference on inputs rounded to `dtype`, computed in fp32, results rounded to
+    `dtype`: o, (the final state, when dfinal is given), dq, dk, dv of <o, dO> (+ <F, dF>)."""
+    q, k, v = (t.to(dtype).float().requires_grad_() for t in (q, k, v))
+    decay = None if decay is None else decay.float()
+    o = linear_attention_reference(q, k, v, decay=decay, causal=causal, scale=scale)
+    loss = (o * do.to(dtype).float()).sum()
+    outputs = [o]
+    if dfinal is not None:
+        final = final_state_reference(k, v, decay)
+        loss = loss + (final * dfinal.float()).sum()
+        outputs.append(final)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return [t.detach().to(dtype) for t in (*outputs, *grads)]
+
+
 def single_device_errors(q, k, v, do, decay, causal, scale, dtype, ref) -> dict[str, float]:
-    """Errors of the chunked kernel in `dtype` over the whole sequence on one process."""
-    qx, kx, vx, dox = (t.to(dtype) for t in (q, k, v, do))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.zeros(q.shape[2]) if decay is None else decay.float()
-    kernel = ChunkedLinearKernel()
-    o = kernel.intra_fwd(qx, kx, vx, s, scale, causal).to(dtype)
-    grads = [g.to(dtype) for g in kernel.intra_bwd(dox, qx, kx, vx, s, scale, causal)]
-    return {n: max_error(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), ref)}
+    """Errors of the same-precision single-device computation over the whole sequence."""
+    single = same_precision_reference(q, k, v, do, decay, causal, scale, dtype)
+    return {n: max_error(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), single, ref)}
 
 
 def state_bytes(case: LinearCase) -> int:
@@ -214,8 +226,8 @@ def check_kernel_chain(kernel_name: str, dtype: torch.dtype, decay_name: str,
     final state as its initial state, equals the reference on the whole sequence: o, the final
     state, and dq, dk, dv of <o, dO> + <F, dF> — so state in, state out and both their
     gradients are checked (the first part has no initial state, as LASP-2 calls it).
-    Half inputs: within 2 x the error of the chunked kernel on the same rounded inputs (the
-    same-precision single-device computation) + eps/4 of the magnitude."""
+    Half inputs: within 2 x the error of the same-precision reference (`same_precision_reference`)
+    + eps/4 of the magnitude."""
     case = LinearCase(decay=decay_name, heads=2, key_dim=dims[0], value_dim=dims[1], batch=2)
     q, k, v, do = global_inputs(case, sum(parts))
     dfinal = torch.randn(case.batch, case.heads, case.key_dim, case.value_dim,
@@ -231,7 +243,7 @@ def check_kernel_chain(kernel_name: str, dtype: torch.dtype, decay_name: str,
     names = ("o", "final_state", "dq", "dk", "dv")
 
     def single_device():
-        single = _chained(kernel_by_name("chunked", block), *inputs)
+        single = same_precision_reference(q, k, v, do, decay, True, scale, dtype, dfinal)
         return {name: max_error(b, e) for name, b, e in zip(names, single, expected)}
     return compare_results(names, _chained(kernel_by_name(kernel_name, block), *inputs), expected,
                            dtype, f"{kernel_name} {dtype} decay-{decay_name}", single_device)

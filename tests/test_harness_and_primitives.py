@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.comm.primitives import DirectMessages, RingExchange, Traffic, resolve_group
-from tests.harness import RankFailure, World, WorldTimeout
+from tests.harness import RankFailure, StaleResult, World, WorldPool, WorldTimeout
 
 
 def fail_on_rank_one_while_rank_zero_waits():
@@ -36,6 +36,50 @@ def test_a_hanging_case_times_out():
     world = World(2)
     with pytest.raises(WorldTimeout, match="did not finish"):
         world.run(sleep_forever, timeout=3)
+    assert world.broken
+
+
+def answer_after(seconds: float, answer: str) -> str:
+    time.sleep(seconds)
+    return answer
+
+
+class Interrupted(Exception):
+    """What pytest-timeout's signal method raises in the test while a case is collected."""
+
+
+def test_an_interrupted_case_cannot_leak_into_the_next_one():
+    """A run interrupted from outside kills its world; the next case on that size gets a fresh
+    world and its own answer, never the interrupted case's late one."""
+    import signal
+
+    pool = WorldPool()
+    try:
+        world = pool(2)
+        previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(Interrupted()))
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        try:
+            with pytest.raises(Interrupted):
+                world.run(answer_after, 3.0, "late answer of the interrupted case", timeout=60)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert world.broken
+        time.sleep(3.0)  # the interrupted case would have answered by now
+        fresh = pool(2)
+        assert fresh is not world
+        assert fresh.run(answer_after, 0.0, "next case") == ["next case", "next case"]
+    finally:
+        pool.close()
+
+
+def test_a_result_of_another_case_is_an_error():
+    """Results carry their case's id: one of another case fails the run and kills the world."""
+    world = World(2)
+    assert world.run(answer_after, 0.0, "first") == ["first", "first"]
+    world._results.put((0, 1, "ok", "first, again"))  # a stray answer of case #1
+    with pytest.raises(StaleResult, match=r"rank 0 answered case #1 while case #2"):
+        world.run(answer_after, 0.5, "second")
     assert world.broken
 
 

@@ -92,7 +92,8 @@ def train_sequence_parallel(backend: str) -> tuple[list[float], list[torch.Tenso
 def check_hybrid_training(backend: str) -> list[float]:
     expected_losses, expected_params = train_single_process()
     losses, params = train_sequence_parallel(backend)
-    assert_close("losses", torch.tensor(losses), torch.tensor(expected_losses), 1e-10,
+    assert_close("losses", torch.tensor(losses, dtype=torch.float64),
+                 torch.tensor(expected_losses, dtype=torch.float64), 1e-10,
                  f"rank {dist.get_rank()} backend={backend}:")
     for i, (p, e) in enumerate(zip(params, expected_params)):
         assert_close(f"parameter {i}", p, e, 1e-10, f"rank {dist.get_rank()} backend={backend}:")

@@ -16,7 +16,7 @@ import torch
 from tests.aot import SM80_SHARED_BYTES, compile_shared_bytes
 from tests.linear_cases import LinearCase, check_kernel_chain, check_kernel_intra, lasp2_bytes
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="triton is not installed (pip install 'seqpar[gpu]'): the Triton kernels are not tested")
 
 
 @pytest.fixture

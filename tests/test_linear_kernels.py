@@ -11,6 +11,7 @@ from seqpar.kernels import (ChunkedLinearKernel, linear_attention_reference, sel
                             use_linear_kernel)
 from seqpar.kernels.linear_state import scan_states
 from tests.checks import assert_close
+from tests.markers import needs_triton
 from tests.linear_cases import check_kernel_chain, check_kernel_intra
 
 DECAY_NAMES = ["none", "mild", "strong", "extreme"]
@@ -72,21 +73,26 @@ def test_linear_kernel_selection():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert select_linear_kernel(cpu, torch.float32).name == "chunked"
     assert select_linear_kernel(cuda, torch.float64).name == "chunked"  # Triton is fp16/bf16/fp32
-    assert select_linear_kernel(cuda, torch.bfloat16, 128).name == "lightning"
     assert select_linear_kernel(cuda, torch.float32, 256).name == "chunked"  # state too big on chip
     with use_linear_kernel("chunked"):
         assert select_linear_kernel(cuda, torch.float32).name == "chunked"
-    with use_linear_kernel("lightning"):
-        assert select_linear_kernel(cpu, torch.float32).name == "lightning"
-    assert select_linear_kernel(cpu, torch.float32).name == "chunked"  # the context ended
     with pytest.raises(ValueError, match=r"use_linear_kernel: unknown kernel 'flash'; choose one of"):
         with use_linear_kernel("flash"):
             pass
 
 
+@needs_triton
+def test_linear_kernel_selection_picks_lightning_where_it_fits():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert select_linear_kernel(cuda, torch.bfloat16, 128).name == "lightning"
+    with use_linear_kernel("lightning"):
+        assert select_linear_kernel(cpu, torch.float32).name == "lightning"
+    assert select_linear_kernel(cpu, torch.float32).name == "chunked"  # the context ended
+
+
+@needs_triton
 def test_lightning_refuses_what_it_cannot_hold():
     """Checked before any launch, so no GPU (or interpreter) is needed to see the errors."""
-    pytest.importorskip("triton")
     from seqpar.kernels.lightning import LightningKernel
     x = torch.randn(1, 4, 1, 8)
     with pytest.raises(TypeError, match=r"lightning kernel: dtype torch.float64 is not supported"):

@@ -8,7 +8,7 @@ import torch
 from seqpar.kernels import KERNELS, attention_reference
 from seqpar.kernels.s2 import (BlockLists, S2Pattern, block_mask, coverage, dense_fraction,
                                s2_bwd_torch, s2_fwd_torch, warn_if_uncovered)
-from tests.checks import assert_close
+from tests.checks import assert_close, s2_rule_blocks, s2_rule_token_mask
 
 
 def rows(text: str) -> torch.Tensor:
@@ -67,6 +67,58 @@ def test_golden_homogeneous_and_phi3_offset():
     assert torch.equal(mask[0], phi3)
 
 
+def test_golden_larger_steps():
+    # vert_stride 8, Hq = 2 -> step = 8 // 2 = 4: kv head 0 keeps j % 8 == 0, kv head 1
+    # (j + 4) % 8 == 0 -> j = 4; local 1 = the diagonal only.
+    head0 = rows("""
+        x.......
+        xx......
+        x.x.....
+        x..x....
+        x...x...
+        x....x..
+        x.....x.
+        x......x
+    """)
+    head1 = rows("""
+        x.......
+        .x......
+        ..x.....
+        ...x....
+        ....x...
+        ....xx..
+        ....x.x.
+        ....x..x
+    """)
+    mask = block_mask(S2Pattern(block_size=4, local_blocks=1, vert_stride=8), 8, [0, 1], 2)
+    assert torch.equal(mask[0], head0) and torch.equal(mask[1], head1)
+    # vert_stride 6, Hq = 3 -> step 2, head_offset 1: kv head 2 keeps (j + 4 + 1) % 6 == 0 -> j = 1
+    offset = rows("""
+        x......
+        .x.....
+        .xx....
+        .x.x...
+        .x..x..
+        .x...x.
+        .x....x
+    """)
+    mask = block_mask(S2Pattern(block_size=4, local_blocks=1, vert_stride=6, head_offset=1), 7, [2], 3)
+    assert torch.equal(mask[0], offset)
+
+
+@pytest.mark.parametrize("heterogeneous", [True, False])
+def test_block_mask_follows_the_rule(heterogeneous):
+    """seqpar's block_mask against the rule written in the tests, over many steps and offsets."""
+    for vert_stride in (1, 2, 3, 4, 8, 16):
+        for heads_q in (1, 2, 3, 4, 8):
+            for local, offset in ((1, 0), (2, 1), (3, 5)):
+                pattern = S2Pattern(block_size=4, local_blocks=local, vert_stride=vert_stride,
+                                    heterogeneous=heterogeneous, head_offset=offset)
+                heads = list(range(heads_q))
+                assert torch.equal(block_mask(pattern, 12, heads, heads_q),
+                                   s2_rule_blocks(pattern, 12, heads, heads_q)), pattern
+
+
 def test_head_ids_are_global():
     """A rank holding global kv heads [2, 3] builds the masks of heads 2 and 3, not 0 and 1."""
     pattern = S2Pattern(block_size=16, local_blocks=1, vert_stride=4)
@@ -121,8 +173,8 @@ def test_cpu_path_matches_masked_reference_and_skips_blocks(kernel):
     q = torch.randn(batch, seq, heads_q, dim, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(batch, seq, heads_kv, dim, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(batch, seq, heads_kv, dim, generator=g, dtype=torch.float64, requires_grad=True)
-    mask = block_mask(pattern, seq // 4, [0, 1], heads_q)
-    token_mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(2, 0)[None]
+    mask = block_mask(pattern, seq // 4, [0, 1], heads_q)  # what the kernel is given
+    token_mask = s2_rule_token_mask(pattern, seq, heads_q, heads_kv)  # the truth: the rule
     o_ref, lse_ref = attention_reference(q, k, v, causal=True, scale=0.3, mask=token_mask)
     do, dlse = torch.randn_like(o_ref), torch.randn_like(lse_ref)
     grads = torch.autograd.grad((o_ref * do).sum() + (lse_ref * dlse).sum(), (q, k, v))

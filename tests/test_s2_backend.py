@@ -13,6 +13,7 @@ import torch.distributed as dist
 import seqpar
 from seqpar.layout import LAYOUTS
 from tests.attention_cases import AttnCase, run_case_and_count
+from tests.markers import needs_triton
 from tests.test_ulysses import ulysses_bytes
 
 PATTERNS = {
@@ -45,6 +46,7 @@ def test_s2_fp64_is_exact(worlds, world):
     worlds(world).run(check_s2, case)
 
 
+@needs_triton
 def test_s2_triton_kernel(interpreted_worlds):
     """The block-sparse Triton kernel in the middle (interpreter on CPU; block >= 16)."""
     case = AttnCase(backend="s2", layout="zigzag", heads_q=4, heads_kv=2, head_dim=16,

@@ -48,7 +48,13 @@ def run_example(launcher: list[str], folder: Path, *extra: str) -> subprocess.Po
             start_new_session=True)  # its own process group: a stuck job is ended whole
 
 
-def finish(process: subprocess.Popen, folder: Path, timeout: float = 240) -> None:
+# pytest-timeout gives a test 300 s, its fixture's set-up included: the reference run (about
+# 20 s here), the wait for the kill and the resumed run (about 40 s) each get a limit, and the
+# limits add up to less than that, so a stuck run is reported here with its output.
+REFERENCE_S, KILL_WAIT_S, RUN_S = 80, 60, 120
+
+
+def finish(process: subprocess.Popen, folder: Path, timeout: float = RUN_S) -> None:
     try:
         process.wait(timeout=timeout)
     finally:
@@ -62,7 +68,7 @@ def finish(process: subprocess.Popen, folder: Path, timeout: float = 240) -> Non
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("reference")
-    finish(run_example(TORCHRUN, folder), folder)
+    finish(run_example(TORCHRUN, folder), folder, REFERENCE_S)
     result = json.loads((folder / "out.json").read_text())
     assert [step for step, _ in result["losses"]] == list(range(STEPS))
     assert result["losses"][-1][1] < result["losses"][0][1] - 0.5  # it learns
@@ -72,7 +78,7 @@ def reference(tmp_path_factory) -> dict:
 def test_killed_worker_resumes_from_the_last_checkpoint(reference, tmp_path):
     job = run_example([*TORCHRUN, "--max-restarts=1"], tmp_path)
     log = tmp_path / "events.jsonl"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + KILL_WAIT_S
     victim = None
     while victim is None and time.monotonic() < deadline and job.poll() is None:
         seen = events(log)

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from tests.attention_cases import AttnCase, run_case
+from tests.markers import needs_triton
+
+pytestmark = needs_triton
 
 CASES = [
     AttnCase(backend="ring", layout="zigzag", heads_q=4, heads_kv=2, kernel="triton"),
@@ -25,4 +28,4 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_backend_with_triton_kernel(interpreted_worlds, case):
-    interpreted_worlds(2).run(run_case, case, timeout=300)
+    interpreted_worlds(2).run(run_case, case, timeout=180)

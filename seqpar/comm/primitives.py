@@ -3,10 +3,15 @@
 * `GroupInfo` / `resolve_group`: a process group (None = WORLD; no initialised default group =
   a one-rank group) with this rank's index and the group size, resolved once per call.
 * `comm_stats()` / `Traffic`: byte accounting. Every message a backend sends is recorded per
-  rank under an operation name ("ring.fwd", "ring.bwd", ...). Point-to-point traffic is exact;
-  collectives are recorded at the volume of their bandwidth-optimal algorithm
-  (all-gather and reduce-scatter: (P-1) shards sent and received; all-to-all: the P-1 pieces
-  for the other ranks; all-reduce: 2 (P-1) / P of the buffer).
+  rank under an operation name ("ring.fwd", "ring.bwd", ...), in total and per peer (global
+  rank), counted where tensors are handed to torch.distributed, from the sizes of what is
+  passed: point-to-point, each tensor sent / received; all-to-all, the piece for each other rank
+  and the piece from it; all-gather, this rank's tensor to each other rank and each other
+  rank's slot of the output; reduce-scatter, the part of the input reduced into each other
+  rank's output and one output-sized contribution from each. An all-reduce hands over one whole
+  buffer and has no per-peer split at the API: it is recorded per peer as its bandwidth-optimal
+  decomposition (reduce-scatter + all-gather: 2 shards of ceil(bytes / P) with every other
+  rank).
   `comm_stats(time_waits=True)` also records, per operation, the seconds this rank spent
   blocked on its communication: every wait on a posted exchange or collective, and the whole
   of every synchronous collective. That is the communication left exposed after overlap (time
@@ -99,6 +104,8 @@ class OpTraffic:
     bytes_received: int = 0
     messages: int = 0
     wait_seconds: float = 0.0  # blocked on this op's communication (time_waits=True only)
+    sent_to: dict[int, int] = field(default_factory=dict)  # global rank -> bytes
+    received_from: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,10 +117,15 @@ class CommStats:
     ops: dict[str, OpTraffic] = field(default_factory=dict)
     time_waits: bool = False
 
-    def add(self, op: str, sent: int, received: int, messages: int) -> None:
+    def add(self, op: str, sent_to: dict[int, int], received_from: dict[int, int],
+            messages: int) -> None:
         entry = self.ops.setdefault(op, OpTraffic())
-        entry.bytes_sent += sent
-        entry.bytes_received += received
+        for peer, n in sent_to.items():
+            entry.sent_to[peer] = entry.sent_to.get(peer, 0) + n
+            entry.bytes_sent += n
+        for peer, n in received_from.items():
+            entry.received_from[peer] = entry.received_from.get(peer, 0) + n
+            entry.bytes_received += n
         entry.messages += messages
 
     def add_wait(self, op: str, seconds: float) -> None:
@@ -130,6 +142,15 @@ class CommStats:
 
     def received(self, prefix: str = "") -> int:
         return sum(t.bytes_received for name, t in self.ops.items() if name.startswith(prefix))
+
+    def sent_to(self, prefix: str = "") -> dict[int, int]:
+        """Bytes sent per peer (global rank) by operations whose name starts with `prefix`."""
+        peers: dict[int, int] = {}
+        for name, t in self.ops.items():
+            if name.startswith(prefix):
+                for peer, n in t.sent_to.items():
+                    peers[peer] = peers.get(peer, 0) + n
+        return peers
 
     @property
     def bytes_sent(self) -> int:
@@ -173,9 +194,22 @@ class Traffic:
         active = _active_stats.get()
         return cls(op, active + tuple(r for r in also if all(r is not a for a in active)))
 
-    def add(self, sent: int, received: int, messages: int = 1) -> None:
+    def add(self, sent_to: dict[int, int], received_from: dict[int, int],
+            messages: int | None = None) -> None:
+        """Record bytes handed to torch.distributed, per peer (global rank); messages default
+        to one per peer sent to."""
+        if messages is None:
+            messages = sum(1 for n in sent_to.values() if n)
         for stats in self.recorders:
-            stats.add(self.op, sent, received, messages)
+            stats.add(self.op, sent_to, received_from, messages)
+
+    def add_collective(self, info: GroupInfo, sent: Sequence[int], received: Sequence[int]
+                       ) -> None:
+        """A collective: sent[p] / received[p] bytes to / from group rank p (own entry left
+        out), from the sizes of the tensors handed over."""
+        others = [p for p in range(info.world) if p != info.rank]
+        self.add({info.global_rank(p): sent[p] for p in others},
+                 {info.global_rank(p): received[p] for p in others})
 
     def wait(self, blocking: Callable[[], _T]) -> _T:
         """Run `blocking` (a wait on this op's communication, or a synchronous collective) and
@@ -302,9 +336,19 @@ class RingExchange:
                + [dist.P2POp(dist.irecv, b, self.recv_peer, group) for b in receive_into]
                + direct_ops)
         requests = dist.batch_isend_irecv(ops) if ops else []
-        self.traffic.add(nbytes(sent) + nbytes(direct.send),
-                         nbytes(receive_into) + nbytes(direct.receive),
-                         len(sent) + len(direct.send))
+        sent_to: dict[int, int] = {}
+        received_from: dict[int, int] = {}
+        for peers, peer, tensors in ((sent_to, self.send_peer, sent),
+                                     (received_from, self.recv_peer, receive_into)):
+            if tensors:
+                peers[peer] = peers.get(peer, 0) + nbytes(tensors)
+        if direct.send:
+            to = self.info.global_rank(direct.to)
+            sent_to[to] = sent_to.get(to, 0) + nbytes(direct.send)
+        if direct.receive:
+            source = self.info.global_rank(direct.source)
+            received_from[source] = received_from.get(source, 0) + nbytes(direct.receive)
+        self.traffic.add(sent_to, received_from, len(sent) + len(direct.send))
         self._pending = (requests, receive_into)
 
     def wait(self) -> list[torch.Tensor]:
@@ -319,10 +363,19 @@ class RingExchange:
 
 # ---------------------------------------------------------------- collectives
 
-def all_reduce_bytes(nbytes_total: int, world: int) -> int:
-    """Bytes a rank sends (and receives) in a bandwidth-optimal all-reduce of `nbytes_total`:
-    a reduce-scatter and an all-gather, each of (P - 1) shards of ceil(nbytes / P)."""
-    return 2 * (world - 1) * -(-nbytes_total // world)
+def _record_all_reduce(buffer: torch.Tensor, info: GroupInfo, traffic: Traffic) -> None:
+    """An all-reduce hands over one whole buffer: recorded per peer as its bandwidth-optimal
+    decomposition, a reduce-scatter and an all-gather of P shards of ceil(bytes / P), so 2 shards
+    to and from every other rank (2 messages each)."""
+    per_peer = [2 * -(-nbytes([buffer]) // info.world)] * info.world
+    others = [p for p in range(info.world) if p != info.rank]
+    traffic.add({info.global_rank(p): per_peer[p] for p in others},
+                {info.global_rank(p): per_peer[p] for p in others}, 2 * len(others))
+
+
+# Renamed in torch 2.13 (the old names warn); older releases have only the old ones.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -351,7 +404,7 @@ def start_all_gather(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> Pend
         return PendingCollective(None, x.unsqueeze(0))
     gathered = torch.empty((info.world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
     work = dist.all_gather(list(gathered.unbind(0)), x, group=info.group, async_op=True)
-    traffic.add(nbytes([x]) * (info.world - 1), nbytes([x]) * (info.world - 1), info.world - 1)
+    traffic.add_collective(info, [nbytes([x])] * info.world, [nbytes([g]) for g in gathered])
     return PendingCollective(work, gathered, traffic)
 
 
@@ -361,8 +414,7 @@ def start_all_reduce(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> Pend
     if info.world == 1:
         return PendingCollective(None, total)
     work = dist.all_reduce(total, op=dist.ReduceOp.SUM, group=info.group, async_op=True)
-    moved = all_reduce_bytes(nbytes([total]), info.world)
-    traffic.add(moved, moved, 2 * (info.world - 1))
+    _record_all_reduce(total, info, traffic)
     return PendingCollective(work, total, traffic)
 
 
@@ -407,8 +459,7 @@ def _all_to_all(pieces: torch.Tensor, info: GroupInfo, traffic: Traffic) -> torc
     received = torch.empty_like(pieces)
     traffic.wait(lambda: dist.all_to_all_single(received.view(-1), pieces.view(-1),
                                                 group=info.group))
-    moved = nbytes([pieces[0]]) * (info.world - 1)
-    traffic.add(moved, moved, info.world - 1)
+    traffic.add_collective(info, [nbytes([p]) for p in pieces], [nbytes([p]) for p in received])
     return received
 
 
@@ -479,9 +530,8 @@ def gather_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor | None, 
     x = x.contiguous()
     pieces = x.new_empty((info.world,) + tuple(x.shape))
     if info.world > 1:
-        traffic.wait(lambda: dist.all_gather_into_tensor(pieces.view(-1), x.view(-1),
-                                                         group=info.group))
-        traffic.add(nbytes([x]) * (info.world - 1), nbytes([x]) * (info.world - 1), info.world - 1)
+        traffic.wait(lambda: all_gather_single(pieces.view(-1), x.view(-1), group=info.group))
+        traffic.add_collective(info, [nbytes([x])] * info.world, [nbytes([p]) for p in pieces])
     else:
         pieces[0] = x
     return _place_tokens(pieces, slots, seq_dim)
@@ -495,10 +545,9 @@ def reduce_scatter_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor 
     if info.world == 1:
         return pieces[0]
     out = pieces.new_empty(pieces.shape[1:])
-    traffic.wait(lambda: dist.reduce_scatter_tensor(out.view(-1), pieces.view(-1),
-                                                    group=info.group))
-    moved = nbytes([out]) * (info.world - 1)
-    traffic.add(moved, moved, info.world - 1)
+    traffic.wait(lambda: reduce_scatter_single(out.view(-1), pieces.view(-1), group=info.group))
+    # each other rank's part of the input goes into its output; one out-sized part comes back
+    traffic.add_collective(info, [nbytes([p]) for p in pieces], [nbytes([out])] * info.world)
     return out
 
 
@@ -558,8 +607,7 @@ def agree(info: GroupInfo, where: str, values: dict[str, int], local_error: Exce
     packed = torch.tensor(vector, dtype=torch.int64, device=info.comm_device(device))
     traffic = Traffic.now("agree")
     traffic.wait(lambda: dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=info.group))
-    moved = all_reduce_bytes(packed.numel() * 8, info.world)
-    traffic.add(moved, moved, 2 * (info.world - 1))
+    _record_all_reduce(packed, info, traffic)
     result = packed.tolist()
     if failed:
         raise type(local_error)(f"{where}: {local_error}")

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..comm.primitives import GroupInfo, resolve_group
+from ..comm.primitives import GroupInfo, all_gather_single, reduce_scatter_single, resolve_group
 from ..kernels.dispatch import select_kernel, select_linear_kernel
 from ..kernels.mask import MaskKind, SubBlock
 from .hardware import Link, Profile
@@ -209,10 +209,10 @@ def _collectives(info: GroupInfo, sizes: tuple[int, int], repeats: int, device: 
                 sent.append(shard.numel() * 4 * (world - 1) / world)
             elif kind == "all_gather":
                 call = (lambda w=whole, s=shard:
-                        dist.all_gather_into_tensor(w, s, group=info.group))
+                        all_gather_single(w, s, group=info.group))
                 sent.append(shard.numel() * 4 * (world - 1))
             else:
-                call = (lambda w=whole, s=shard: dist.reduce_scatter_tensor(s, w, group=info.group))
+                call = (lambda w=whole, s=shard: reduce_scatter_single(s, w, group=info.group))
                 sent.append(shard.numel() * 4 * (world - 1))
             seconds.append(_slowest_best(_chain(call, CHAIN), info, repeats, device) / CHAIN)
         fixed, bandwidth = _fit(tuple(sent), tuple(seconds))
