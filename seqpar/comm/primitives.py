@@ -342,12 +342,13 @@ class RingExchange:
                                      (received_from, self.recv_peer, receive_into)):
             if tensors:
                 peers[peer] = peers.get(peer, 0) + nbytes(tensors)
-        if direct.send:
-            to = self.info.global_rank(direct.to)
-            sent_to[to] = sent_to.get(to, 0) + nbytes(direct.send)
-        if direct.receive:
-            source = self.info.global_rank(direct.source)
-            received_from[source] = received_from.get(source, 0) + nbytes(direct.receive)
+        for each in directs:  # each message with its own peers (the merged list has none)
+            if each.send:
+                to = self.info.global_rank(each.to)
+                sent_to[to] = sent_to.get(to, 0) + nbytes(each.send)
+            if each.receive:
+                source = self.info.global_rank(each.source)
+                received_from[source] = received_from.get(source, 0) + nbytes(each.receive)
         self.traffic.add(sent_to, received_from, len(sent) + len(direct.send))
         self._pending = (requests, receive_into)
 
