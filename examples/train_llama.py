@@ -5,6 +5,7 @@ parallelism -- and data parallelism when asked -- surviving crashes.
     python -m seqpar.launch --nproc-per-node 4 -m examples.train_llama --dp 2     # 2 x 2-rank SP
     torchrun --nproc-per-node 2 --max-restarts 3 -m examples.train_llama --ckpt-dir ckpt
     mpirun -n 2 python -m examples.train_llama                                   # (mpi extra)
+    python -m seqpar.launch --nproc-per-node 2 -m examples.train_llama --packed   # documents
 
 Every rank joins with `seqpar.launch.init()` (torchrun, mpirun, srun or one process), builds the
 same model from one seed, and `seqpar.SPMesh(dp=D)` splits the ranks into D sequence-parallel
@@ -13,6 +14,13 @@ from (seed, t) -- never from what ran before, so a resumed run sees exactly the 
 uninterrupted one does. Its group shards them with `seqpar.integrations.hf` (labels shifted
 before sharding, global RoPE positions), the loss is the group's mean next-byte loss, and
 `hf.sync_grads` sums gradients over the group and averages them over the replicas.
+
+`--packed` trains on packed documents instead, as transformers' DataCollatorWithFlattening
+makes them: the books are cut into their chapters (one document per chapter), and each step's
+row of `--batch` x `--seq-len` bytes is filled with pieces of chapters drawn from (seed, step)
+-- each piece from one chapter, its positions restarting at 0 and its first byte unlabelled.
+`hf.shard_batch` finds the documents from the restarts; every attention layer then keeps each
+piece to itself.
 
 Checkpoints (`--ckpt-dir`, every `--ckpt-every` steps): rank 0 writes model, optimizer, the
 number of steps done and their losses to a temporary file beside the checkpoint, syncs it to
@@ -57,6 +65,8 @@ def arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--ulysses", type=int, default=1, help="Ulysses degree (backend usp)")
     parser.add_argument("--backend", default="ring", choices=sorted(seqpar.BACKENDS))
     parser.add_argument("--layout", default="zigzag", choices=seqpar.LAYOUTS)
+    parser.add_argument("--packed", action="store_true",
+                        help="packed chapter pieces (documents) instead of windows of the text")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -88,6 +98,43 @@ def batch_of(text: torch.Tensor, args: argparse.Namespace, step: int, replica: i
     starts = torch.randint(0, text.numel() - args.seq_len, (args.dp * args.batch,), generator=gen)
     mine = starts[replica * args.batch:(replica + 1) * args.batch]
     return torch.stack([text[s:s + args.seq_len] for s in mine.tolist()])
+
+
+def chapters() -> list[torch.Tensor]:
+    """The books' chapters, each a document of bytes (from its CHAPTER line to the next)."""
+    documents = []
+    for path in TEXTS:
+        text = path.read_bytes()
+        starts = [i for i in range(len(text)) if text.startswith(b"CHAPTER", i)
+                  and (i == 0 or text[i - 1:i] == b"\n")]
+        for a, b in zip(starts, starts[1:] + [len(text)]):
+            documents.append(torch.frombuffer(bytearray(text[a:b]), dtype=torch.uint8).long())
+    return documents
+
+
+def packed_batch_of(documents: list[torch.Tensor], args: argparse.Namespace, step: int,
+                    replica: int) -> dict[str, torch.Tensor]:
+    """Replica `replica`'s packed row at `step` (a function of (seed, step) only): pieces of
+    chapters, DataCollatorWithFlattening-style -- position_ids restart at each piece, whose
+    first byte has no label."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    length = args.batch * args.seq_len
+    rows = []
+    for _ in range(args.dp):  # every replica's row drawn in order: the same on every rank
+        pieces, filled = [], 0
+        while filled < length:
+            chapter = documents[int(torch.randint(len(documents), (1,), generator=gen))]
+            size = min(int(torch.randint(length // 8, length // 2 + 1, (1,), generator=gen)),
+                       length - filled, chapter.numel())
+            start = int(torch.randint(chapter.numel() - size + 1, (1,), generator=gen))
+            pieces.append(chapter[start:start + size])
+            filled += size
+        rows.append(pieces)
+    pieces = rows[replica]
+    ids = torch.cat(pieces)[None]
+    positions = torch.cat([torch.arange(p.numel()) for p in pieces])[None]
+    labels = ids.masked_fill(positions == 0, hf.IGNORE_INDEX)
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
 def corpus() -> bytes:
@@ -165,14 +212,20 @@ def train(args: argparse.Namespace) -> dict:
     log("resume", step=start)
 
     text = torch.frombuffer(bytearray(corpus()), dtype=torch.uint8).long()
+    documents = chapters() if args.packed else []
     progress = None
     if job.is_main:
         from tqdm import tqdm
         progress = tqdm(total=args.steps, initial=start, desc="train", unit="step")
     for step in range(start, args.steps):
-        ids = batch_of(text, args, step, mesh.dp.rank).to(job.device)
-        local = hf.shard_batch({"input_ids": ids, "labels": ids}, mesh, layout=args.layout)
-        logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        if args.packed:
+            data = {name: t.to(job.device)
+                    for name, t in packed_batch_of(documents, args, step, mesh.dp.rank).items()}
+        else:
+            ids = batch_of(text, args, step, mesh.dp.rank).to(job.device)
+            data = {"input_ids": ids, "labels": ids}
+        local = hf.shard_batch(data, mesh, layout=args.layout)
+        logits = model(**local).logits  # a packed batch's documents reach the layers this way
         loss = hf.loss(logits, local, mesh)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,7 +250,8 @@ def train(args: argparse.Namespace) -> dict:
     if progress is not None:
         progress.close()
     result = {"losses": losses, "resumed_from": start, "world": job.world, "dp": mesh.dp_size,
-              "sp": mesh.sp_size, "backend": args.backend, "launcher": job.launcher}
+              "sp": mesh.sp_size, "backend": args.backend, "launcher": job.launcher,
+              "packed": args.packed}
     if job.is_main and args.out is not None:
         args.out.write_text(json.dumps(result))
     log("end", steps=len(losses))

@@ -6,6 +6,9 @@ linear function of the gradient, so no step amplifies it). Gradients are clipped
 norm (1.0, which the first steps exceed), so the norm must be that of the whole gradient -- not
 counted once per sequence-parallel rank.
 
+Packed documents (DataCollatorWithFlattening's rows, one per replica) train the same way, like
+one process that runs every document alone.
+
 Replica d trains on sequence d of the global batch of 2; every label is a real token, so the mean of the replicas' mean losses is the global mean the single process takes.
 DeepSpeed compiles a small op on its first initialisation in a process (~10-30 s): few cases.
 """
@@ -47,7 +50,53 @@ def single_process() -> tuple[list[float], list[torch.Tensor]]:
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
-def train_with_deepspeed(stage: int, backend: str, ulysses: int) -> list[float]:
+DOCS = ((9, 5, 11, 7), (4, 12, 16))  # each replica's packed row of SEQ tokens
+
+
+def packed_rows() -> list[dict[str, torch.Tensor]]:
+    """One packed row per replica, DataCollatorWithFlattening-style: positions restart at each
+    document, whose first token has no label."""
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for lengths in DOCS:
+        ids = torch.randint(0, 96, (1, SEQ), generator=gen)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        rows.append({"input_ids": ids, "position_ids": positions,
+                     "labels": ids.masked_fill(positions == 0, -100)})
+    return rows
+
+
+def packed_loss(model, row: dict[str, torch.Tensor], lengths) -> torch.Tensor:
+    """One process's loss of a packed row: each document alone, the summed token losses over
+    the row's labelled-token count."""
+    total, count, start = 0.0, 0, 0
+    for n in lengths:
+        ids = row["input_ids"][:, start:start + n]
+        logits = model(input_ids=ids).logits
+        total = total + torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:],
+                                                          reduction="sum")
+        count, start = count + n - 1, start + n
+    return total / count
+
+
+def single_process_packed() -> tuple[list[float], list[torch.Tensor]]:
+    """The replicas' packed rows on one process: the mean of their losses, SGD, clipped."""
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        loss = sum(packed_loss(model, row, lengths)
+                   for row, lengths in zip(packed_rows(), DOCS)) / len(DOCS)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def train_with_deepspeed(stage: int, backend: str, ulysses: int, packed: bool = False
+                         ) -> list[float]:
     import os
 
     import deepspeed
@@ -68,17 +117,22 @@ def train_with_deepspeed(stage: int, backend: str, ulysses: int) -> list[float]:
     assert engine.train_batch_size() == 2  # one sequence per replica
     losses = []
     for step in range(STEPS):
-        ids = global_batch()[m.dp.rank:m.dp.rank + 1]
-        local = hf.shard_batch({"input_ids": ids, "labels": ids}, m)
-        logits = engine(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        if packed:  # the documents reach the layers through the model's keyword arguments
+            local = hf.shard_batch(packed_rows()[m.dp.rank], m)
+            logits = engine(**local).logits
+        else:
+            ids = global_batch()[m.dp.rank:m.dp.rank + 1]
+            local = hf.shard_batch({"input_ids": ids, "labels": ids}, m)
+            logits = engine(input_ids=local["input_ids"],
+                            position_ids=local["position_ids"]).logits
         loss = hf.loss(logits, local, m)
         engine.backward(loss)
         engine.step()
         replicas = loss.detach().clone()
         dist.all_reduce(replicas, group=m.get_group("dp"))
         losses.append(replicas.item() / m.dp_size)
-    expected_losses, expected_params = single_process()
-    context = f"rank {dist.get_rank()} ZeRO-{stage} {backend}:"
+    expected_losses, expected_params = single_process_packed() if packed else single_process()
+    context = f"rank {dist.get_rank()} ZeRO-{stage} {backend}{' packed' if packed else ''}:"
     assert_close("losses", torch.tensor(losses), torch.tensor(expected_losses), 1e-5, context)
     for i, (p, e) in enumerate(zip(engine.module.parameters(), expected_params)):
         assert_close(f"parameter {i}", p, e, 1e-5, context)
@@ -93,6 +147,15 @@ def test_deepspeed_trains_like_one_process(worlds, stage, backend, ulysses):
     """ZeRO 1 and 2 partition over the whole mesh; without ZeRO (stage 0) DeepSpeed all-reduces
     and clips with the mpu's one-rank model-parallel group."""
     per_rank = worlds(4).run(train_with_deepspeed, stage, backend, ulysses, timeout=200)
+    assert all(losses == per_rank[0] for losses in per_rank), per_rank
+
+
+@pytest.mark.parametrize("stage, backend", [(1, "ring"), (2, "allgather")],
+                         ids=["zero1-ring", "zero2-allgather"])
+def test_deepspeed_trains_packed_documents_like_one_process(worlds, stage, backend):
+    """Each replica's packed row (documents found from restarting position_ids) trains like
+    one process running every document alone: the same losses and parameters after 5 steps."""
+    per_rank = worlds(4).run(train_with_deepspeed, stage, backend, 1, True, timeout=200)
     assert all(losses == per_rank[0] for losses in per_rank), per_rank
 
 

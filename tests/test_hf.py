@@ -181,9 +181,13 @@ def raised(fn, *args, **kwargs) -> tuple[str, str]:
 
 def bad_batch(case: str) -> tuple[str, str]:
     data = batch()
-    if case == "padding":
+    if case == "gap in the mask":
         data["attention_mask"] = torch.ones_like(data["input_ids"])
-        data["attention_mask"][1, -4:] = 0
+        data["attention_mask"][1, 4:6] = 0
+    elif case == "4-D mask":
+        data["attention_mask"] = torch.ones(BATCH, 1, SEQ, SEQ)
+    elif case == "packed, float positions":
+        data["position_ids"] = torch.zeros(data["input_ids"].shape)
     elif case == "differs" and dist.get_rank() == 1:
         data["input_ids"] = data["input_ids"].flip(1)
     elif case == "length":
@@ -194,7 +198,10 @@ def bad_batch(case: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("case, kind, pattern", [
-    ("padding", "ValueError", r"hf.shard_batch: batch\['attention_mask'\] has zeros \(padding\)"),
+    ("gap in the mask", "ValueError",
+     r"hf.shard_batch: batch\['attention_mask'\] row 1 has padding between real tokens"),
+    ("4-D mask", "ValueError", r"shard_batch takes the 2-D padding mask, not a 4-D one"),
+    ("packed, float positions", "TypeError", r"batch\['position_ids'\] must be an integer"),
     ("differs", "ValueError", r"hf.shard_batch: input_ids differs across ranks"),
     ("length", "ValueError", r"sequence length 30 is not divisible by 8 .*pad the sequence to 32"),
     ("unknown key", "ValueError", r"keys \['token_type_ids'\] that shard_batch does not know"),

@@ -1,5 +1,5 @@
 """examples/train_llama.py end to end, as a user runs it: under torchrun, killed and resumed,
-and under mpirun.
+and under mpirun -- on packed documents (`--packed`: chapter pieces, positions restarting).
 
 * A 2-rank torchrun run (sequence parallel over 2 ranks) is the reference.
 * The same run under `torchrun --max-restarts=1`, one worker SIGKILLed after a checkpoint:
@@ -28,7 +28,9 @@ from seqpar.launch.run import find_mpirun
 from tests.test_launch import ROOT, clean_environ
 
 STEPS, CKPT_EVERY = 16, 4
-ARGS = ["--steps", str(STEPS), "--seq-len", "256", "--ckpt-every", str(CKPT_EVERY)]
+# --packed: each step trains on packed chapter pieces (documents whose positions restart), so
+# the crash / resume guarantees are checked on the packed path (shard_batch's documents)
+ARGS = ["--steps", str(STEPS), "--seq-len", "256", "--ckpt-every", str(CKPT_EVERY), "--packed"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
 
 
@@ -73,6 +75,7 @@ def reference(tmp_path_factory) -> dict:
     finish(run_example(TORCHRUN, folder), folder, REFERENCE_S)
     result = json.loads((folder / "out.json").read_text())
     assert [step for step, _ in result["losses"]] == list(range(STEPS))
+    assert result["packed"]
     assert result["losses"][-1][1] < result["losses"][0][1] - 0.5  # it learns
     return result
 

@@ -4,8 +4,8 @@ sequence, its loss and gradients over the sequence-parallel group.
     from seqpar.integrations import hf
     hf.apply(model, group, backend="ring", layout="zigzag")         # once
     local = hf.shard_batch({"input_ids": ids, "labels": ids}, group, layout="zigzag")
-    logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"],
-                   use_cache=False).logits                           # this rank's tokens
+    # (or a packed / padded batch: + "position_ids" restarting per document, "attention_mask")
+    logits = model(**local, use_cache=False).logits                  # this rank's tokens
     loss = hf.loss(logits, local, group)                             # the global mean, every rank
     loss.backward()
     hf.sync_grads(model, group)                                      # = single-process gradients
@@ -25,14 +25,21 @@ settings again reuses the entry. The object's `mask` is registered the same way
 (`AttentionMaskInterface`), so a padding mask is refused instead of silently dropped. No
 monkeypatching: only transformers' registries and its setter.
 
-Every layer call checks (on every rank, with the agreement `seqpar.attention` uses) that the
-layer asks for what seqpar computes exactly: no mask, no dropout, no sliding window or soft
-cap, no KV cache, and position ids that are the layout's global positions (so RoPE matches).
+Every layer call honours what the layer asks for -- its causal flag, scaling, `sliding_window`
+(per layer: alternating `layer_types` give None on full layers), soft cap (`softcap`, Gemma 2)
+and sinks (`s_aux`, gpt-oss) -- and checks (on every rank, with the agreement `seqpar.attention`
+uses) what seqpar cannot compute exactly: a ready-made (4-D) mask, dropout, a KV cache, and
+position ids that are not the layout's global positions (so RoPE matches).
 
 Sharding (`shard_batch`): labels are shifted by one over the *whole* sequence before it is cut
 (the target of a rank's last token is the next rank's first), position ids are the tokens'
 global positions (RoPE sees the same angles as on one device), and the layout is the one the
-attention backend is told, so every rank's shards of q, k and v line up.
+attention backend is told, so every rank's shards of q, k and v line up. Packed documents
+(position_ids that restart, as DataCollatorWithFlattening makes them) and padded rows
+(attention_mask zeros) become one row of documents (`hf_batch`): no pad token is computed on,
+each document sees only itself, and the GLOBAL document boundaries reach every attention call
+as the model keyword argument `seqpar_cu_seqlens` (`model(**local)` passes it through the
+model's **kwargs; no globals). `unshard(per_token, local)` maps outputs back to [B, S].
 
 Loss (`loss`): per-token cross entropy in fp32 (fp64 for an fp64 model) over this rank's tokens, summed, divided by the
 number of labelled tokens of the whole sequence (one all-reduce). Its value is the global mean
@@ -53,12 +60,14 @@ import torch.nn.functional as F
 
 from ..api import BACKENDS, attention
 from ..comm.primitives import GroupInfo, Traffic, agree, resolve_group, start_all_reduce
-from ..layout import LAYOUTS, check_layout, positions, seq_len_error, shard
+from ..layout import LAYOUTS, check_layout, gather, positions, seq_len_error, shard
 from ..mesh import SPMesh
+from .hf_batch import (Packing, check_mask_and_positions, layout_unit, pack, packing_needed,
+                       unpack)
 from .memory import MemorySavers, disable_memory_savers, enable_memory_savers
 from .tiled_loss import IGNORE_INDEX, loss_dtype, tiled_lm_loss_sum
 
-_BATCH_KEYS = ("input_ids", "labels", "attention_mask")
+_BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
 _GRAD_BUCKET_BYTES = 32 * 2**20
 
 
@@ -90,8 +99,9 @@ class SeqparAttention:
         problem = None
         if attention_mask is not None and not bool(attention_mask.all()):
             problem = ValueError("the model got an attention_mask with zeros (padding), which "
-                                 "seqpar does not support yet; pack or crop sequences to a common "
-                                 "length without padding")
+                                 "cannot be applied to a sharded sequence; pass the padded batch "
+                                 "to hf.shard_batch (it drops the pads and packs the rows) and "
+                                 "call the model with its output")
         agree(resolve_group(self.group), "seqpar attention mask", {}, problem,
               torch.device(device))
         return None
@@ -100,56 +110,92 @@ class SeqparAttention:
                  **kwargs):
         info = resolve_group(self.group)
         problem = _check_layer_call(query, key, attention_mask, dropout, kwargs)
+        cu_seqlens = kwargs.get(DOCUMENTS_KEY)
+        masks, problem = _layer_masks(module, kwargs, cu_seqlens, problem)
         offset, problem = _position_offset(kwargs.get("position_ids"), query.shape[2],
-                                           self.group, self.layout, problem)
+                                           self.group, self.layout, cu_seqlens, problem)
         agree(info, "seqpar attention", {POSITION_OFFSET: offset}, problem, query.device)
         causal = kwargs.get("is_causal")
         causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
         # bshd for seqpar; contiguous because the backends send whole tensors.
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
         out = attention(q, k, v, self.group, backend=self.backend, causal=causal, scale=scaling,
-                        layout=self.layout, **dict(self.options))
+                        layout=self.layout, **masks, **dict(self.options))
         return out, None
 
 
 POSITION_OFFSET = "position_ids offset from the layout's global positions (pass shard_batch's)"
+# The model keyword argument that carries a packed batch's GLOBAL document boundaries from
+# shard_batch's output (model(**local)) through the model's **kwargs to every attention call.
+DOCUMENTS_KEY = "seqpar_cu_seqlens"
 
 
 def _check_layer_call(query, key, attention_mask, dropout, kwargs) -> Exception | None:
-    """What a layer may ask of seqpar: plain (causal or not) self-attention over its tokens."""
+    """What a layer may ask of seqpar: causal or not self-attention over its tokens, with the
+    masks of `_layer_masks`; no ready-made mask, no dropout, no KV cache."""
     if attention_mask is not None:
         return ValueError("got a ready-made attention mask, which seqpar cannot apply to a "
-                          "sharded sequence (padding and custom masks are not supported); call "
-                          "the model with shard_batch's output, which has no attention_mask")
+                          "sharded sequence (arbitrary 4-D masks are not supported); call the "
+                          "model with shard_batch's output, which turns padding into packed "
+                          "documents and has no attention_mask")
     if dropout:
         return ValueError(f"attention dropout is not applied by seqpar (got dropout={dropout}); "
                           f"set config.attention_dropout = 0.0")
-    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            return ValueError(f"{name} is not supported (got {kwargs[name]!r}); only full or "
-                              f"causal softmax attention is exact here")
+    if kwargs.get("sinks") is not None:
+        return ValueError("a 'sinks' keyword is not a transformers attention argument; seqpar "
+                          "takes a layer's sinks as s_aux (gpt-oss)")
     if key.shape[2] != query.shape[2]:
         return ValueError(f"got {query.shape[2]} query tokens but {key.shape[2]} key tokens (a "
                           f"KV cache?); call the model with use_cache=False")
     return None
 
 
-def _position_offset(position_ids, seq_local: int, group, layout: str,
+def _layer_masks(module, kwargs, cu_seqlens, problem: Exception | None
+                 ) -> tuple[dict, Exception | None]:
+    """The masks the layer asks for, as seqpar.attention keywords: its `sliding_window` (per
+    layer: transformers passes None on full-attention layers), soft cap (`softcap`), sinks
+    (`s_aux`, one logit per query head), and the packed batch's documents."""
+    masks = {"window": kwargs.get("sliding_window"), "softcap": kwargs.get("softcap"),
+             "sinks": kwargs.get("s_aux"), "cu_seqlens": cu_seqlens}
+    if problem is None and cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+        problem = TypeError(f"{DOCUMENTS_KEY} must be the tensor shard_batch returns, got "
+                            f"{type(cu_seqlens).__name__}")
+    return {k: v for k, v in masks.items() if v is not None}, problem
+
+
+def _position_offset(position_ids, seq_local: int, group, layout: str, cu_seqlens,
                      problem: Exception | None) -> tuple[int, Exception | None]:
-    """RoPE must see each token's global position (up to one offset shared by every token of
-    every rank, which RoPE cannot tell apart): the offset, or the error."""
+    """RoPE must see each token's global position up to a shift RoPE cannot tell apart: one
+    offset shared by every token of every rank (returned, for the cross-rank agreement), or,
+    in a packed batch, the position within its document up to one offset per document (0 is
+    returned: documents may differ). The offset, or the error."""
     world = resolve_group(group).world
     if problem is not None or position_ids is None or seq_len_error(seq_local * world, world,
                                                                     layout):
         return 0, problem  # nothing to compare (seqpar.attention judges the length)
-    expected = positions(seq_local * world, group, layout, device=position_ids.device)
+    try:
+        expected = positions(seq_local * world, group, layout, device=position_ids.device,
+                             cu_seqlens=cu_seqlens)
+    except (TypeError, ValueError):
+        return 0, None  # bad cu_seqlens: seqpar.attention says why, on every rank
     shift = position_ids - expected
-    if position_ids.shape[-1] != seq_local or not bool((shift == shift.flatten()[0]).all()):
-        return 0, ValueError("position_ids are not this rank's global token positions (RoPE "
-                             "would rotate them wrongly; packed documents that restart "
-                             "positions are not supported either); pass the position_ids "
-                             "shard_batch returns, with the layout given to apply")
-    return int(shift.flatten()[0]), None
+    if cu_seqlens is None:
+        same = position_ids.shape[-1] == seq_local and bool((shift == shift.flatten()[0]).all())
+    else:
+        # a document's local tokens are consecutive here (a rank holds tokens in global order)
+        bounds = cu_seqlens.to(position_ids.device, torch.int64)
+        doc = torch.searchsorted(bounds, positions(seq_local * world, group, layout,
+                                                   device=position_ids.device), right=True)
+        same = position_ids.shape[-1] == seq_local and bool(
+            ((shift[..., 1:] == shift[..., :-1]) | (doc[1:] != doc[:-1])).all())
+    if not same:
+        what = ("the packed batch's positions, stepping by one within each document" if
+                cu_seqlens is not None else "this rank's global token positions")
+        return 0, ValueError(f"position_ids are not {what} (RoPE would rotate them wrongly; "
+                             f"a packed batch also needs its {DOCUMENTS_KEY}); call the model "
+                             f"with shard_batch's output (model(**local)), with the layout "
+                             f"given to apply")
+    return (0 if cu_seqlens is not None else int(shift.flatten()[0])), None
 
 
 def apply(model, group=None, backend: str = "ring", layout: str = "zigzag",
@@ -196,33 +242,56 @@ def _check_batch(batch, info: GroupInfo, layout: str) -> Exception | None:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
         return ValueError(f"batch['input_ids'] must be an integer tensor [batch, seq_len], got "
                           f"{getattr(ids, 'shape', type(ids).__name__)}")
-    for name in ("labels", "attention_mask"):
+    for name in ("labels", "attention_mask", "position_ids"):
         value = batch.get(name)
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
             return ValueError(f"batch[{name!r}] must be a tensor shaped like input_ids "
-                              f"{tuple(ids.shape)}, got {getattr(value, 'shape', value)!r}")
-    mask = batch.get("attention_mask")
-    if mask is not None and not bool((mask == 1).all()):
-        return ValueError("batch['attention_mask'] has zeros (padding), which seqpar does not "
-                          "support yet; pack or crop sequences to a common length without "
-                          "padding (an all-ones mask is fine)")
+                              f"{tuple(ids.shape)}, got {getattr(value, 'shape', value)!r}"
+                              + ("; shard_batch takes the 2-D padding mask, not a 4-D one"
+                                 if name == "attention_mask" else ""))
+    problem = check_mask_and_positions(ids, batch.get("attention_mask"),
+                                       batch.get("position_ids"))
+    if problem or packing_needed(batch.get("attention_mask"), batch.get("position_ids")):
+        return problem  # packed into one row of a length the layout takes
     problem = seq_len_error(ids.shape[1], info.world, layout)
     return ValueError(f"batch['input_ids']: {problem}") if problem else None
 
 
+class LocalBatch(dict):
+    """shard_batch's result: a dict of this rank's model inputs (pass it as `model(**local)`),
+    which also remembers -- as attributes, not items, so the model never sees them -- how to put
+    per-token outputs back in the caller's order (`unshard`)."""
+
+    group: object
+    layout: str
+    packing: Packing | None
+
+
 def shard_batch(batch: Mapping[str, torch.Tensor], group=None, layout: str = "zigzag"
-                ) -> dict[str, torch.Tensor]:
+                ) -> LocalBatch:
     """This rank's model inputs from the full batch (every rank of the group passes the same
-    one; checked): local `input_ids` [B, S_loc], global `position_ids` [B, S_loc], and, when
-    the batch has labels, `shift_labels` [B, S_loc] (labels shifted by one over the whole
-    sequence, -100 after its last token, then sharded). `attention_mask`, if given, must be all
-    ones; it is not passed on."""
+    one; checked). Call the model with all of them: `model(**local)`.
+
+    Plain rows (no padding, no restarting positions): local `input_ids` [B, S_loc], global
+    `position_ids` [B, S_loc], and, when the batch has labels, `shift_labels` [B, S_loc]
+    (labels shifted by one over the whole sequence, -100 after its last token, then sharded).
+    An all-ones `attention_mask` is dropped.
+
+    Packed or padded (`position_ids` that restart -- DataCollatorWithFlattening -- or an
+    `attention_mask` with zeros, left or right padding; `hf_batch` module docstring): the real
+    tokens of all rows become one row of documents (B = 1), with a masked filler document to
+    the length the layout needs; local `position_ids` count from 0 in each document, and
+    `seqpar_cu_seqlens` (the GLOBAL document boundaries, the same on every rank) reaches every
+    attention layer through the model's keyword arguments. No pad token is computed on.
+    `unshard(per_token_output, local)` maps outputs back to the caller's [B, S] order."""
     check_layout(layout, "hf.shard_batch")
     info = resolve_group(group)
     problem = _check_batch(batch, info, layout)
     ok = problem is None
     ids = batch["input_ids"] if ok else None
     labels = batch.get("labels") if ok else None
+    mask = batch.get("attention_mask") if ok else None
+    given_positions = batch.get("position_ids") if ok else None
     agree(info, "hf.shard_batch", {
         "layout": LAYOUTS.index(layout),
         "batch size": ids.shape[0] if ok else -1,
@@ -230,15 +299,47 @@ def shard_batch(batch: Mapping[str, torch.Tensor], group=None, layout: str = "zi
         "input_ids": _checksum(ids) if ok else 0,
         "labels (present)": int(labels is not None),
         "labels": _checksum(labels) if ok and labels is not None else 0,
+        "attention_mask (present)": int(mask is not None),
+        "attention_mask": _checksum(mask) if ok and mask is not None else 0,
+        "position_ids (present)": int(given_positions is not None),
+        "position_ids": _checksum(given_positions) if ok and given_positions is not None else 0,
     }, problem, ids.device if ok else torch.device("cpu"))
-    local = {"input_ids": shard(ids, group, dim=1, layout=layout),
-             "position_ids": positions(ids.shape[1], group, layout, device=ids.device)
-             .unsqueeze(0).expand(ids.shape[0], -1)}
+    local = LocalBatch()
+    local.group, local.layout, local.packing = group, layout, None
+    if packing_needed(mask, given_positions):
+        full, local.packing = pack(ids, labels, mask, given_positions,
+                                   layout_unit(info.world, layout))
+        for name, value in full.items():
+            local[name] = shard(value, group, dim=1, layout=layout)
+        local[DOCUMENTS_KEY] = local.packing.cu_seqlens
+        return local
+    local["input_ids"] = shard(ids, group, dim=1, layout=layout)
+    local["position_ids"] = (positions(ids.shape[1], group, layout, device=ids.device)
+                             .unsqueeze(0).expand(ids.shape[0], -1))
     if labels is not None:
         shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)],
                             dim=1)
         local["shift_labels"] = shard(shifted, group, dim=1, layout=layout)
     return local
+
+
+def unshard(local: torch.Tensor, local_batch: LocalBatch) -> torch.Tensor:
+    """Per-token outputs of this rank's tokens (e.g. logits [B_loc, S_loc, ...] of
+    `model(**local_batch)`) -> [B, S, ...] in the order of the batch given to shard_batch, on
+    every rank (collective: an all-gather). Pad positions of a padded batch hold zeros.
+    Differentiable: the gradient is this rank's share (like `seqpar.gather`)."""
+    if not isinstance(local_batch, LocalBatch):
+        raise TypeError(f"hf.unshard: local_batch must be the object hf.shard_batch returned "
+                        f"(it remembers the group, layout and packing), got "
+                        f"{type(local_batch).__name__}")
+    ids = local_batch.get("input_ids")
+    if (not isinstance(local, torch.Tensor) or local.dim() < 2 or ids is None
+            or tuple(local.shape[:2]) != tuple(ids.shape)):
+        raise ValueError(f"hf.unshard: local must be a tensor [B_loc, S_loc, ...] over this "
+                         f"rank's tokens {tuple(ids.shape) if ids is not None else ()}, got "
+                         f"{getattr(local, 'shape', type(local).__name__)}")
+    full = gather(local, local_batch.group, dim=1, layout=local_batch.layout)
+    return full if local_batch.packing is None else unpack(full, local_batch.packing)
 
 
 def _loss_problem(local_batch, shape_of: str, shape, dims: int
@@ -303,8 +404,9 @@ def lm_loss(model, local_batch: Mapping[str, torch.Tensor], group=None,
         problem = ValueError(f"tile_tokens must be None or an int >= 1, got {tile_tokens!r}")
     agree(info, "hf.lm_loss", {}, problem, ids.device if isinstance(ids, torch.Tensor)
           else torch.device("cpu"))
-    hidden = body(input_ids=ids, position_ids=local_batch.get("position_ids"),
-                  use_cache=False).last_hidden_state
+    # every model input shard_batch made (position ids, packed documents' boundaries), no labels
+    inputs = {key: value for key, value in local_batch.items() if key != "shift_labels"}
+    hidden = body(**inputs, use_cache=False).last_hidden_state
     if tile_tokens is None:
         tile_tokens = max(1, DEFAULT_LOSS_TILE_BYTES // (4 * head.weight.shape[0]))
     token_losses = tiled_lm_loss_sum(hidden, head.weight, head.bias, labels, tile_tokens, softcap)
@@ -394,6 +496,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["apply", "shard_batch", "loss", "lm_loss", "sync_grads", "enable_memory_savers",
-           "disable_memory_savers", "MemorySavers", "SeqparAttention", "IGNORE_INDEX",
-           "generate", "SeqparCache"]
+__all__ = ["apply", "shard_batch", "unshard", "loss", "lm_loss", "sync_grads",
+           "enable_memory_savers", "disable_memory_savers", "MemorySavers", "SeqparAttention",
+           "LocalBatch", "IGNORE_INDEX", "DOCUMENTS_KEY", "generate", "SeqparCache"]
