@@ -37,6 +37,9 @@ def tiny_model(kind: str, seed: int = 0):
     elif kind == "mistral":
         config = transformers.MistralConfig(**common, sliding_window=24)
         cls = transformers.MistralForCausalLM
+    elif kind == "mistral-w6":  # a window shorter than the sharded prefix: prefill masks too
+        config = transformers.MistralConfig(**common, sliding_window=6)
+        cls = transformers.MistralForCausalLM
     else:
         raise AssertionError(kind)
     torch.manual_seed(seed)
@@ -90,6 +93,12 @@ def test_greedy_generate_matches_one_process(worlds, world, kind, backend, ulyss
 def test_a_window_that_cuts_into_the_context_in_decode(worlds):
     # Mistral, window 24: the 16-token sharded prefix is inside it, decode goes to 31 tokens.
     worlds(2).run(check_greedy, "mistral", "ring", None, 20, timeout=240)
+
+
+@pytest.mark.parametrize("backend", ["ring", "tokenring"])
+def test_a_window_shorter_than_the_prefix_in_prefill(worlds, backend):
+    # Mistral, window 6: the sharded prefill runs seqpar.attention(window=6), decode the same.
+    worlds(2).run(check_greedy, "mistral-w6", backend, None, 20, timeout=240)
 
 
 def check_sampling(world_prompt: int) -> list:

@@ -49,9 +49,10 @@ def check_prefill_then_decode(backend: str, layout: str, window: int | None, wit
     cache = inference.ShardedKVCache(group, layout)
 
     shards = [seqpar.shard(t[:, :prompt], group, layout=layout) for t in (q, k, v)]
-    o, lse = inference.prefill(*shards, cache, 0, backend=backend, sinks=sinks, return_lse=True)
+    o, lse = inference.prefill(*shards, cache, 0, backend=backend, sinks=sinks, window=window,
+                               return_lse=True)
     ref_o, ref_lse = attention_reference(q[:, :prompt], k[:, :prompt], v[:, :prompt],
-                                         causal=True, sinks=sinks)
+                                         causal=True, sinks=sinks, window=window)
     assert_close("prefill o", o, seqpar.shard(ref_o, group, layout=layout), REL, context)
     assert_close("prefill lse", lse, seqpar.shard(ref_lse, group, dim=2, layout=layout), REL,
                  context)
@@ -97,7 +98,8 @@ def test_prefill_with_each_backend_then_decode(worlds, world, backend, layout, u
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("window, with_sinks", [(None, True), (5, False), (3, True)])
 def test_decode_window_and_sinks(worlds, world, window, with_sinks):
-    # W = 5 and 3 cut into the cached context (prompt 4P tokens); sinks in prefill and decode.
+    # W = 5 and 3 cut into the prompt (4P tokens) and the cached context; sinks and the window
+    # in prefill and decode.
     lengths = worlds(world).run(check_prefill_then_decode, "ring", "zigzag", window, with_sinks,
                                 batch=2)
     assert all(lengths[0] == other for other in lengths)
@@ -174,8 +176,9 @@ def misuse(case: str) -> tuple[str, str]:
         return raised(inference.decode, *new, cache, 0, positions=torch.tensor([8 + shift]))
     if case == "prefill twice":
         return raised(inference.prefill, *shards, cache, 0)
-    if case == "window in prefill":
-        return raised(inference.prefill, *shards, cache, 1, window=4)
+    if case == "window in partial prefill":
+        more = [seqpar.shard(t[:, :4]) for t in sequence(4)[:3]]  # 4 new tokens, zigzag
+        return raised(inference.partial_prefill, *more, cache, 0, window=4)
     if case == "bad window":
         return raised(inference.decode, *new, cache, 0, window=0)
     if case == "heads differ":
@@ -190,7 +193,7 @@ def misuse(case: str) -> tuple[str, str]:
     ("positions differ",
      r"positions \[9\] do not continue the cache: the next tokens are at \[8\]"),
     ("prefill twice", r"layer 0 is already prefilled \(8 tokens\)"),
-    ("window in prefill", r"a sliding window in prefill needs seqpar.attention\(\.\.\., window=\)"),
+    ("window in partial prefill", r"partial_prefill does not take a sliding window shorter"),
     ("bad window", r"window must be None or an int W >= 1"),
     ("heads differ", r"layer 0 caches K/V \[B=1, n, Hkv=2, D=8\]"),
 ])

@@ -21,7 +21,8 @@ pass-KV when they are many. Every rank agrees on the pick (profiles must match).
 
 Afterwards the new K/V are appended to every rank's shard (each rank grows by T/P, so the
 cache stays balanced) and later decode steps see them. Sinks are folded in after the merge.
-Windows shorter than the whole sequence need the masks branch (refused, as in prefill).
+Windows shorter than the whole sequence are refused here (the hand-built pass-KV / pass-Q
+plans carry no window yet); prefill and decode take them.
 """
 
 from __future__ import annotations
@@ -43,11 +44,15 @@ from .cache import ShardedKVCache
 from .checks import (UNSET, agreement_group, call_values, check_cache, check_matches_cache,
                      check_new_tokens, check_scale_window_sinks, layout_code)
 from .merge import apply_sinks
-from .prefill import WINDOW_NEEDS_MASKS, _window_is_moot
 
 MODES = ("auto",) + model.MODES
 PASS_KV_OP = "pass_kv"
 
+
+
+def _window_is_moot(window, seq_len: int) -> bool:
+    """A window of at least the whole sequence hides nothing (every i - j < seq_len <= W)."""
+    return isinstance(window, int) and not isinstance(window, bool) and window >= seq_len
 
 def _shifted(blocks, k_offset: int) -> tuple[SubBlock, ...]:
     return tuple(dataclasses.replace(b, k0=b.k0 + k_offset, k1=b.k1 + k_offset) for b in blocks)
@@ -131,7 +136,9 @@ def partial_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Sh
             scale, window, sinks, q.shape[2])
     if problem is None and not _window_is_moot(window if window is not None else 2**62,
                                                cache.seq_len(layer) + q.shape[1] * info.world):
-        problem = ValueError(WINDOW_NEEDS_MASKS)
+        problem = ValueError("partial_prefill does not take a sliding window shorter than the "
+                             "whole sequence yet; prefill and decode take one (or pass a window "
+                             "of at least the context plus the new tokens)")
     if problem is None and mode not in MODES:
         problem = ValueError(f"mode={mode!r} is unknown; choose one of {MODES}")
     if problem is None and seq_len_error(q.shape[1] * info.world, info.world, cache.layout):

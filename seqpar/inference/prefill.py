@@ -7,10 +7,9 @@ their global positions (`seqpar.positions`). Nothing is gathered: the cache of r
 exactly the prompt tokens the layout gave r.
 
 Sinks: `seqpar.attention` returns (o, lse) over the prompt's keys; one sink logit per head is
-folded in after (`merge.apply_sinks`), as DESIGN §4 prescribes. Sliding windows need
-`seqpar.attention(..., window=)` from the masks branch, not merged yet: a window shorter than
-the prompt is refused with a clear error (TODO(masks): pass window= through once it lands); a
-window of at least the prompt's length hides nothing and is accepted.
+folded in after (`merge.apply_sinks`), as DESIGN §4 prescribes. A sliding window goes to
+`seqpar.attention(..., window=)` (key j visible to query i iff i - j < W), whose ring and
+TokenRing then move only what the window can see.
 """
 
 from __future__ import annotations
@@ -24,16 +23,6 @@ from .cache import ShardedKVCache
 from .checks import (UNSET, agreement_group, call_values, check_cache, check_new_tokens,
                      check_scale_window_sinks, layout_code)
 from .merge import apply_sinks
-
-WINDOW_NEEDS_MASKS = ("a sliding window in prefill needs seqpar.attention(..., window=), which "
-                      "comes with the masks branch (not merged yet); prefill without window= "
-                      "(decode supports windows), or wait for that branch")
-
-
-def _window_is_moot(window, seq_len: int) -> bool:
-    """A window of at least the whole sequence hides nothing (every i - j < seq_len <= W)."""
-    return isinstance(window, int) and not isinstance(window, bool) and window >= seq_len
-
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: ShardedKVCache,
             layer: int, *, backend: str = "ring", scale: float | None = None,
@@ -52,18 +41,16 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: ShardedKVC
                              f"tokens); add tokens with partial_prefill or decode, or use a "
                              f"new cache")
     problem = problem or check_scale_window_sinks(scale, window, sinks, q.shape[2])
-    if problem is None and window is not None and not _window_is_moot(window,
-                                                                      q.shape[1] * info.world):
-        problem = ValueError(WINDOW_NEEDS_MASKS)
     agree(info, "seqpar.inference.prefill", {
         "layer": layer,
         "cache layout": layout_code(cache.layout) if isinstance(cache, ShardedKVCache) else -1,
         "local prompt tokens": q.shape[1] if ok else -1,
-        **call_values(q, k, scale, None, sinks, ok),
+        **call_values(q, k, scale, window, sinks, ok),
     }, problem, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
     want_lse = return_lse or sinks is not None
     result = attention(q, k, v, cache.group, backend=backend, causal=True, scale=scale,
-                       layout=cache.layout, return_lse=want_lse, **backend_options)
+                       layout=cache.layout, return_lse=want_lse, window=window,
+                       **backend_options)
     o, lse = result if want_lse else (result, None)
     if sinks is not None:
         o, lse = apply_sinks(o, lse, sinks)

@@ -24,8 +24,8 @@ implementation is restored, the registry entry removed).
 
 Supported: greedy and sampling (num_beams == 1), batches without padding, GQA, models whose
 attention goes through transformers' AttentionInterface with a `layer_idx` (Llama, Qwen2,
-Mistral, ...). Sliding windows: decode applies them; the sharded prefill needs the masks
-branch for a window shorter than the prefilled prefix (clear error until then).
+Mistral, ...). Sliding windows: the sharded prefill passes them to `seqpar.attention(window=)`,
+decode applies them to each shard.
 """
 
 from __future__ import annotations
