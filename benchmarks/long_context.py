@@ -316,7 +316,8 @@ def plot(rows: list[dict], summary: list[dict], budget_gib: float, stem) -> list
         seqs = [r["S"] for r in done]
         (drawn,) = ax.plot(seqs, [r["peak_gib"] for r in done], marker="o", label=line["name"])
         if "slope_kib_per_token" in line:
-            far = max(seqs + [line["longest_k"] * 1024])
+            # a flat fit has no budget edge: draw it over the measured S only
+            far = max(seqs + ([line["longest_k"] * 1024] if "longest_k" in line else []))
             xs = [min(seqs), far]
             ax.plot(xs, [line["fixed_gib"] + line["slope_kib_per_token"] * x / 2 ** 20
                          for x in xs], ls=":", color=drawn.get_color(), lw=1)
