@@ -330,6 +330,11 @@ def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, 
         problem = check_cu_seqlens(cu_seqlens, q.shape[1] * info.world, q.shape[0])
         if problem:
             return problem
+    return _check_window_softcap_sinks(q, window, softcap, sinks)
+
+
+def _check_window_softcap_sinks(q, window, softcap, sinks) -> Exception | None:
+    """The window, soft cap and sinks of a call with queries q (also used by inference)."""
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral):
             return TypeError(f"window must be None or an int W >= 1 (key j visible to query i "

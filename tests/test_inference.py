@@ -194,7 +194,7 @@ def misuse(case: str) -> tuple[str, str]:
      r"positions \[9\] do not continue the cache: the next tokens are at \[8\]"),
     ("prefill twice", r"layer 0 is already prefilled \(8 tokens\)"),
     ("window in partial prefill", r"partial_prefill does not take a sliding window shorter"),
-    ("bad window", r"window must be None or an int W >= 1"),
+    ("bad window", r"window must be >= 1 \(window=1: each token sees only itself\), got 0"),
     ("heads differ", r"layer 0 caches K/V \[B=1, n, Hkv=2, D=8\]"),
 ])
 def test_bad_input_raises_on_every_rank(worlds, case, pattern):

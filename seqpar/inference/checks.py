@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..api import _check_tensors, _float_bits, _DTYPE_CODES
+from ..api import _DTYPE_CODES, _check_tensors, _check_window_softcap_sinks, _float_bits
 from ..comm.primitives import GroupInfo, resolve_group
 from ..layout import LAYOUTS
 from .cache import ShardedKVCache
@@ -79,21 +79,13 @@ def check_matches_cache(cache: ShardedKVCache, layer: int, k) -> Exception | Non
     return None
 
 
-def check_scale_window_sinks(scale, window, sinks, heads_q: int) -> Exception | None:
+def check_scale_window_sinks(scale, window, sinks, q) -> Exception | None:
+    """scale here; the window and the sinks as `seqpar.attention` checks them."""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale) or scale <= 0):
         return ValueError(f"scale must be None (1/sqrt(head_dim)) or a positive finite number, "
                           f"got {scale!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1):
-        return ValueError(f"window must be None or an int W >= 1 (key j visible to query i iff "
-                          f"i - j < W), got {window!r}")
-    if sinks is not None:
-        if not isinstance(sinks, torch.Tensor) or sinks.shape != (heads_q,) \
-                or not sinks.is_floating_point():
-            return ValueError(f"sinks must be None or a float tensor [Hq] = [{heads_q}] (one "
-                              f"logit per query head), got {getattr(sinks, 'shape', sinks)!r}")
-    return None
+    return _check_window_softcap_sinks(q, window, None, sinks)
 
 
 def checksum(values: torch.Tensor) -> int:

@@ -66,7 +66,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: ShardedKVCa
                              f"first (seqpar.inference.prefill)")
     if problem is None:
         problem = (check_matches_cache(cache, layer, k)
-                   or check_scale_window_sinks(scale, window, sinks, q.shape[2]))
+                   or check_scale_window_sinks(scale, window, sinks, q))
     seq_len = cache.seq_len(layer) if ok else 0
     expected = torch.arange(seq_len, seq_len + (q.shape[1] if ok else 0), dtype=torch.int64)
     problem = problem or _check_positions(positions, expected)

@@ -132,8 +132,8 @@ def partial_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Sh
         problem = ValueError(f"layer {layer} has no cached context: partial_prefill adds tokens "
                              f"to a prefilled cache (seqpar.inference.prefill first)")
     if problem is None:
-        problem = check_matches_cache(cache, layer, k) or check_scale_window_sinks(
-            scale, window, sinks, q.shape[2])
+        problem = (check_matches_cache(cache, layer, k)
+                   or check_scale_window_sinks(scale, window, sinks, q))
     if problem is None and not _window_is_moot(window if window is not None else 2**62,
                                                cache.seq_len(layer) + q.shape[1] * info.world):
         problem = ValueError("partial_prefill does not take a sliding window shorter than the "

@@ -40,7 +40,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: ShardedKVC
         problem = ValueError(f"layer {layer} is already prefilled ({cache.seq_len(layer)} "
                              f"tokens); add tokens with partial_prefill or decode, or use a "
                              f"new cache")
-    problem = problem or check_scale_window_sinks(scale, window, sinks, q.shape[2])
+    problem = problem or check_scale_window_sinks(scale, window, sinks, q)
     agree(info, "seqpar.inference.prefill", {
         "layer": layer,
         "cache layout": layout_code(cache.layout) if isinstance(cache, ShardedKVCache) else -1,
