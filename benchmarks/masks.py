@@ -15,7 +15,8 @@ On P CPU ranks (torchrun's machinery, cores // P threads each), causal fwd+bwd, 
           rank boundaries anywhere;
 * window  a sliding window of W = --window (2048) at S = --window-seq (65536).
 
-Each seqpar backend (ring, tokenring, ulysses, usp with U=2, allgather; zigzag layout) runs each
+Each seqpar backend (ring, tokenring, ulysses, usp with U=2, allgather; zigzag layout, and for
+the documents layout="balanced" -- `--docs-layout zigzag` to see what zigzag leaves) runs each
 problem; reported per row: fwd+bwd time (median of --repeats, slowest rank), the number of
 visible (query, key) pairs (causal: a document of L tokens has L (L + 1) / 2; a window row i sees
 min(i + 1, W) keys), the time per visible pair relative to the same backend's dense causal time
@@ -81,9 +82,12 @@ def visible_pairs(seq: int, lengths: list[int] | None, window: int | None) -> in
 
 def problems(args) -> list[dict]:
     lengths = document_lengths(args.docs_seq, args.median_doc, args.max_doc)
-    return [{"problem": "dense", "S": args.dense_seq, "lengths": None, "window": None},
-            {"problem": "docs", "S": args.docs_seq, "lengths": lengths, "window": None},
-            {"problem": "window", "S": args.window_seq, "lengths": None, "window": args.window}]
+    return [{"problem": "dense", "S": args.dense_seq, "lengths": None, "window": None,
+             "layout": LAYOUT},
+            {"problem": "docs", "S": args.docs_seq, "lengths": lengths, "window": None,
+             "layout": args.docs_layout},
+            {"problem": "window", "S": args.window_seq, "lengths": None, "window": args.window,
+             "layout": LAYOUT}]
 
 
 def cu_seqlens_of(lengths: list[int] | None) -> torch.Tensor | None:
@@ -146,6 +150,7 @@ def _row(name, problem, times, sent, peak, diff, world) -> dict:
     totals = torch.tensor([float(sent), float(peak)])
     dist.all_reduce(totals, op=dist.ReduceOp.MAX)
     return {"method": name, "problem": problem["problem"], "S": problem["S"], "P": world,
+            "layout": problem["layout"] if name.startswith("seqpar") else "contiguous",
             "window": problem["window"],
             "documents": None if problem["lengths"] is None else len(problem["lengths"]),
             "seconds": statistics.median(times), "times": times,
@@ -164,17 +169,18 @@ def _seqpar_worker(config: dict) -> list[dict]:
         expected = masked_sdpa(q, k, v, problem["lengths"], problem["window"])
         for backend in config["backends"]:
             group = seqpar.SPMesh(ulysses=2) if backend == "usp" else None
-            local = [seqpar.shard(t, group, layout=LAYOUT) for t in (q, k, v, do)]
+            layout = problem["layout"]
+            local = [seqpar.shard(t, group, layout=layout, cu_seqlens=cu) for t in (q, k, v, do)]
 
             def step():
                 q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
                 with seqpar.comm_stats() as stats:
                     o = seqpar.attention(q_l, k_l, v_l, group, backend=backend, causal=True,
-                                         layout=LAYOUT, cu_seqlens=cu, window=problem["window"])
+                                         layout=layout, cu_seqlens=cu, window=problem["window"])
                     o.backward(local[3])
                 return o.detach(), stats.sent()
             times, (out, sent), peak = _measure(step, config["repeats"], device)
-            full = seqpar.gather(out, group, layout=LAYOUT)
+            full = seqpar.gather(out, group, layout=layout, cu_seqlens=cu)
             diff = (full - expected).abs().max().item()
             rows.append(_row(f"seqpar {backend}", problem, times, sent, peak, diff, world))
             if rank == 0:
@@ -274,6 +280,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max-doc", type=int, default=8192)
     parser.add_argument("--window-seq", type=int, default=65536)
     parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--docs-layout", default="balanced", choices=("balanced", "zigzag"),
+                        help="layout of the packed-documents problem (balanced: equal work per "
+                             "rank under the documents; zigzag balances dense causal work only)")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--repeats", type=int, default=3)
@@ -297,9 +306,10 @@ def main(argv=None) -> list[dict]:
     add_ratios(rows, todo)
     docs = todo[1]["lengths"]
     print(f"# causal fwd+bwd, B=1, H={args.heads}, D={args.dim}, fp32, P={args.world}, "
-          f"{LAYOUT}; docs: {len(docs)} documents, median {int(statistics.median(docs))}, "
+          f"{LAYOUT} (docs: {args.docs_layout}); docs: {len(docs)} documents, median {int(statistics.median(docs))}, "
           f"max {max(docs)}; window W={args.window}; median of {args.repeats}, slowest rank")
     print(table(rows, [("problem", "problem", "s"), ("S", "S", "d"), ("method", "method", "s"),
+                       ("layout", "layout", "s"),
                        ("seconds", "fwd+bwd s", ".3f"), ("pairs", "visible pairs", ".3e"),
                        ("pair_cost", "pair cost vs dense", ".2f"),
                        ("vs_peer", "time / peer", ".2f"), ("sent_mib", "sent MiB/rank", ".2f"),

@@ -45,7 +45,8 @@ from .kernels.mask import MaskRule
 from .kernels.s2 import S2Pattern, warn_if_uncovered
 from .kernels.sinks import AttentionSinks
 from .kernels.plan import accumulator_dtype
-from .layout import LAYOUTS, all_local_runs, local_runs
+from .balanced import CHUNKS_PER_RANK
+from .layout import BALANCED, LAYOUTS, all_local_runs, balanced_needs_documents, local_runs
 from .mesh import SPMesh
 
 BACKENDS: dict[str, Callable] = {}
@@ -54,8 +55,8 @@ BACKENDS: dict[str, Callable] = {}
 def _ring(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, return_lse: bool,
           mesh: SPMesh | None):
     seq_len = q.shape[1] * info.world
-    plan = RingPlan.build(info, local_runs(seq_len, info.world, info.rank, layout),
-                          all_local_runs(seq_len, info.world, layout), mask, scale,
+    plan = RingPlan.build(info, local_runs(seq_len, info.world, info.rank, layout, mask.documents),
+                          all_local_runs(seq_len, info.world, layout, mask.documents), mask, scale,
                           select_kernel(q.device, q.dtype), active_recorders())
     return RingAttention.apply(q, k, v, plan)
 
@@ -63,7 +64,8 @@ def _ring(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, r
 def _ulysses(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, return_lse: bool,
              mesh: SPMesh | None, s2: S2Pattern | None = None):
     plan = UlyssesPlan.build(info, GroupInfo(None, 0, 1),
-                             all_local_runs(q.shape[1] * info.world, info.world, layout),
+                             all_local_runs(q.shape[1] * info.world, info.world, layout,
+                                   mask.documents),
                              q.shape[2], k.shape[2], mask, scale,
                              select_kernel(q.device, q.dtype), active_recorders(), return_lse,
                              op="s2" if s2 is not None else "ulysses", s2=s2)
@@ -80,7 +82,8 @@ def _s2(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, ret
 def _usp(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, return_lse: bool,
          mesh: SPMesh | None):
     plan = usp_plan(mesh.ulysses, mesh.ring,
-                    all_local_runs(q.shape[1] * info.world, info.world, layout), q.shape[2],
+                    all_local_runs(q.shape[1] * info.world, info.world, layout,
+                                   mask.documents), q.shape[2],
                     k.shape[2], mask, scale, select_kernel(q.device, q.dtype),
                     active_recorders(), return_lse)
     return UlyssesAttention.apply(q, k, v, plan)
@@ -88,14 +91,16 @@ def _usp(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str, re
 
 def _allgather(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str,
                return_lse: bool, mesh: SPMesh | None):
-    plan = AllGatherPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
+    plan = AllGatherPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout,
+                                   mask.documents),
                                mask, scale, select_kernel(q.device, q.dtype), active_recorders())
     return AllGatherAttention.apply(q, k, v, plan)
 
 
 def _tokenring(q, k, v, info: GroupInfo, mask: MaskRule, scale: float, layout: str,
                return_lse: bool, mesh: SPMesh | None):
-    plan = TokenRingPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout),
+    plan = TokenRingPlan.build(info, all_local_runs(q.shape[1] * info.world, info.world, layout,
+                                   mask.documents),
                                mask, scale, select_kernel(q.device, q.dtype), active_recorders())
     return TokenRingAttention.apply(q, k, v, plan)
 
@@ -143,6 +148,11 @@ def _check_length_and_flags(q, causal, scale, layout) -> Exception | None:
         return ValueError(f"layout='zigzag' holds two equal chunks per rank, so the local length "
                           f"must be even, got q.shape[1]={q.shape[1]}; pad the global sequence "
                           f"to a multiple of 2 x the group size")
+    if layout == BALANCED and q.shape[1] % CHUNKS_PER_RANK:
+        return ValueError(f"layout='balanced' holds {CHUNKS_PER_RANK} equal chunks per rank, so the "
+                          f"local length must be a multiple of {CHUNKS_PER_RANK}, got "
+                          f"q.shape[1]={q.shape[1]}; pad the global sequence to a multiple of "
+                          f"{CHUNKS_PER_RANK} x the group size")
     if not isinstance(causal, bool):
         return TypeError(f"causal must be a bool, got {causal!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
@@ -286,7 +296,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     problem = _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s2,
                                     info, mesh)
     if problem is None:
-        problem = _check_masks(q, backend, info, cu_seqlens, window, softcap, sinks)
+        problem = _check_masks(q, backend, layout, info, cu_seqlens, window, softcap, sinks)
     requested = backend
     shapes_ok = problem is None
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
@@ -318,8 +328,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, bac
     return (o, lse) if return_lse else o
 
 
-def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, sinks
-                 ) -> Exception | None:
+def _check_masks(q, backend: str, layout: str, info: GroupInfo, cu_seqlens, window, softcap,
+                 sinks) -> Exception | None:
     """This rank's verdict on the mask arguments (q is already known to be well formed)."""
     if backend == "s2" and not (cu_seqlens is None and window is None and softcap is None
                                 and sinks is None):
@@ -330,6 +340,8 @@ def _check_masks(q, backend: str, info: GroupInfo, cu_seqlens, window, softcap, 
         problem = check_cu_seqlens(cu_seqlens, q.shape[1] * info.world, q.shape[0])
         if problem:
             return problem
+    elif layout == BALANCED:
+        return ValueError(balanced_needs_documents())
     return _check_window_softcap_sinks(q, window, softcap, sinks)
 
 
@@ -413,10 +425,11 @@ def _check_decay(decay, q) -> Exception | None:
 
 def _check_linear_args(q, k, v, decay, causal, scale, layout) -> Exception | None:
     """This rank's verdict on the arguments of `linear_attention`: the exception, or None."""
-    if layout == "striped":
-        return ValueError("layout='striped' is not supported by linear_attention: LASP-2 passes "
-                          "one state per contiguous chunk, and a striped shard has none; use "
-                          "layout='contiguous' or 'zigzag'")
+    if layout in ("striped", BALANCED):
+        return ValueError(f"layout={layout!r} is not supported by linear_attention: LASP-2 passes "
+                          f"one state per contiguous chunk of a fixed layout (striped shards have "
+                          f"none, balanced ones depend on the documents); use "
+                          f"layout='contiguous' or 'zigzag'")
     if layout not in LAYOUTS:
         return ValueError(f"layout={layout!r} is unknown; choose one of {LINEAR_LAYOUTS}")
     problem = _check_tensors(q, k, v)

@@ -32,7 +32,7 @@ from seqpar.comm.primitives import resolve_group
 from seqpar.cost import Problem
 from seqpar.kernels import attention_reference, use_kernel
 from seqpar.kernels.torch_cpu import flash_fwd
-from seqpar.layout import LAYOUTS
+from seqpar.layout import FIXED_LAYOUTS
 from tests.checks import assert_close, magnitude, max_error, s2_rule_token_mask
 
 EXACT_REL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -249,7 +249,8 @@ def run_case(case: AttnCase, group=None, reference_scale=_SAME,
                     **{**masks, **(reference_masks or {})})
 
     def local(t, dim=1):
-        return seqpar.shard(t, group, dim=dim, layout=case.layout)
+        return seqpar.shard(t, group, dim=dim, layout=case.layout,
+                            cu_seqlens=masks["cu_seqlens"])
 
     q_l, k_l, v_l = (local(t).to(case.dtype).requires_grad_() for t in (q, k, v))
     options = {"s2": case.s2} if case.s2 is not None else {}
@@ -379,7 +380,7 @@ def fp32_grid(backend: str, worlds=(1, 2, 3, 4)) -> list:
                                          heads_q=hq, heads_kv=hkv, seq_local=12, head_dim=16,
                                          lse_grad=(world + len(layout)) % 2 == 0),
                          id=f"{world}-{layout}-{'causal' if causal else 'full'}-{name}")
-            for world in worlds for layout in LAYOUTS for causal in (True, False)
+            for world in worlds for layout in FIXED_LAYOUTS for causal in (True, False)
             for name, (hq, hkv) in (("mha", (4, 4)), ("gqa8:2", (8, 2)))]
 
 
@@ -387,7 +388,7 @@ def low_precision_grid(backend: str, worlds=(2, 4)) -> list:
     """bf16 and fp16, every layout, GQA 8:2."""
     return [pytest.param(world, low_precision_case(backend, layout, dtype),
                          id=f"{world}-{layout}-{name}")
-            for world in worlds for layout in LAYOUTS
+            for world in worlds for layout in FIXED_LAYOUTS
             for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
 
 

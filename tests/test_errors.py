@@ -52,6 +52,12 @@ MALFORMED = {
                          ValueError, r"head dims differ: q.shape\[3\]=16, k.shape\[3\]=8"),
     "odd zigzag shard": (lambda: seqpar.attention(*good(seq_local=7), layout="zigzag"),
                          ValueError, r"layout='zigzag'.*local length must be even, got q.shape\[1\]=7"),
+    "balanced without documents": (lambda: seqpar.attention(*good(), layout="balanced"),
+                                   ValueError, r"layout='balanced' deals chunks to ranks by the "
+                                               r"documents' work, so it needs cu_seqlens="),
+    "balanced shard of 6": (lambda: seqpar.attention(*good(seq_local=6), layout="balanced",
+                                                     cu_seqlens=torch.tensor([0, 6 * dist.get_world_size()])),
+                            ValueError, r"layout='balanced' holds 4 equal chunks per rank.*got q.shape\[1\]=6"),
     "negative scale": (lambda: seqpar.attention(*good(), scale=-1.0),
                        ValueError, r"scale must be None \(1/sqrt\(head_dim\)\) or a positive finite number, got -1.0"),
     "causal not bool": (lambda: seqpar.attention(*good(), causal="yes"),
@@ -64,6 +70,8 @@ MALFORMED = {
     "linear: striped layout": (lambda: seqpar.linear_attention(*good_linear(), layout="striped"),
                                ValueError, r"layout='striped' is not supported by linear_attention.*use "
                                            r"layout='contiguous' or 'zigzag'"),
+    "linear: balanced layout": (lambda: seqpar.linear_attention(*good_linear(), layout="balanced"),
+                                ValueError, r"layout='balanced' is not supported by linear_attention"),
     "linear: Dk mismatch": (lambda: seqpar.linear_attention(good_linear(dk=16)[0], *good_linear()[1:]),
                             ValueError, r"head dims differ: q.shape\[3\]=16, k.shape\[3\]=8"),
     "linear: v heads differ": (lambda: seqpar.linear_attention(*good_linear()[:2], good_linear(h=2)[2]),

@@ -25,15 +25,15 @@ def packed_view(layout: str) -> dict:
             "full": {k: v.long().tolist() for k, v in full.items()}}
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+@pytest.mark.parametrize("layout", ["zigzag", "striped", "balanced"])
 def test_packed_documents(worlds, layout):
     """4 ranks, documents 5 + 3 + 7 + 4 = 19 tokens and a filler document to what the layout
-    needs (zigzag 8 | S: 24, striped 4 | S: 20); positions restart per document; targets are the next token
+    needs (zigzag 8 | S: 24, striped 4 | S: 20, balanced 16 | S: 32); positions restart per document; targets are the next token
     of the same document (-100 at document ends, as the collator's labels make them)."""
     data = zoo.packed_batch()
     ids, pos = data["input_ids"][0].tolist(), data["position_ids"][0].tolist()
     for view in worlds(4).run(packed_view, layout):
-        length = 24 if layout == "zigzag" else 20
+        length = {"zigzag": 24, "striped": 20, "balanced": 32}[layout]
         assert view["local"]["seqpar_cu_seqlens"] == [0, 5, 8, 15, 19, length]
         assert len(view["local"]["input_ids"][0]) == length // 4
         assert view["full"]["input_ids"] == [ids]

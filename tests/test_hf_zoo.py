@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from seqpar.integrations import hf
-from seqpar.layout import LAYOUTS
+from seqpar.layout import FIXED_LAYOUTS
 from tests import zoo
 from tests.checks import assert_close, magnitude, max_error
 from tests.test_mesh import mesh
@@ -135,14 +135,17 @@ def check_case(family: str, kind: str, backend: str, layout: str) -> dict[str, f
 
 def grid() -> list[tuple[int, str, str, str, str]]:
     """(P, family, kind, backend, layout): every family x kind once; the index f + k walks the
-    backends (mod 5) and the group sizes (mod 2) together, so each backend meets P = 2 and 4."""
+    backends (mod 5) and the group sizes (mod 2) together, so each backend meets P = 2 and 4;
+    plus two packed / padded runs in layout="balanced"."""
     cases = []
     for f, family in enumerate(zoo.FAMILIES):
         for k, kind in enumerate(KINDS):
             step = f + k
             cases.append((2 if step % 2 == 0 else 4, family, kind, BACKENDS[step % 5],
-                          LAYOUTS[(f + 2 * k) % 3]))
-    return cases
+                          FIXED_LAYOUTS[(f + 2 * k) % 3]))
+    # layout="balanced" (packed documents dealt by their work) on two families and kinds
+    return cases + [(4, "llama", "packed", "ring", "balanced"),
+                    (2, "qwen2", "padded", "ulysses", "balanced")]
 
 
 GRID = grid()

@@ -65,6 +65,39 @@ def test_masks_match_reference(worlds, world, case):
     worlds(world).run(run_masked, case)
 
 
+# (docs, window, causal, heads q:kv, dtype): layout="balanced" (chunks dealt by the documents'
+# work) on every backend, each row on a different P; documents crossing the balanced chunks.
+BALANCED_ROWS = [
+    ("mixed", None, True, (4, 2), torch.float64),
+    ("random", 5, True, (4, 1), torch.float32),
+    ("span", None, False, (4, 4), torch.float64),
+    ("0,5,6,40,41,77,96", 30, True, (8, 2), torch.float32),
+]
+
+
+def balanced_grid() -> list:
+    params = []
+    for i, (docs, window, causal, heads, dtype) in enumerate(BALANCED_ROWS):
+        for j, backend in enumerate(SOFTMAX):
+            world = (2, 3, 4)[(i + j) % 3]
+            if backend == "usp" and world == 3:
+                world = 4
+            hq, hkv = heads
+            if backend == "ulysses" and hq % world:
+                hq, hkv = 6, 3 if hkv != 1 else 1
+            seq_local = 96 // world if "," in docs else 12
+            case = AttnCase(backend=backend, layout="balanced", causal=causal, heads_q=hq,
+                            heads_kv=hkv, seq_local=seq_local, head_dim=8, docs=docs,
+                            window=window, lse_grad=(i + j) % 2 == 0, dtype=dtype)
+            params.append(pytest.param(world, case, id=f"{world}-{case}"))
+    return params
+
+
+@pytest.mark.parametrize("world,case", balanced_grid())
+def test_balanced_layout_matches_reference(worlds, world, case):
+    worlds(world).run(run_masked, case)
+
+
 # ---------------------------------------------------------------- bytes: only what is seen moves
 
 def bytes_of(case: AttnCase) -> tuple[int, int]:

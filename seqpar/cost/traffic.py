@@ -105,7 +105,7 @@ def member_runs(p: Problem, groups: int) -> tuple[Runs, ...]:
     backends lay them out (P groups: each rank's own runs; USP's ring: the gathered runs of a
     Ulysses group; one group: the whole sequence in global order)."""
     from ..layout import all_local_runs  # layout -> comm.primitives; keep cost importable alone
-    runs = all_local_runs(p.seq_len, p.world, p.layout)
+    runs = all_local_runs(p.seq_len, p.world, p.layout, p.documents)
     if groups == p.world:
         return runs
     size = p.world // groups

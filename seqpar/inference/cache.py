@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..comm.primitives import GroupInfo, resolve_group
-from ..layout import check_layout
+from ..layout import BALANCED, check_layout
 
 
 @dataclass
@@ -85,6 +85,10 @@ class ShardedKVCache:
 
     def __init__(self, group=None, layout: str = "zigzag"):
         check_layout(layout, "ShardedKVCache")
+        if layout == BALANCED:
+            raise ValueError("ShardedKVCache: layout='balanced' places a packed training batch's "
+                             "documents; a cache serves one prompt: use layout='zigzag' or "
+                             "'contiguous'")
         self.group = group
         self.info: GroupInfo = resolve_group(group)
         self.layout = layout

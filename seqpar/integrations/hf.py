@@ -60,7 +60,9 @@ import torch.nn.functional as F
 
 from ..api import BACKENDS, attention
 from ..comm.primitives import GroupInfo, Traffic, agree, resolve_group, start_all_reduce
-from ..layout import LAYOUTS, check_layout, gather, positions, seq_len_error, shard
+from ..kernels.mask import runs_to_positions
+from ..layout import (BALANCED, LAYOUTS, check_layout, gather, local_runs, positions,
+                      seq_len_error, shard)
 from ..mesh import SPMesh
 from .hf_batch import (Packing, check_mask_and_positions, layout_unit, pack, packing_needed,
                        unpack)
@@ -184,8 +186,11 @@ def _position_offset(position_ids, seq_local: int, group, layout: str, cu_seqlen
     else:
         # a document's local tokens are consecutive here (a rank holds tokens in global order)
         bounds = cu_seqlens.to(position_ids.device, torch.int64)
-        doc = torch.searchsorted(bounds, positions(seq_local * world, group, layout,
-                                                   device=position_ids.device), right=True)
+        documents = tuple(bounds.tolist()) if layout == BALANCED else None
+        global_ids = runs_to_positions(local_runs(seq_local * world, world,
+                                                  resolve_group(group).rank, layout, documents),
+                                       device=position_ids.device)
+        doc = torch.searchsorted(bounds, global_ids, right=True)
         same = position_ids.shape[-1] == seq_local and bool(
             ((shift[..., 1:] == shift[..., :-1]) | (doc[1:] != doc[:-1])).all())
     if not same:
@@ -253,6 +258,10 @@ def _check_batch(batch, info: GroupInfo, layout: str) -> Exception | None:
                                        batch.get("position_ids"))
     if problem or packing_needed(batch.get("attention_mask"), batch.get("position_ids")):
         return problem  # packed into one row of a length the layout takes
+    if layout == BALANCED:
+        return ValueError("layout='balanced' places the tokens of packed documents; this batch "
+                          "has none (no restarting position_ids, no padding): use "
+                          "layout='zigzag' for plain rows")
     problem = seq_len_error(ids.shape[1], info.world, layout)
     return ValueError(f"batch['input_ids']: {problem}") if problem else None
 
@@ -310,7 +319,8 @@ def shard_batch(batch: Mapping[str, torch.Tensor], group=None, layout: str = "zi
         full, local.packing = pack(ids, labels, mask, given_positions,
                                    layout_unit(info.world, layout))
         for name, value in full.items():
-            local[name] = shard(value, group, dim=1, layout=layout)
+            local[name] = shard(value, group, dim=1, layout=layout,
+                                cu_seqlens=local.packing.cu_seqlens)
         local[DOCUMENTS_KEY] = local.packing.cu_seqlens
         return local
     local["input_ids"] = shard(ids, group, dim=1, layout=layout)
@@ -338,7 +348,9 @@ def unshard(local: torch.Tensor, local_batch: LocalBatch) -> torch.Tensor:
         raise ValueError(f"hf.unshard: local must be a tensor [B_loc, S_loc, ...] over this "
                          f"rank's tokens {tuple(ids.shape) if ids is not None else ()}, got "
                          f"{getattr(local, 'shape', type(local).__name__)}")
-    full = gather(local, local_batch.group, dim=1, layout=local_batch.layout)
+    cu_seqlens = local_batch.packing.cu_seqlens if local_batch.packing is not None else None
+    full = gather(local, local_batch.group, dim=1, layout=local_batch.layout,
+                  cu_seqlens=cu_seqlens)
     return full if local_batch.packing is None else unpack(full, local_batch.packing)
 
 

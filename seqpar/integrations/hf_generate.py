@@ -142,6 +142,10 @@ class GenerateAttention:
 
 
 def _check_generate_call(input_ids, info, layout: str, kwargs: dict) -> Exception | None:
+    if layout == "balanced":
+        return ValueError("hf.generate: layout='balanced' places a packed training batch's "
+                          "documents; a prompt is one sequence: use layout='zigzag' or "
+                          "'contiguous'")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
             or input_ids.is_floating_point():
         return ValueError(f"input_ids must be an integer tensor [batch, seq_len] (the whole "

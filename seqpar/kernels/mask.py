@@ -68,7 +68,7 @@ MIN_TILE = 64  # narrowest band the fused op is worth calling on; narrower: chun
 # dense ring's blocks at S = 16384 (noise ~ +-0.05): windows of 1K / 2K cost 1.07-1.18x at tiles
 # of 256, 512 or unbounded; packed documents (log-normal, median 1K) 1.32x at 512, 1.39x
 # unbounded, 1.43x at 256. 512 rows: fewer calls and merges than 256, no slower.
-EDGE_TILE = 512
+EDGE_TILE = 256
 
 
 @dataclass(frozen=True)
