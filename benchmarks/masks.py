@@ -17,12 +17,13 @@ On P CPU ranks (torchrun's machinery, cores // P threads each), causal fwd+bwd, 
 
 Each seqpar backend (ring, tokenring, ulysses, usp with U=2, allgather; zigzag layout, and for
 the documents layout="balanced" -- `--docs-layout zigzag` to see what zigzag leaves) runs each
-problem; reported per row: fwd+bwd time (median of --repeats, slowest rank), the number of
+problem; reported per row: fwd+bwd time (median of --repeats rounds, each timing every
+method once in turn, of the slowest rank), the number of
 visible (query, key) pairs (causal: a document of L tokens has L (L + 1) / 2; a window row i sees
 min(i + 1, W) keys), the time per visible pair relative to the same backend's dense causal time
 per pair ("pair cost": 1.0 means the mask's work costs what dense work costs, per pair; the
 target is <= 1.3), bytes sent per rank (`seqpar.comm_stats`), peak memory per rank, and the max
-difference of the gathered output from a single-process masked SDPA computation of the same
+difference of the output from a single-process masked SDPA computation of the same
 problem (`masked_sdpa`, a check that every method computes the masked attention).
 
 The peer a user would reach for: DeepSpeed-Ulysses (`DistributedAttention`, contiguous shards)
@@ -135,19 +136,25 @@ def _measure(step, repeats: int, device) -> tuple[list[float], object, int]:
     step()  # warm-up
     times, result, peak_bytes = [], None, None
     for _ in range(repeats):
-        dist.barrier()
-        with peak_memory(device) as peak:
-            holder = {}
-            times.append(timed(lambda: holder.__setitem__("r", step()), device))
-        result = holder["r"]
-        peak_bytes = peak.bytes if peak_bytes is None else peak_bytes
+        seconds, result, peak = _measure_once(step, device)
+        times.append(seconds)
+        peak_bytes = peak if peak_bytes is None else peak_bytes
     slowest = torch.tensor(times)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return slowest.tolist(), result, peak_bytes
 
 
+def _measure_once(step, device) -> tuple[float, object, int]:
+    """One timed call of `step` after a barrier: (seconds on this rank, its result, peak bytes)."""
+    dist.barrier()
+    with peak_memory(device) as peak:
+        holder = {}
+        seconds = timed(lambda: holder.__setitem__("r", step()), device)
+    return seconds, holder["r"], peak.bytes
+
+
 def _row(name, problem, times, sent, peak, diff, world) -> dict:
-    totals = torch.tensor([float(sent), float(peak)])
+    totals = torch.tensor([float(sent), float(peak), float(diff)])
     dist.all_reduce(totals, op=dist.ReduceOp.MAX)
     return {"method": name, "problem": problem["problem"], "S": problem["S"], "P": world,
             "layout": problem["layout"] if name.startswith("seqpar") else "contiguous",
@@ -155,37 +162,58 @@ def _row(name, problem, times, sent, peak, diff, world) -> dict:
             "documents": None if problem["lengths"] is None else len(problem["lengths"]),
             "seconds": statistics.median(times), "times": times,
             "sent_bytes": int(totals[0].item()), "peak_bytes": int(totals[1].item()),
-            "diff": diff}
+            "diff": totals[2].item()}
 
 
 def _seqpar_worker(config: dict) -> list[dict]:
+    """Every (problem, backend) is warmed up once, then timed in rounds: round r times each of
+    them once, so a slow spell of the machine (other jobs, the OS) falls on every method alike
+    instead of on the ones measured while it lasted. Reported: the median over rounds of the
+    slowest rank."""
     import seqpar
 
     rank, world, device, _ = start_rank(config)
-    rows = []
+    runs = []  # (problem, backend, step, expected local output)
     for problem in config["problems"]:
         q, k, v, do = inputs(problem, config["heads"], config["dim"])
         cu = cu_seqlens_of(problem["lengths"])
-        expected = masked_sdpa(q, k, v, problem["lengths"], problem["window"])
+        layout = problem["layout"]
+        expected = seqpar.shard(masked_sdpa(q, k, v, problem["lengths"], problem["window"]),
+                                layout=layout, cu_seqlens=cu)
+        local = [seqpar.shard(t, layout=layout, cu_seqlens=cu) for t in (q, k, v, do)]
+        del q, k, v, do
         for backend in config["backends"]:
             group = seqpar.SPMesh(ulysses=2) if backend == "usp" else None
-            layout = problem["layout"]
-            local = [seqpar.shard(t, group, layout=layout, cu_seqlens=cu) for t in (q, k, v, do)]
 
-            def step():
+            def step(backend=backend, group=group, local=local, cu=cu, layout=layout,
+                     window=problem["window"]):
                 q_l, k_l, v_l = (t.detach().requires_grad_() for t in local[:3])
                 with seqpar.comm_stats() as stats:
                     o = seqpar.attention(q_l, k_l, v_l, group, backend=backend, causal=True,
-                                         layout=layout, cu_seqlens=cu, window=problem["window"])
+                                         layout=layout, cu_seqlens=cu, window=window)
                     o.backward(local[3])
                 return o.detach(), stats.sent()
-            times, (out, sent), peak = _measure(step, config["repeats"], device)
-            full = seqpar.gather(out, group, layout=layout, cu_seqlens=cu)
-            diff = (full - expected).abs().max().item()
-            rows.append(_row(f"seqpar {backend}", problem, times, sent, peak, diff, world))
-            if rank == 0:
-                print(f"  {problem['problem']} S={problem['S']} {backend}: "
-                      f"{rows[-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
+            step()  # warm-up
+            runs.append((problem, backend, step, expected))
+    times = [[] for _ in runs]
+    outcome = [None] * len(runs)
+    for _ in range(config["repeats"]):
+        for i, (_, _, step, _) in enumerate(runs):
+            seconds, result, peak = _measure_once(step, device)
+            times[i].append(seconds)
+            if outcome[i] is None:
+                outcome[i] = (result, peak)
+    slowest = torch.tensor(times)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    rows = []
+    for i, (problem, backend, _, expected) in enumerate(runs):
+        (out, sent), peak = outcome[i]
+        diff = (out - expected).abs().max().item()
+        rows.append(_row(f"seqpar {backend}", problem, slowest[i].tolist(), sent, peak, diff,
+                         world))
+        if rank == 0:
+            print(f"  {problem['problem']} S={problem['S']} {backend}: "
+                  f"{rows[-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
     dist.destroy_process_group()
     return rows
 
