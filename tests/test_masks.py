@@ -125,6 +125,13 @@ TRAFFIC = [
     # returns their 4-row partial.
     ("tokenring", 4, "contiguous", 16, None, 5, [576, 512 + 576, 512 + 576, 512],
      [512, 1152 + 512, 1152 + 512, 1152]),
+    # allgather, contiguous, causal W = 5: each rank shares its halo, the last 4 rows (rank 3's
+    # is empty, padded to H = 4): (P - 1) * 4 rows each way, whatever S_loc (and P = 2 below).
+    ("allgather", 4, "contiguous", 16, None, 5, [1536] * 4, [1536] * 4),
+    ("allgather", 2, "contiguous", 32, None, 5, [512, 512], [512, 512]),
+    # zigzag W = 3 (chunks of 8): halos of 2 rows per chunk some other rank sees: rank 0 two
+    # (of chunk 0), ranks 1 and 2 four, rank 3 two (of chunk 4): H = 4.
+    ("allgather", 4, "zigzag", 16, None, 3, [1536] * 4, [1536] * 4),
 ]
 
 

@@ -22,9 +22,17 @@ Traffic per rank (K/V itemsize b, accumulators a = 4 bytes, 8 for fp64):
     backward  (P - 1) * 2 * B * S_loc * Hkv * D * a       reduce-scatter of dK and dV
 Memory: the gathered K/V (P times the local K/V) is kept for the backward.
 
-Windows and documents: the plan (`plan_blocks` with the call's `MaskRule`) cuts the gathered
-keys to the sub-blocks some local query sees, so invisible pairs cost no compute; the
-collectives (and their bytes) stay those above.
+Windows and documents: the plan (`plan_blocks` with the call's `MaskRule`) cuts the keys to
+the sub-blocks some local query sees, so invisible pairs cost no compute. What travels shrinks
+too: rank p shares only its *halo* -- per local run, the hull of the key rows some other rank's
+queries see (`kernels.mask.halo_runs`), h_p rows -- padded to H = max_p h_p so the collectives
+stay one all-gather and one reduce-scatter:
+    forward   (P - 1) * 2 * B * H * Hkv * D * b       all-gather of the halos' K and V
+    backward  (P - 1) * 2 * B * H * Hkv * D * a       reduce-scatter of their dK and dV
+Each rank attends to its own K/V (local, not sent) followed by the others' halos. A window of
+W <= the shortest chunk gives H <= (runs per rank) * (W - 1): bytes independent of S, like the
+ring's. When the halos are as large as the shards (documents spanning ranks, wide windows) the
+plain gather above runs instead.
 
 Shapes: q [B, S_loc, Hq, D], k/v [B, S_loc, Hkv, D]; o like q; lse [B, Hq, S_loc].
 """
@@ -35,7 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.mask import Runs, SubBlock, gathered_runs, plan_blocks, token_slots
+from ..kernels.mask import (Runs, SubBlock, as_rule, gathered_runs, halo_runs, plan_blocks,
+                            runs_length, token_slots)
 from ..kernels.plan import PlanKernel, accumulator_dtype
 from .primitives import CommStats, GroupInfo, Traffic, gather_tokens, reduce_scatter_tokens
 
@@ -45,7 +54,9 @@ class AllGatherPlan:
     """Everything non-tensor an all-gather call needs; lives on ctx between forward and backward.
 
     slots: where each rank's tokens sit in the gathered K/V (None: rank order); blocks: the
-    kernel plan of the local queries against it.
+    kernel plan of the local queries against it. halo (masked calls whose halos are smaller
+    than the shards): per rank, the local rows it shares (int64 indices), padded to
+    `halo_size`; the keys are then this rank's own K/V followed by the other ranks' halos.
     """
 
     info: GroupInfo
@@ -54,21 +65,70 @@ class AllGatherPlan:
     scale: float
     kernel: PlanKernel
     recorders: tuple[CommStats, ...]
+    halo: tuple[torch.Tensor, ...] | None = None
+    halo_size: int = 0
 
     @classmethod
-    def build(cls, info: GroupInfo, all_runs: tuple[Runs, ...], causal: bool, scale: float,
+    def build(cls, info: GroupInfo, all_runs: tuple[Runs, ...], causal, scale: float,
               kernel: PlanKernel, recorders: tuple[CommStats, ...]) -> "AllGatherPlan":
+        rule = as_rule(causal)
+        local = all_runs[info.rank]
+        if rule.masked and info.world > 1:
+            pieces = [halo_runs(all_runs, p, rule) for p in range(info.world)]
+            size = max(sum(run.length for _, run in rank_pieces) for rank_pieces in pieces)
+            if size < runs_length(local):
+                halo = tuple(torch.cat([torch.arange(offset, offset + run.length)
+                                        for offset, run in rank_pieces] or
+                                       [torch.empty(0, dtype=torch.int64)])
+                             for rank_pieces in pieces)
+                key_runs = local + tuple(run for p, rank_pieces in enumerate(pieces)
+                                         if p != info.rank for _, run in rank_pieces)
+                return cls(info, None, plan_blocks(local, key_runs, rule), scale, kernel,
+                           recorders, halo, size)
         kv_runs = gathered_runs(all_runs, interleave=False)
-        return cls(info, token_slots(all_runs, kv_runs),
-                   plan_blocks(all_runs[info.rank], kv_runs, causal), scale, kernel, recorders)
+        return cls(info, token_slots(all_runs, kv_runs), plan_blocks(local, kv_runs, rule),
+                   scale, kernel, recorders)
+
+
+def _halo_kv(kv: torch.Tensor, plan: AllGatherPlan, traffic: Traffic) -> torch.Tensor:
+    """[2, B, S_loc, Hkv, D] own K/V -> own K/V followed by every other rank's halo rows."""
+    rows = plan.halo[plan.info.rank].to(kv.device)
+    send = kv.new_zeros(kv.shape[:2] + (plan.halo_size,) + kv.shape[3:])
+    send[:, :, :len(rows)] = kv.index_select(2, rows)
+    gathered = gather_tokens(send, plan.info, None, 2, traffic)
+    size = plan.halo_size
+    others = [gathered[:, :, p * size:p * size + len(rows_p)]
+              for p, rows_p in enumerate(plan.halo) if p != plan.info.rank]
+    return torch.cat([kv] + others, dim=2)
+
+
+def _halo_grads(dkv_all: torch.Tensor, seq_local: int, plan: AllGatherPlan,
+                traffic: Traffic) -> torch.Tensor:
+    """The adjoint of `_halo_kv`: own dK/dV plus what the other ranks computed for its halo."""
+    size, rank = plan.halo_size, plan.info.rank
+    back = dkv_all.new_zeros(dkv_all.shape[:2] + (plan.info.world * size,) + dkv_all.shape[3:])
+    offset = seq_local
+    for p, rows_p in enumerate(plan.halo):
+        if p != rank:
+            back[:, :, p * size:p * size + len(rows_p)] = dkv_all[:, :, offset:offset + len(rows_p)]
+            offset += len(rows_p)
+    received = reduce_scatter_tokens(back, plan.info, None, 2, traffic)
+    own = dkv_all[:, :, :seq_local].clone()
+    rows = plan.halo[rank].to(own.device)
+    own.index_add_(2, rows, received[:, :, :len(rows)])
+    return own
 
 
 def allgather_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AllGatherPlan
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, lse) in the accumulator dtype, and the gathered [2, B, S, Hkv, D] K/V."""
+    """(o, lse) in the accumulator dtype, and the gathered [2, B, S, Hkv, D] K/V (with a
+    halo: own K/V and the other ranks' halos)."""
     acc_dtype = accumulator_dtype(q.dtype)
-    kv = gather_tokens(torch.stack((k, v)), plan.info, plan.slots, 2,
-                       Traffic.now("allgather.fwd", plan.recorders))
+    traffic = Traffic.now("allgather.fwd", plan.recorders)
+    if plan.halo is not None:
+        kv = _halo_kv(torch.stack((k, v)), plan, traffic)
+    else:
+        kv = gather_tokens(torch.stack((k, v)), plan.info, plan.slots, 2, traffic)
     o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc_dtype,
                      device=q.device)
@@ -85,8 +145,11 @@ def allgather_bwd(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, o: torch.
     dkv_all = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)
     plan.kernel.bwd_into(dq, dkv_all[0], dkv_all[1], do, q, kv[0], kv[1], o, lse, dlse,
                          plan.blocks, plan.scale)
-    dkv = reduce_scatter_tokens(dkv_all, plan.info, plan.slots, 2,
-                                Traffic.now("allgather.bwd", plan.recorders))
+    traffic = Traffic.now("allgather.bwd", plan.recorders)
+    if plan.halo is not None:
+        dkv = _halo_grads(dkv_all, q.shape[1], plan, traffic)
+    else:
+        dkv = reduce_scatter_tokens(dkv_all, plan.info, plan.slots, 2, traffic)
     return dq, dkv[0], dkv[1]
 
 

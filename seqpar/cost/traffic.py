@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..kernels.mask import (MaskRule, Runs, causal_pairs, gathered_runs, plan_blocks,
-                            visible_key_span)
+from ..kernels.mask import (MaskRule, Runs, causal_pairs, gathered_runs, halo_runs,
+                            plan_blocks, visible_key_span)
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -303,13 +303,26 @@ def usp_volume(p: Problem) -> dict[str, Volume]:
 
 # ---------------------------------------------------------------- allgather, lasp2
 
+def allgather_halo_rows(p: Problem) -> int:
+    """Rows of K/V each rank shares in the all-gather: the shard, or with a window or documents
+    the largest halo (`kernels.mask.halo_runs`) when it is smaller (`comm/allgather.py`)."""
+    if not p.masked or p.world == 1:
+        return p.seq_local
+    runs = member_runs(p, p.world)
+    halo = max(sum(run.length for _, run in halo_runs(runs, rank, p.rule))
+               for rank in range(p.world))
+    return min(halo, p.seq_local)
+
+
 def allgather_volume(p: Problem) -> tuple[Volume, Volume]:
     """(forward, backward): all-gather of K and V, reduce-scatter of dK and dV in the
-    accumulator dtype, (P - 1) local blocks each (`comm/allgather.py`)."""
+    accumulator dtype, (P - 1) blocks of `allgather_halo_rows` rows each (`comm/allgather.py`)."""
     if p.world == 1:
         return Volume(), Volume()
-    return (Volume((p.world - 1) * kv_block_bytes(p), p.world - 1),
-            Volume((p.world - 1) * kv_block_bytes(p, itemsize=p.acc_itemsize), p.world - 1))
+    rows = allgather_halo_rows(p)
+    return (Volume((p.world - 1) * kv_block_bytes(p, tokens=p.batch * rows), p.world - 1),
+            Volume((p.world - 1) * kv_block_bytes(p, tokens=p.batch * rows,
+                                                  itemsize=p.acc_itemsize), p.world - 1))
 
 
 def lasp2_state_bytes(p: Problem) -> int:

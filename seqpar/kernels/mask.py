@@ -68,7 +68,7 @@ MIN_TILE = 64  # narrowest band the fused op is worth calling on; narrower: chun
 # dense ring's blocks at S = 16384 (noise ~ +-0.05): windows of 1K / 2K cost 1.07-1.18x at tiles
 # of 256, 512 or unbounded; packed documents (log-normal, median 1K) 1.32x at 512, 1.39x
 # unbounded, 1.43x at 256. 512 rows: fewer calls and merges than 256, no slower.
-EDGE_TILE = 256
+EDGE_TILE = 512
 
 
 @dataclass(frozen=True)
@@ -409,6 +409,23 @@ def visible_key_span(q_runs: Runs, k_runs: Runs, rule: MaskRule) -> list[tuple[i
             spans.append((0, 0))
         offset += run.length
     return spans
+
+
+def halo_runs(all_runs: tuple[Runs, ...], rank: int, rule: MaskRule) -> tuple[tuple[int, Run], ...]:
+    """The keys of `rank` that some OTHER rank's queries see under `rule`: per key run of the
+    rank, the hull of what every other rank sees of it (`visible_key_span`), as (local offset,
+    run of global positions) pieces in local order. What a masked all-gather must share."""
+    runs = all_runs[rank]
+    spans = [visible_key_span(all_runs[x], runs, rule) for x in range(len(all_runs)) if x != rank]
+    pieces, offset = [], 0
+    for j, run in enumerate(runs):
+        seen = [span[j] for span in spans if span[j][1] > span[j][0]]
+        if seen:
+            first, end = min(a for a, _ in seen), max(b for _, b in seen)
+            stride = run.stride if run.length > 1 else 1
+            pieces.append((offset + first, Run(run.start + first * stride, end - first, stride)))
+        offset += run.length
+    return tuple(pieces)
 
 
 # ---------------------------------------------------------------- several ranks' tokens in one tensor
