@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import seqpar
 from benchmarks.common import header_text, machine, mib, peak_memory, table, timed
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 
 
 def single_process(q, k, v, do, causal):
@@ -65,7 +65,7 @@ def main() -> None:
     del warm
 
     rows = []
-    for layout in FIXED_LAYOUTS:
+    for layout in LAYOUTS:
         q_l, k_l, v_l = (seqpar.shard(t, layout=layout).requires_grad_() for t in (q, k, v))
         do_l = seqpar.shard(do, layout=layout)
         dist.barrier()

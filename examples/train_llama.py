@@ -64,7 +64,7 @@ def arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas (divides ranks)")
     parser.add_argument("--ulysses", type=int, default=1, help="Ulysses degree (backend usp)")
     parser.add_argument("--backend", default="ring", choices=sorted(seqpar.BACKENDS))
-    parser.add_argument("--layout", default="zigzag", choices=seqpar.LAYOUTS)
+    parser.add_argument("--layout", default="zigzag", choices=seqpar.LAYOUTS + ("balanced",))
     parser.add_argument("--packed", action="store_true",
                         help="packed chapter pieces (documents) instead of windows of the text")
     parser.add_argument("--hidden", type=int, default=64)

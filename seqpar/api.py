@@ -46,7 +46,7 @@ from .kernels.s2 import S2Pattern, warn_if_uncovered
 from .kernels.sinks import AttentionSinks
 from .kernels.plan import accumulator_dtype
 from .balanced import CHUNKS_PER_RANK
-from .layout import BALANCED, LAYOUTS, all_local_runs, balanced_needs_documents, local_runs
+from .layout import ALL_LAYOUTS, BALANCED, all_local_runs, balanced_needs_documents, local_runs
 from .mesh import SPMesh
 
 BACKENDS: dict[str, Callable] = {}
@@ -166,7 +166,7 @@ def _agreed_call_values(q, causal, scale, layout, ok: bool) -> dict[str, int]:
     """The values every rank of one call must share, as integers for `agree` (placeholders
     where this rank's arguments are bad: its own error is raised instead)."""
     return {
-        "layout": LAYOUTS.index(layout) if layout in LAYOUTS else -1,
+        "layout": ALL_LAYOUTS.index(layout) if layout in ALL_LAYOUTS else -1,
         "causal": int(bool(causal)) if isinstance(causal, bool) else -1,
         "scale": _float_bits(float(scale)) if ok and scale is not None else 0,
         "dtype": _DTYPE_CODES[q.dtype] if ok else -1,
@@ -181,8 +181,8 @@ def _check_attention_args(q, k, v, backend, causal, scale, layout, return_lse, s
     if backend not in BACKENDS and backend != "auto":
         return ValueError(f"backend={backend!r} is not available; choose one of "
                           f"{sorted(BACKENDS) + ['auto']}")
-    if layout not in LAYOUTS:
-        return ValueError(f"layout={layout!r} is unknown; choose one of {LAYOUTS}")
+    if layout not in ALL_LAYOUTS:
+        return ValueError(f"layout={layout!r} is unknown; choose one of {ALL_LAYOUTS}")
     problem = _check_tensors(q, k, v)
     if problem:
         return problem
@@ -430,7 +430,7 @@ def _check_linear_args(q, k, v, decay, causal, scale, layout) -> Exception | Non
                           f"one state per contiguous chunk of a fixed layout (striped shards have "
                           f"none, balanced ones depend on the documents); use "
                           f"layout='contiguous' or 'zigzag'")
-    if layout not in LAYOUTS:
+    if layout not in ALL_LAYOUTS:
         return ValueError(f"layout={layout!r} is unknown; choose one of {LINEAR_LAYOUTS}")
     problem = _check_tensors(q, k, v)
     if problem:

@@ -55,7 +55,7 @@ def info(argv: list[str]) -> int:
 
     print(f"seqpar {seqpar.__version__}, torch {torch.__version__}, "
           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}")
-    print(f"backends: {', '.join(sorted(seqpar.BACKENDS))}; layouts: {', '.join(seqpar.LAYOUTS)}")
+    print(f"backends: {', '.join(sorted(seqpar.BACKENDS))}; layouts: {', '.join(seqpar.LAYOUTS)}, balanced (packed documents)")
     for extra, module in (("gpu", "triton"), ("hf", "transformers"), ("deepspeed", "deepspeed"),
                           ("mpi", "mpi4py")):
         print(f"  {module:<13} {_version(module):<16} (extra: {extra})")

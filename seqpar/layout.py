@@ -26,16 +26,17 @@ from .comm.primitives import GroupInfo, agree, all_gather_along, resolve_group
 from .documents import check_cu_seqlens, cu_seqlens_agreement
 from .kernels.mask import Run, Runs, runs_to_positions
 
-# Layouts fixed by S and P alone, and the one placed by the documents' work (needs cu_seqlens).
-FIXED_LAYOUTS = ("contiguous", "zigzag", "striped")
+# The layouts fixed by S and P alone (the public `seqpar.LAYOUTS`), and the one placed by the
+# documents' work, which needs cu_seqlens wherever a layout is named.
+LAYOUTS = ("contiguous", "zigzag", "striped")
 BALANCED = "balanced"
-LAYOUTS = FIXED_LAYOUTS + (BALANCED,)
+ALL_LAYOUTS = LAYOUTS + (BALANCED,)
 _MAX_DIMS = 8
 
 
 def check_layout(layout: str, where: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"{where}: unknown layout={layout!r}; choose one of {LAYOUTS}")
+    if layout not in ALL_LAYOUTS:
+        raise ValueError(f"{where}: unknown layout={layout!r}; choose one of {ALL_LAYOUTS}")
 
 
 def chunks_per_rank(layout: str) -> int:
@@ -205,11 +206,11 @@ def gather(x_local: torch.Tensor, group=None, dim: int = 1, layout: str = "zigza
     shape = {f"x_local.shape[{i}]": x_local.shape[i] if i < x_local.dim() else -1
              for i in range(_MAX_DIMS)}
     agree(info, "seqpar.gather", {"x_local.dim()": x_local.dim(), "dim": dim,
-                                  "layout": LAYOUTS.index(layout), **shape,
+                                  "layout": ALL_LAYOUTS.index(layout), **shape,
                                   **cu_seqlens_agreement(cu_seqlens, local_error is None)},
           local_error, x_local.device)
     return _Gather.apply(x_local, info, dim, layout, documents)
 
 
-__all__ = ["LAYOUTS", "FIXED_LAYOUTS", "BALANCED", "layout_documents", "local_runs", "all_local_runs", "positions", "shard", "gather",
+__all__ = ["LAYOUTS", "ALL_LAYOUTS", "BALANCED", "layout_documents", "local_runs", "all_local_runs", "positions", "shard", "gather",
            "seq_len_error", "chunks_per_rank", "check_layout"]

@@ -32,7 +32,7 @@ from seqpar.comm.primitives import resolve_group
 from seqpar.cost import Problem
 from seqpar.kernels import attention_reference, use_kernel
 from seqpar.kernels.torch_cpu import flash_fwd
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 from tests.checks import assert_close, magnitude, max_error, s2_rule_token_mask
 
 EXACT_REL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -380,7 +380,7 @@ def fp32_grid(backend: str, worlds=(1, 2, 3, 4)) -> list:
                                          heads_q=hq, heads_kv=hkv, seq_local=12, head_dim=16,
                                          lse_grad=(world + len(layout)) % 2 == 0),
                          id=f"{world}-{layout}-{'causal' if causal else 'full'}-{name}")
-            for world in worlds for layout in FIXED_LAYOUTS for causal in (True, False)
+            for world in worlds for layout in LAYOUTS for causal in (True, False)
             for name, (hq, hkv) in (("mha", (4, 4)), ("gqa8:2", (8, 2)))]
 
 
@@ -388,7 +388,7 @@ def low_precision_grid(backend: str, worlds=(2, 4)) -> list:
     """bf16 and fp16, every layout, GQA 8:2."""
     return [pytest.param(world, low_precision_case(backend, layout, dtype),
                          id=f"{world}-{layout}-{name}")
-            for world in worlds for layout in FIXED_LAYOUTS
+            for world in worlds for layout in LAYOUTS
             for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))]
 
 

@@ -10,7 +10,7 @@ from seqpar.comm.allgather import AllGatherPlan
 from seqpar.comm.primitives import GroupInfo
 from seqpar.kernels.dispatch import KERNELS
 from seqpar.kernels.mask import MaskKind, causal_pairs, gathered_runs, runs_to_positions
-from seqpar.layout import FIXED_LAYOUTS, all_local_runs
+from seqpar.layout import LAYOUTS, all_local_runs
 from seqpar.cost.traffic import allgather_volume
 from tests.attention_cases import (AttnCase, check_lse_only_gradient, low_precision_case,
                                    odd_shapes, problem_of, run_case_and_count)
@@ -29,7 +29,7 @@ def check_allgather(case: AttnCase) -> dict:
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa8:2"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_allgather_fp32(worlds, world, layout, causal, heads):
     case = AttnCase(backend="allgather", layout=layout, causal=causal, heads_q=heads[0],
@@ -38,7 +38,7 @@ def test_allgather_fp32(worlds, world, layout, causal, heads):
     worlds(world).run(check_allgather, case)
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_allgather_fp64_is_exact(worlds, world, layout):
     case = AttnCase(backend="allgather", layout=layout, dtype=torch.float64, heads_q=6,
@@ -63,7 +63,7 @@ def test_allgather_lse_only_gradient(worlds):
     worlds(2).run(check_lse_only_gradient, "allgather", "zigzag")
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_causal_plan_touches_only_visible_keys(world, layout):
     """Every kept (query, key) product is computed exactly once, no sub-block reaches past the

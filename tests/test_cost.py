@@ -22,14 +22,14 @@ from seqpar.cost.model import causal_block_products, group_work, steps_of, work_
 from seqpar.cost.traffic import kv_split, tokenring_volume
 from seqpar.kernels.dispatch import KERNELS
 from seqpar.kernels.mask import causal_pairs, plan_blocks
-from seqpar.layout import FIXED_LAYOUTS, all_local_runs
+from seqpar.layout import LAYOUTS, all_local_runs
 from tests.attention_cases import AttnCase, run_case
 
 # ---------------------------------------------------------------- work and traffic formulas
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_work_matrix_counts_what_the_planner_plans(layout, causal):
     """Products of rank x's queries with rank y's keys: the closed forms equal the pairs of
     `plan_blocks` (the plans the backends run) for every pair of ranks."""
@@ -43,7 +43,7 @@ def test_work_matrix_counts_what_the_planner_plans(layout, causal):
                 assert calls[x, y] == (1 if planned else 0)
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world, ulysses", [(4, 1), (4, 2), (4, 4), (6, 2), (6, 3), (8, 4)])
 def test_group_work_is_what_the_usp_ring_computes(world, ulysses, layout):
     """USP's ring across R Ulysses groups: the model's per-step work of each group equals the
@@ -103,7 +103,7 @@ def tokenring_rule(layout: str, causal: bool, world: int, rank: int, s: int, n: 
 
 
 def test_tokenring_volume_follows_the_layout_rule():
-    for layout, causal, world, s in itertools.product(FIXED_LAYOUTS, (True, False), range(1, 7),
+    for layout, causal, world, s in itertools.product(LAYOUTS, (True, False), range(1, 7),
                                                       (1, 2, 6, 9)):
         if layout == "zigzag" and s % 2:
             continue
@@ -140,7 +140,7 @@ def test_auto_never_picks_an_illegal_backend():
         heads_kv = rng.choice([1, 2, 4, 8])
         heads_q = heads_kv * rng.choice([1, 2, 3, 4])
         divisors = [u for u in range(1, world + 1) if world % u == 0]
-        layout = rng.choice(FIXED_LAYOUTS)
+        layout = rng.choice(LAYOUTS)
         p = Problem(batch=rng.choice([1, 2]), seq_len=2 * world * rng.choice([8, 256, 4096]),
                     heads_q=heads_q, heads_kv=heads_kv, head_dim=rng.choice([64, 128]),
                     world=world, itemsize=rng.choice([2, 4]), causal=rng.random() < 0.7,

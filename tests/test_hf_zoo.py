@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from seqpar.integrations import hf
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 from tests import zoo
 from tests.checks import assert_close, magnitude, max_error
 from tests.test_mesh import mesh
@@ -142,7 +142,7 @@ def grid() -> list[tuple[int, str, str, str, str]]:
         for k, kind in enumerate(KINDS):
             step = f + k
             cases.append((2 if step % 2 == 0 else 4, family, kind, BACKENDS[step % 5],
-                          FIXED_LAYOUTS[(f + 2 * k) % 3]))
+                          LAYOUTS[(f + 2 * k) % 3]))
     # layout="balanced" (packed documents dealt by their work) on two families and kinds
     return cases + [(4, "llama", "packed", "ring", "balanced"),
                     (2, "qwen2", "padded", "ulysses", "balanced")]

@@ -11,7 +11,7 @@ from seqpar.kernels import KERNELS, MaskKind, Run, attention_reference, merge, m
 from seqpar.kernels import plan_blocks, runs_to_positions
 from seqpar.kernels import torch_cpu
 from seqpar.kernels.mask import causal_pairs
-from seqpar.layout import FIXED_LAYOUTS, local_runs
+from seqpar.layout import LAYOUTS, local_runs
 from tests.checks import assert_close
 
 
@@ -76,7 +76,7 @@ RUN_PAIRS = [
     ((Run(0, 5, 3),), (Run(1, 7),)), ((Run(7, 1),), (Run(0, 3, 4),)),
     ((Run(0, 3), Run(9, 3)), (Run(3, 3), Run(6, 3))), ((Run(0, 3), Run(9, 3)), (Run(0, 3), Run(9, 3))),
 ] + [(local_runs(24, p, r, layout), local_runs(24, p, s, layout))
-     for layout in FIXED_LAYOUTS for p in (2, 3, 4) for r in range(p) for s in range(p)]
+     for layout in LAYOUTS for p in (2, 3, 4) for r in range(p) for s in range(p)]
 
 
 @pytest.mark.parametrize("q_runs,k_runs", RUN_PAIRS)
@@ -92,7 +92,7 @@ def test_plan_covers_each_visible_pair_exactly_once(q_runs, k_runs):
 
 def test_plan_uses_the_fused_op_for_every_layout():
     """Layouts never need the slow explicit-positions mask, and zigzag steps are one call."""
-    for layout, p in itertools.product(FIXED_LAYOUTS, (2, 3, 4, 8)):
+    for layout, p in itertools.product(LAYOUTS, (2, 3, 4, 8)):
         for r, s in itertools.product(range(p), repeat=2):
             blocks = plan_blocks(local_runs(64 * p, p, r, layout), local_runs(64 * p, p, s, layout), True)
             assert all(b.kind is not MaskKind.POSITIONS for b in blocks)

@@ -11,10 +11,10 @@ import torch.distributed as dist
 import seqpar
 from seqpar.inference import ShardedKVCache
 from seqpar.kernels import runs_to_positions
-from seqpar.layout import FIXED_LAYOUTS, local_runs
+from seqpar.layout import LAYOUTS, local_runs
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
 def test_every_token_lives_on_exactly_one_rank(world, layout):
     seq = 2 * world * 3
@@ -45,7 +45,7 @@ def test_divisibility_errors_say_what_to_change(layout, seq, message):
 
 def test_single_process_shard_is_identity_and_bad_args_raise():
     x = torch.randn(2, 6, 3)
-    for layout in FIXED_LAYOUTS:
+    for layout in LAYOUTS:
         assert torch.equal(seqpar.shard(x, layout=layout), x)
         assert torch.equal(seqpar.gather(x, layout=layout), x)
     with pytest.raises(ValueError, match=r"seqpar.shard: unknown layout='zig'"):
@@ -74,7 +74,7 @@ def round_trips(seq: int, layout: str) -> list:
     return seqpar.positions(seq, layout=layout).tolist()
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_shard_gather_round_trip(worlds, world, layout):
     seq = 2 * world * 2

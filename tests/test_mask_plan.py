@@ -10,7 +10,7 @@ import torch
 
 from seqpar.kernels.mask import (MaskKind, MaskRule, Run, causal_pairs, plan_blocks,
                                  runs_to_positions, split_runs, visible_key_span)
-from seqpar.layout import FIXED_LAYOUTS, local_runs
+from seqpar.layout import LAYOUTS, local_runs
 
 
 def element_mask(block) -> torch.Tensor:
@@ -38,7 +38,7 @@ DOCS = (0, 1, 5, 6, 17, 30, 48)  # lengths 1, 4, 1, 11, 13, 18 over S = 48
 RULES = [MaskRule(c, w, d) for c in (True, False) for w in (None, 1, 3, 7, 100)
          for d in (None, DOCS)]
 PAIRS = [(local_runs(48, p, r, layout), local_runs(48, p, s, layout))
-         for layout in FIXED_LAYOUTS for p in (2, 3, 4) for r in range(p) for s in range(p)
+         for layout in LAYOUTS for p in (2, 3, 4) for r in range(p) for s in range(p)
          if (r + s + p) % 2 == 0 or layout == "zigzag"]
 PAIRS += [((Run(0, 48),), (Run(0, 48),)), ((Run(1, 5, 3),), (Run(0, 7),)),
           ((Run(0, 3), Run(40, 3)), (Run(2, 6, 3),))]

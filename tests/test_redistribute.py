@@ -17,7 +17,7 @@ from seqpar.comm.primitives import (HeadSplit, Traffic, gather_tokens, heads_to_
                                     seq_to_heads)
 from seqpar.comm.ulysses import kv_heads_per_rank
 from seqpar.kernels.mask import gathered_runs, runs_to_positions, token_slots
-from seqpar.layout import FIXED_LAYOUTS, all_local_runs
+from seqpar.layout import LAYOUTS, all_local_runs
 
 
 def full_tensor(seed: int, *shape: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def all_to_all_places_tokens_and_heads(layout: str, heads_q: int, heads_kv: int)
 
 
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2), (12, 3)], ids=["partition", "replicated", "uneven"])
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_all_to_all_places_tokens_and_heads(worlds, layout, heads):
     worlds(4).run(all_to_all_places_tokens_and_heads, layout, *heads)
 
@@ -90,7 +90,7 @@ def backward_is_the_adjoint(layout: str) -> list[float]:
     return gaps
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 3])
 def test_backward_is_the_adjoint(worlds, world, layout):
     for gaps in worlds(world).run(backward_is_the_adjoint, layout):

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 from seqpar.cost.traffic import ring_volume
 from tests.attention_cases import (AttnCase, check_lse_only_gradient, fp32_grid,
                                    low_precision_grid, odd_shape_grid, problem_of, run_case,
@@ -30,7 +30,7 @@ def test_ring_fp32(worlds, world, case):
     worlds(world).run(check_ring, case)
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ring_fp64_is_exact(worlds, world, layout):
     """In float64 the ring must agree with the reference to ~1e-10: any algorithmic slip shows."""

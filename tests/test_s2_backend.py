@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 from tests.attention_cases import AttnCase, run_case_and_count
 from tests.markers import needs_triton
 from tests.test_ulysses import ulysses_bytes
@@ -29,7 +29,7 @@ def check_s2(case: AttnCase) -> dict:
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_s2_fp32(worlds, world, layout, pattern):
     """GQA 8:4 with 4 heterogeneous kv heads: a rank holding global kv heads 2, 3 must use

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.kernels import torch_cpu
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 from seqpar.cost.traffic import tokenring_volume
 from tests.attention_cases import (AttnCase, fp32_grid, low_precision_grid, odd_shape_grid,
                                    problem_of, run_case)
@@ -41,7 +41,7 @@ def test_tokenring_fp32(worlds, world, case):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_tokenring_fp64_is_exact(worlds, world, layout, causal):
     """In float64 TokenRing must agree with the reference to ~1e-10: any algorithmic slip shows."""

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import seqpar
 from seqpar.comm.ulysses import kv_heads_per_rank
 from seqpar.kernels import attention_reference
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 from seqpar.cost.traffic import kv_split, ulysses_volume
 from tests.attention_cases import (AttnCase, check_lse_only_gradient, low_precision_case,
                                    odd_shapes, problem_of, run_case_and_count)
@@ -39,7 +39,7 @@ HEADS = {1: [(8, 8), (8, 2)], 2: [(8, 8), (8, 2)], 3: [(6, 6), (6, 2)], 4: [(8, 
 
 @pytest.mark.parametrize("variant", [0, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ulysses_fp32(worlds, world, layout, causal, variant):
     """GQA here: P=2 partitions 2 K/V heads, P=4 replicates them, P=3 (6:2) is uneven."""
@@ -50,7 +50,7 @@ def test_ulysses_fp32(worlds, world, layout, causal, variant):
     worlds(world).run(check_ulysses, case)
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ulysses_fp64_is_exact(worlds, world, layout):
     """12:6 heads: partitioned at P=2 and P=3, uneven at P=4; B=2."""

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import seqpar
-from seqpar.layout import FIXED_LAYOUTS
+from seqpar.layout import LAYOUTS
 from seqpar.cost.traffic import usp_volume
 from tests.attention_cases import AttnCase, problem_of, run_case
 
@@ -47,7 +47,7 @@ def check_usp(case: AttnCase, ulysses: int) -> dict:
 
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa8:2"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ulysses", [1, 2, 4], ids=["U1xR4", "U2xR2", "U4xR1"])
 def test_usp_four_ranks(worlds, ulysses, layout, causal, heads):
     case = AttnCase(backend="usp", layout=layout, causal=causal, heads_q=heads[0],
@@ -55,7 +55,7 @@ def test_usp_four_ranks(worlds, ulysses, layout, causal, heads):
     worlds(4).run(check_usp, case, ulysses)
 
 
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ulysses", [1, 2], ids=["U1xR2", "U2xR1"])
 def test_usp_two_ranks(worlds, ulysses, layout):
     case = AttnCase(backend="usp", layout=layout, heads_q=4, heads_kv=2, seq_local=10)
@@ -70,7 +70,7 @@ def test_usp_three_ranks(worlds, ulysses, layout):
 
 
 @pytest.mark.parametrize("heads", [(4, 1), (6, 3), (8, 4)], ids=["replicated", "uneven", "split"])
-@pytest.mark.parametrize("layout", FIXED_LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_usp_fp64_is_exact(worlds, layout, heads):
     """U=2, R=2 in float64, with every K/V-head path of the Ulysses part, B=2."""
     case = AttnCase(backend="usp", layout=layout, dtype=torch.float64, heads_q=heads[0],

@@ -9,7 +9,7 @@ import torch
 
 from ..api import _DTYPE_CODES, _check_tensors, _check_window_softcap_sinks, _float_bits
 from ..comm.primitives import GroupInfo, resolve_group
-from ..layout import LAYOUTS
+from ..layout import ALL_LAYOUTS
 from .cache import ShardedKVCache
 
 UNSET = object()  # "argument not given" (None is a group: WORLD)
@@ -111,4 +111,4 @@ def call_values(q, k, scale, window, sinks, ok: bool) -> dict[str, int]:
 
 
 def layout_code(layout: str) -> int:
-    return LAYOUTS.index(layout) if layout in LAYOUTS else -1
+    return ALL_LAYOUTS.index(layout) if layout in ALL_LAYOUTS else -1

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from ..api import BACKENDS, attention
 from ..comm.primitives import GroupInfo, Traffic, agree, resolve_group, start_all_reduce
 from ..kernels.mask import runs_to_positions
-from ..layout import (BALANCED, LAYOUTS, check_layout, gather, local_runs, positions,
+from ..layout import (ALL_LAYOUTS, BALANCED, check_layout, gather, local_runs, positions,
                       seq_len_error, shard)
 from ..mesh import SPMesh
 from .hf_batch import (Packing, check_mask_and_positions, layout_unit, pack, packing_needed,
@@ -302,7 +302,7 @@ def shard_batch(batch: Mapping[str, torch.Tensor], group=None, layout: str = "zi
     mask = batch.get("attention_mask") if ok else None
     given_positions = batch.get("position_ids") if ok else None
     agree(info, "hf.shard_batch", {
-        "layout": LAYOUTS.index(layout),
+        "layout": ALL_LAYOUTS.index(layout),
         "batch size": ids.shape[0] if ok else -1,
         "sequence length": ids.shape[1] if ok else -1,
         "input_ids": _checksum(ids) if ok else 0,

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..comm.primitives import agree, resolve_group
 from ..inference import ShardedKVCache, decode, prefill
-from ..layout import LAYOUTS, check_layout, chunks_per_rank, positions, shard
+from ..layout import ALL_LAYOUTS, check_layout, chunks_per_rank, positions, shard
 
 _TAKEN = ("cache", "past_key_values", "use_cache", "position_ids", "input_ids")
 
@@ -189,7 +189,7 @@ def generate(model, input_ids: torch.Tensor, group=None, backend: str = "ring",
     problem = _check_generate_call(input_ids, info, layout, generate_kwargs)
     ok = problem is None
     agree(info, "hf.generate", {
-        "layout": LAYOUTS.index(layout),
+        "layout": ALL_LAYOUTS.index(layout),
         "batch size": input_ids.shape[0] if ok else -1,
         "prompt length": input_ids.shape[1] if ok else -1,
         "prompt": _prompt_checksum(input_ids) if ok else 0,
