@@ -225,8 +225,10 @@ def train(args: argparse.Namespace) -> dict:
             ids = batch_of(text, args, step, mesh.dp.rank).to(job.device)
             data = {"input_ids": ids, "labels": ids}
         local = hf.shard_batch(data, mesh, layout=args.layout)
-        logits = model(**local).logits  # a packed batch's documents reach the layers this way
-        loss = hf.loss(logits, local, mesh)
+        # The model's body on this rank's tokens (a packed batch's documents reach the layers
+        # through `local`), then lm_head + cross entropy over sequence tiles: the full
+        # [tokens, vocab] logits never exist (hf.loss(model(**local).logits, ...) is the same).
+        loss = hf.lm_loss(model, local, mesh)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         hf.sync_grads(model, mesh)
