@@ -186,9 +186,9 @@ def misuse(case: str) -> tuple[str, str]:
         return raised(inference.decode, *new, cache, 0, positions=torch.tensor([8 + shift]))
     if case == "prefill twice":
         return raised(inference.prefill, *shards, cache, 0)
-    if case == "window in partial prefill":
+    if case == "bad window in partial prefill":
         more = [seqpar.shard(t[:, :4]) for t in sequence(4)[:3]]  # 4 new tokens, zigzag
-        return raised(inference.partial_prefill, *more, cache, 0, window=4)
+        return raised(inference.partial_prefill, *more, cache, 0, window=-2)
     if case == "bad window":
         return raised(inference.decode, *new, cache, 0, window=0)
     if case == "heads differ":
@@ -203,7 +203,7 @@ def misuse(case: str) -> tuple[str, str]:
     ("positions differ",
      r"positions \[9\] do not continue the cache: the next tokens are at \[8\]"),
     ("prefill twice", r"layer 0 is already prefilled \(8 tokens\)"),
-    ("window in partial prefill", r"partial_prefill does not take a sliding window shorter"),
+    ("bad window in partial prefill", r"window must be >= 1"),
     ("bad window", r"window must be >= 1 \(window=1: each token sees only itself\), got 0"),
     ("heads differ", r"layer 0 caches K/V \[B=1, n, Hkv=2, D=8\]"),
 ])
