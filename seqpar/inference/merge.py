@@ -2,7 +2,8 @@
 
 Each rank packs a small integer header (the step's checked values, `decode.py`), its partial
 o [B, T, Hq, D] and its lse [B, Hq, T] (accumulator dtype a) into ONE flat buffer
-[header | o and lse as [B, T, Hq, D + 1]]; ONE all-gather gives every rank all P buffers; each
+[header | o and lse as [B, T, Hq, D + 1]]; ONE all-gather (posted as one batch of direct
+sends to every other rank, `gather`) gives every rank all P buffers; each
 rank then merges the partials in rank order (DESIGN §4 merge: lse = logaddexp, o weighted by
 exp(lse_p - lse)). The header's int64 values travel bit for bit (viewed as the buffer's
 dtype: two fp32 or one fp64 per value), so the argument agreement of a step rides in the
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.primitives import GroupInfo, Traffic, start_all_gather
+import torch.distributed as dist
+
+from ..comm.primitives import GroupInfo, Traffic
 from ..kernels.merge import merge
 
 
@@ -51,8 +54,28 @@ def pack(header: list[int], o: torch.Tensor | None, lse: torch.Tensor | None,
 
 
 def gather(packed: torch.Tensor, info: GroupInfo, traffic: Traffic) -> torch.Tensor:
-    """[P, len] of every rank's buffer, in rank order (one all-gather)."""
-    return start_all_gather(packed, info, traffic).wait()
+    """[P, len] of every rank's buffer, in rank order: an all-gather posted as one batch of
+    point-to-point sends and receives with every other rank (gloo's own all-gather passes the
+    buffers around a ring, P - 1 hops one after another: measured 4.0-4.4 ms for a decode
+    buffer on 4 ranks sharing 2 cores, against 1.1 ms for the direct batch). The same bytes
+    either way: the buffer to each other rank."""
+    packed = packed.contiguous()
+    parts = torch.empty((info.world,) + tuple(packed.shape), dtype=packed.dtype,
+                        device=packed.device)
+    parts[info.rank] = packed
+    if info.world == 1:
+        return parts
+    ops = []
+    for p in range(info.world):
+        if p != info.rank:
+            peer = info.global_rank(p)
+            ops.append(dist.P2POp(dist.isend, packed, peer, group=info.group))
+            ops.append(dist.P2POp(dist.irecv, parts[p], peer, group=info.group))
+    works = dist.batch_isend_irecv(ops)
+    size = packed.numel() * packed.element_size()
+    traffic.add_collective(info, [size] * info.world, [size] * info.world)
+    traffic.wait(lambda: [work.wait() for work in works])
+    return parts
 
 
 def headers(parts: torch.Tensor, values: int) -> list[list[int]]:
