@@ -124,26 +124,36 @@ def test_a_single_shard_fails_the_comparison(worlds):
 
 # ---------------------------------------------------------------- bytes
 
-def decode_traffic(prompt_local: int, tokens: int, batch: int) -> dict:
+def decode_traffic(prompt_local: int, tokens: int, batch: int) -> list[dict]:
+    """Bytes per op of two decode steps after a prefill."""
     world = dist.get_world_size()
-    q, k, v, _ = sequence(prompt_local * world + tokens, batch)
+    q, k, v, _ = sequence(prompt_local * world + 2 * tokens, batch)
     prompt = prompt_local * world
     cache = inference.ShardedKVCache(None, "zigzag")
     inference.prefill(*(seqpar.shard(t[:, :prompt]) for t in (q, k, v)), cache, 0)
-    with seqpar.comm_stats() as stats:
-        inference.decode(q[:, prompt:], k[:, prompt:], v[:, prompt:], cache, 0)
-    return {op: t.sent_to for op, t in stats.ops.items() if op != "agree"}
+    steps = []
+    for step in range(2):
+        new = slice(prompt + step * tokens, prompt + (step + 1) * tokens)
+        with seqpar.comm_stats() as stats:
+            inference.decode(q[:, new], k[:, new], v[:, new], cache, 0)
+        steps.append({op: t.sent_to for op, t in stats.ops.items()})
+    return steps
 
 
 @pytest.mark.parametrize("tokens, batch", [(1, 1), (2, 3)])
 def test_decode_bytes_are_independent_of_the_context(worlds, tokens, batch):
     # To each other rank, once per step: the fp64 partial o [B, T, Hq, D] and its lse
-    # [B, Hq, T] packed together, B * T * Hq * (D + 1) * 8 bytes -- whatever the context length.
-    per_peer = batch * tokens * HQ * (D + 1) * 8
+    # [B, Hq, T] packed together, B * T * Hq * (D + 1) * 8 bytes, after a header of 13 int64
+    # checked values -- whatever the context length. The argument check's own all-reduce
+    # ("agree") runs on the first step only; the second step is the merge's one message.
+    per_peer = batch * tokens * HQ * (D + 1) * 8 + 13 * 8
     assert per_peer == inference.decode_bytes_per_peer(batch, tokens, HQ, D, 8)
     for prompt_local in (4, 64):
-        for rank, got in enumerate(worlds(4).run(decode_traffic, prompt_local, tokens, batch)):
-            assert got == {"decode": {p: per_peer for p in range(4) if p != rank}}, got
+        for rank, (first, second) in enumerate(worlds(4).run(decode_traffic, prompt_local,
+                                                              tokens, batch)):
+            merge = {p: per_peer for p in range(4) if p != rank}
+            assert first["decode"] == merge and "agree" in first, first
+            assert second == {"decode": merge}, second
 
 
 # ---------------------------------------------------------------- bad input
@@ -176,9 +186,9 @@ def misuse(case: str) -> tuple[str, str]:
         return raised(inference.decode, *new, cache, 0, positions=torch.tensor([8 + shift]))
     if case == "prefill twice":
         return raised(inference.prefill, *shards, cache, 0)
-    if case == "window in partial prefill":
+    if case == "bad window in partial prefill":
         more = [seqpar.shard(t[:, :4]) for t in sequence(4)[:3]]  # 4 new tokens, zigzag
-        return raised(inference.partial_prefill, *more, cache, 0, window=4)
+        return raised(inference.partial_prefill, *more, cache, 0, window=-2)
     if case == "bad window":
         return raised(inference.decode, *new, cache, 0, window=0)
     if case == "heads differ":
@@ -193,7 +203,7 @@ def misuse(case: str) -> tuple[str, str]:
     ("positions differ",
      r"positions \[9\] do not continue the cache: the next tokens are at \[8\]"),
     ("prefill twice", r"layer 0 is already prefilled \(8 tokens\)"),
-    ("window in partial prefill", r"partial_prefill does not take a sliding window shorter"),
+    ("bad window in partial prefill", r"window must be >= 1"),
     ("bad window", r"window must be >= 1 \(window=1: each token sees only itself\), got 0"),
     ("heads differ", r"layer 0 caches K/V \[B=1, n, Hkv=2, D=8\]"),
 ])
@@ -205,6 +215,52 @@ def test_bad_input_raises_on_every_rank(worlds, case, pattern):
         expected = (r"rank 1 of the group rejected its arguments"
                     if case == "positions differ" and rank != 1 else pattern)
         assert re.search(expected, message), (rank, message)
+
+
+def misuse_after_a_step(case: str) -> tuple[str, str, bool]:
+    """A good decode step (the arguments agreed once), then a bad one on rank 1 only -- checked
+    inside the merge's message, with no all-reduce of its own -- then a good step again: the
+    bad step must raise on every rank, leave the cache as it was, and the next step must be
+    exact."""
+    q, k, v, _ = sequence(11)
+    cache = inference.ShardedKVCache(None, "zigzag")
+    inference.prefill(*(seqpar.shard(t[:, :8]) for t in (q, k, v)), cache, 0)
+    inference.decode(q[:, 8:9], k[:, 8:9], v[:, 8:9], cache, 0)
+    lengths = list(cache.layers[0].lengths)
+    odd = dist.get_rank() == 1
+    new = (q[:, 9:10], k[:, 9:10], v[:, 9:10])
+    if case == "positions differ":
+        outcome = raised(inference.decode, *new, cache, 0,
+                         positions=torch.tensor([9 + int(odd)]))
+    elif case == "scale differs":
+        outcome = raised(inference.decode, *new, cache, 0, scale=0.5 if odd else None)
+    elif case == "tokens differ":
+        wide = (q[:, 9:11], k[:, 9:11], v[:, 9:11]) if odd else new
+        outcome = raised(inference.decode, *wide, cache, 0)
+    else:
+        raise AssertionError(case)
+    intact = cache.layers[0].lengths == lengths and cache.keys(0).shape[1] == lengths[
+        dist.get_rank()]
+    o = inference.decode(*new, cache, 0)
+    ref = attention_reference(q[:, 9:10], k[:, :10], v[:, :10], causal=True,
+                              q_pos=torch.tensor([9]), k_pos=torch.arange(10))[0]
+    return outcome + (intact and max_error(o, ref) < REL,)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("positions differ", r"positions \[10\] do not continue the cache"),
+    ("scale differs", r"scale differs across ranks"),
+    ("tokens differ", r"new tokens differs across ranks"),
+])
+def test_bad_input_after_the_first_step_raises_on_every_rank(worlds, case, pattern):
+    results = worlds(2).run(misuse_after_a_step, case, timeout=60)
+    for rank, (kind, message, recovered) in enumerate(results):
+        assert kind == "ValueError", (rank, kind, message)
+        expected = (r"rank 1 of the group rejected its arguments"
+                    if case == "positions differ" and rank != 1 else pattern)
+        assert message.startswith("seqpar.inference.decode"), message
+        assert re.search(expected, message), (rank, message)
+        assert recovered, (rank, "cache changed by the failed step or next step inexact")
 
 
 @pytest.mark.parametrize("key_chunk", [None, 5])

@@ -23,7 +23,7 @@ REL = 1e-10
 
 
 def check_partial_prefill(mode: str, layout: str, decoded: int, with_sinks: bool,
-                          batch: int = 1) -> dict:
+                          batch: int = 1, window: int | None = None) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     prompt, new = 4 * world, 4 * world
     q, k, v, sinks = sequence(prompt + decoded + new + 1, batch)
@@ -38,17 +38,18 @@ def check_partial_prefill(mode: str, layout: str, decoded: int, with_sinks: bool
     turn = [seqpar.shard(t[:, start:end], layout=layout) for t in (q, k, v)]
     with seqpar.comm_stats() as stats:
         o, lse = inference.partial_prefill(*turn, cache, 0, mode=mode, sinks=sinks,
-                                           return_lse=True)
+                                           window=window, return_lse=True)
     ref_o, ref_lse = attention_reference(q[:, start:end], k[:, :end], v[:, :end], causal=True,
                                          q_pos=torch.arange(start, end), k_pos=torch.arange(end),
-                                         sinks=sinks)
+                                         sinks=sinks, window=window)
     assert_close("o", o, seqpar.shard(ref_o, layout=layout), REL, context)
     assert_close("lse", lse, seqpar.shard(ref_lse, dim=2, layout=layout), REL, context)
     # The cache grew by T / P on every rank and the next decode step sees the new turn.
     assert sum(cache.layers[0].lengths) == end
-    o = inference.decode(q[:, end:], k[:, end:], v[:, end:], cache, 0, sinks=sinks)
+    o = inference.decode(q[:, end:], k[:, end:], v[:, end:], cache, 0, sinks=sinks,
+                         window=window)
     ref_o, _ = attention_reference(q[:, end:], k, v, causal=True, q_pos=torch.tensor([end]),
-                                   sinks=sinks)
+                                   sinks=sinks, window=window)
     assert_close("decode after the turn", o, ref_o, REL, context)
     return {"longest": longest, "local_new": new // world,
             "sent": {op: t.sent_to for op, t in stats.ops.items() if op != "agree"}}
@@ -92,6 +93,26 @@ def test_partial_prefill_is_exact_and_sends_what_it_should(worlds, world, mode, 
 @pytest.mark.parametrize("world, mode", [(1, "pass-kv"), (3, "pass-q"), (3, "pass-kv")])
 def test_other_group_sizes_with_sinks(worlds, world, mode):
     worlds(world).run(check_partial_prefill, mode, "zigzag", 2, True, batch=2)
+
+
+# Windows (T = 4P new tokens after a 4P-token prompt and `decoded` decode steps): 1 (each
+# token only itself), 3 (shorter than a rank's 4 new tokens), 6 and 4P + 2 (reaching into the
+# cached context by a few tokens / most of it), and one longer than everything (the plain path).
+WINDOW_CASES = [(world, mode, layout, decoded, window)
+                for world in (2, 4) for mode in model.MODES
+                for layout, decoded in (("zigzag", 1), ("striped", 3))
+                for window in (1, 3, 6, 4 * world + 2, 1000)]
+
+
+@pytest.mark.parametrize("world, mode, layout, decoded, window", WINDOW_CASES,
+                         ids=[f"P{w}-{m}-{l}-dec{d}-W{win}" for w, m, l, d, win in WINDOW_CASES])
+def test_partial_prefill_with_a_window(worlds, world, mode, layout, decoded, window):
+    worlds(world).run(check_partial_prefill, mode, layout, decoded, False, window=window)
+
+
+@pytest.mark.parametrize("mode", model.MODES)
+def test_partial_prefill_with_a_window_and_sinks_on_three_ranks(worlds, mode):
+    worlds(3).run(check_partial_prefill, mode, "zigzag", 2, True, batch=2, window=5)
 
 
 def check_auto(profile_name: str) -> str:

@@ -51,6 +51,12 @@ class PartialPrefill:
     itemsize: int = 2
     acc_itemsize: int = 4
     layout: str = "zigzag"
+    window: int | None = None  # sliding window W: only W - 1 cached tokens can be seen
+
+    @property
+    def context_seen(self) -> int:
+        """Cached tokens a new query can see (the window's tail of the context, or all)."""
+        return self.context if self.window is None else min(self.context, self.window - 1)
 
     @property
     def new_local(self) -> int:
@@ -58,8 +64,9 @@ class PartialPrefill:
 
     @property
     def cached_max(self) -> int:
-        """Lmax: the longest cached shard (the balance rule keeps them within one token)."""
-        return -(-self.context // self.world)
+        """Lmax: the longest cached shard (the balance rule keeps them within one token); with a
+        window, the longest share of the window's tail (spread over the ranks like the rest)."""
+        return -(-self.context_seen // self.world)
 
     def attention_problem(self) -> Problem:
         """The new tokens' self-attention as a `Problem` (for the model's compute pieces)."""

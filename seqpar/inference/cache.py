@@ -93,6 +93,8 @@ class ShardedKVCache:
         self.info: GroupInfo = resolve_group(group)
         self.layout = layout
         self.layers: list[LayerShard] = []
+        # the decode call shape every rank agreed on in a full check (`decode._Step`)
+        self.decode_agreed = None
 
     def __repr__(self) -> str:
         return (f"ShardedKVCache(rank {self.info.rank} of {self.info.world}, layout="
