@@ -115,15 +115,14 @@ def _scan_blocks(pieces: torch.Tensor, across: torch.Tensor, initial: torch.Tens
     (reverse: `initial` is the gradient leaving the last block). One fused multiply-add per
     block on [B, H, d, e] states: the recurrence itself, O(nb d e), no nb x nb weights."""
     out = torch.empty_like(pieces)
-    count = pieces.shape[2]
-    order = range(count - 1, -1, -1) if reverse else range(count)
+    outs, adds, decays = out.unbind(2), pieces.unbind(2), across.unbind(2)  # views, one call each
+    order = range(len(outs) - 1, -1, -1) if reverse else range(len(outs))
     previous = None
     for b in order:
         if previous is None:
-            out[:, :, b] = initial
+            outs[b].copy_(initial)
         else:
-            torch.addcmul(pieces[:, :, previous], across[:, :, previous], out[:, :, previous],
-                          out=out[:, :, b])
+            torch.addcmul(adds[previous], decays[previous], outs[previous], out=outs[b])
         previous = b
     return out
 
