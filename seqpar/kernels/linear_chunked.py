@@ -9,11 +9,13 @@ block the output is a small masked product; across blocks a state carries the pa
                                                                  + lambda^(T b) S_in
 
 (q is pre-multiplied by `scale`; t is the index inside the block.) Blocks are processed a span
-of `span_blocks` at a time — batched matrix products over the span's blocks and one direct scan
-of its block states (`linear_state.scan_states`) — while a running state crosses from span to
-span. Only the span being computed is converted to the accumulator dtype and the [B, H, n, D]
-layout, so the full-length buffers are just the results: memory O(n), and no S x S (or even
-span x span) matrix is ever formed.
+of `span_blocks` at a time: each product is ONE bmm over the span's blocks and heads
+([B * H * nb, T, D] operands, small enough to stay in cache), and the scan is the recurrence
+S_{b+1} = lambda^T S_b + M_b, one fused multiply-add per block on [B, H, Dk, Dv] states, while
+a running state crosses from span to span. Only the span being computed is converted to the
+accumulator dtype and the [B, H, n, D] layout (one strided copy in, one out), so the
+full-length buffers are the results and the per-block states ([B, H, n / T, Dk, Dv], kept
+between passes): memory O(n), and no S x S (or even span x span) matrix is ever formed.
 
 Backward, per block (G_b: gradient flowing into M_b, the reverse scan of D_b):
 
@@ -23,10 +25,19 @@ Backward, per block (G_b: gradient flowing into M_b, the reverse scan of D_b):
     dV_b = [(Q_b K_b^T) * Lambda]^T dO_b + (K_b * lambda^(T - t)) G_b
     D_b  = (Q_b * lambda^t)^T dO_b,   G_b = sum_{b' > b} lambda^(T(b'-1-b)) D_b'
 
-A first pass over spans recomputes the span-entry states; a second, in reverse, computes the
-gradients with a running state gradient. A ragged last block is zero-padded at the end (padding
+A first pass over spans recomputes the block states M_b (kept) and the span-entry states; a
+second, in reverse, computes the gradients with a running state gradient; a final-state
+gradient dF enters that reverse scan as the gradient leaving the last block. A ragged last block is zero-padded at the end (padding
 sits after every real token, so it changes nothing); the final state and its gradient are taken
 directly from the unpadded keys (F = lambda^n S_in + sum_l lambda^(n - l) k_l^T v_l).
+
+LASP-2 (`fwd_exchanged` / `bwd_exchanged`, the contract in `linear_state.LinearKernel`): the
+chunk's own final state (forward: the scan of the M_b with no state in) or initial-state
+gradient (backward: the reverse scan of the D_b) is posted first, the first span's intra-block
+products run while it travels, and what arrives (S_in; dF) is folded into the block scans above.
+So the exchange adds no product over the chunk: a rank does the same products as one process
+over the same tokens (the generic default adds two [n, D] x [D, D] products forward, K^T V and
+Q S, and four backward, Q^T dO, dO S^T, V dF^T and K dF).
 
 Documents (`docs` [B, n], relative ids as in `linear_state`): every Lambda above is also
 masked by [doc_i == doc_j]; per block b, with p_b the document of the token before the block
