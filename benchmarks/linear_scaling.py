@@ -21,7 +21,7 @@ Reported per S:
 * time, and per-token time = time / S with its ratio to the smallest S's
   (target: <= 1.1 at 1M — the cost per token does not grow with the sequence);
 * FLOP rate: the chunked algorithm's FLOPs over the time, and its share of the matmul rate.
-  FLOPs (`flops`), per token and head with the kernel's block T (64) —
+  FLOPs (`flops`), per token and head with the kernel's block T (`kernel_block`, 64) —
       forward   2 T (Dk + Dv) + 4 Dk Dv    (Q K^T and (.) V inside blocks; K^T V states, Q S)
       backward  twice the forward           (dO V^T, dP K, dP^T Q, P^T dO; Q^T dO, dO S^T,
                                             V G^T, K G)
@@ -69,7 +69,13 @@ def head_decays(heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
 
 
-def flops(seq: int, heads: int, key_dim: int, value_dim: int, block: int = 64) -> float:
+def kernel_block() -> int:
+    """T of the CPU kernel these runs use (`seqpar.kernels.ChunkedLinearKernel`'s default)."""
+    from seqpar.kernels import ChunkedLinearKernel
+    return ChunkedLinearKernel().block
+
+
+def flops(seq: int, heads: int, key_dim: int, value_dim: int, block: int) -> float:
     """The chunked algorithm's FLOPs for causal fwd + bwd over `seq` tokens (module docstring):
     3 x (2 T (Dk + Dv) + 4 Dk Dv) per token and head."""
     return 3.0 * seq * heads * (2 * block * (key_dim + value_dim) + 4 * key_dim * value_dim)
@@ -198,8 +204,9 @@ def main(argv=None) -> None:
     rates.append(matmul_rate(cores))
     rate = max(rates)
     first = rows[0]["seconds"] / rows[0]["S"]
+    block = kernel_block()
     for row in rows:
-        work = flops(row["S"], args.heads, args.key_dim, args.value_dim)
+        work = flops(row["S"], args.heads, args.key_dim, args.value_dim, block)
         row["flops"] = work
         row["us_per_token"] = row["seconds"] / row["S"] * 1e6
         row["per_token_vs_first"] = row["seconds"] / row["S"] / first
@@ -230,7 +237,7 @@ def main(argv=None) -> None:
                        ("peak_bytes_per_local_token", "peak B/local token", ".0f")]))
     sent = {r["sent_bytes"] for r in rows}
     per_token_memory = [r["peak_bytes_per_local_token"] for r in rows]
-    print(f"# FLOPs: 3 (2 T (Dk + Dv) + 4 Dk Dv) per token and head, T = 64 (fwd + bwd of the "
+    print(f"# FLOPs: 3 (2 T (Dk + Dv) + 4 Dk Dv) per token and head, T = {block} (fwd + bwd of the "
           f"chunked algorithm, recomputation not counted); efficiency = 1-process time / "
           f"P-rank time, same cores")
     print(f"# per-token time at S={rows[-1]['S']}: {rows[-1]['per_token_vs_first']:.2f} x that at "
