@@ -9,7 +9,10 @@ local index l in [0, C), q pre-multiplied by `scale` below. For every local chun
     O_c = [(Q_c K_c^T) * Lambda] V_c + (Q_c * lambda^l) S_c    intra (local kernel) + inter
 
 The intra-chunk term needs no remote data, so the all-gather of M is posted first
-(async_op=True) and travels while the local kernel runs. Backward mirrors it:
+(async_op=True) and travels while the local kernel runs. Causal: the kernel runs the exchange
+itself (`LinearKernel.fwd_exchanged` / `bwd_exchanged`, called with `_exchange`): it posts its
+own M_c (D_c backward), and the chunked CPU kernel folds the S_c (G_c) that arrive into its block
+scan, so a rank does no product over its chunk beyond what one process does on those tokens. Backward mirrors it:
 
     D_c  = (Q_c * lambda^l)^T dO_c                             the ONE all-gather (backward)
     G_c  = sum_{c' > c} lambda^(C(c'-1-c)) D_c'                exclusive suffix in chunk order
