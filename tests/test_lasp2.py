@@ -113,7 +113,10 @@ def test_lasp2_on_a_subgroup(worlds):
 
 def test_states_travel_while_the_local_kernel_runs(monkeypatch, cu_seqlens=None):
     """Forward and backward each post exactly one collective before the intra-chunk kernel
-    runs and wait for it only afterwards (the overlap), on the plain lasp2_fwd / lasp2_bwd."""
+    runs and wait for it only afterwards (the overlap), on the plain lasp2_fwd / lasp2_bwd.
+    Causal: the chunked kernel's exchanged passes post after computing the blocks' states and
+    run (at least) the first span's intra-block products before waiting; non-causal: the whole
+    intra-chunk pass runs in between."""
     from seqpar.comm import lasp2
     from seqpar.comm.primitives import GroupInfo, PendingCollective
     from seqpar.kernels import ChunkedLinearKernel
@@ -129,6 +132,14 @@ def test_states_travel_while_the_local_kernel_runs(monkeypatch, cu_seqlens=None)
         def intra_bwd(self, *args, **kwargs):
             events.append("kernel bwd")
             return super().intra_bwd(*args, **kwargs)
+
+        def _intra(self, *args, **kwargs):  # the intra-block product of one span, forward
+            events.append("kernel fwd")
+            return super()._intra(*args, **kwargs)
+
+        def _intra_grads(self, *args, **kwargs):  # ... and backward
+            events.append("kernel bwd")
+            return super()._intra_grads(*args, **kwargs)
 
     class RecordingPending(PendingCollective):
         def wait(self):
@@ -149,8 +160,14 @@ def test_states_travel_while_the_local_kernel_runs(monkeypatch, cu_seqlens=None)
                                      True, 0.5, RecordingKernel(), (), cu_seqlens)
         _, states = lasp2.lasp2_fwd(q, k, v, decay, plan)
         lasp2.lasp2_bwd(do, q, k, v, decay, states, plan)
-        assert events == ["start lasp2.fwd", "kernel fwd", "wait",
-                          "start lasp2.bwd", "kernel bwd", "wait"], events
+        # Per pass: post, then kernel work, then the wait (more kernel work may follow it).
+        assert events.count("wait") == 2 and sum(e.startswith("start") for e in events) == 2
+        backward = events.index("start lasp2.bwd")
+        for first, name in ((0, "fwd"), (backward, "bwd")):
+            wait = events.index("wait", first)
+            assert events[first] == f"start lasp2.{name}", events
+            assert f"kernel {name}" in events[first:wait], events
+        assert backward > events.index("wait"), events
 
 
 # ---------------------------------------------------------------- packed documents (cu_seqlens)

@@ -134,3 +134,44 @@ def test_lightning_refuses_what_it_cannot_hold():
     wide = torch.randn(1, 4, 1, 200)
     with pytest.raises(ValueError, match=r"head dims Dk=8, Dv=200; at most 128 fit"):
         LightningKernel().fwd(x, x, wide, torch.zeros(1), 1.0)
+
+
+class _Arrived:
+    """A finished exchange: `wait()` gives a fixed tensor."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def wait(self):
+        return self.value
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["dense", "documents"])
+@pytest.mark.parametrize("length", [32, 30], ids=["aligned", "ragged"])
+def test_chunked_exchange_folds_the_state_like_the_generic_one(length, documents):
+    """`fwd_exchanged` / `bwd_exchanged` of the chunked kernel (the arriving state and state
+    gradient folded into its block scans) equal the generic `LinearKernel` ones (separate
+    products over the chunk), fp64: what each posts, o, dq, dk, dv. Blocks of 4, 2 a span; a
+    ragged chunk takes the direct final-state path."""
+    from seqpar.kernels.linear_state import LinearKernel
+    from tests.linear_cases import kernel_by_name, part_documents
+
+    kernel = kernel_by_name("chunked", 4)
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(2, length, 3, 5, generator=g, dtype=torch.float64) for _ in range(4))
+    arriving, gradient = (torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    decay = torch.tensor([0.0, 0.07, 0.9], dtype=torch.float64)
+    docs = (part_documents(torch.tensor([0, 3, 5, 6, 18, 22, 31, 40]), 5, length, 2)
+            if documents else None)
+    results = []
+    for fwd, bwd in ((kernel.fwd_exchanged, kernel.bwd_exchanged),
+                     (lambda *a, **kw: LinearKernel.fwd_exchanged(kernel, *a, **kw),
+                      lambda *a, **kw: LinearKernel.bwd_exchanged(kernel, *a, **kw))):
+        posted = []
+        o, initial = fwd(q, k, v, decay, 0.3, lambda x: posted.append(x) or _Arrived(arriving),
+                         docs=docs)
+        grads = bwd(do, q, k, v, decay, 0.3, initial,
+                    lambda x: posted.append(x) or _Arrived(gradient), docs=docs)
+        results.append((*posted, o, *grads))
+    for name, fast, generic in zip(("M", "D", "o", "dq", "dk", "dv"), *results):
+        assert_close(name, fast, generic, 1e-12)

@@ -9,7 +9,10 @@ local index l in [0, C), q pre-multiplied by `scale` below. For every local chun
     O_c = [(Q_c K_c^T) * Lambda] V_c + (Q_c * lambda^l) S_c    intra (local kernel) + inter
 
 The intra-chunk term needs no remote data, so the all-gather of M is posted first
-(async_op=True) and travels while the local kernel runs. Backward mirrors it:
+(async_op=True) and travels while the local kernel runs. Causal: the kernel runs the exchange
+itself (`LinearKernel.fwd_exchanged` / `bwd_exchanged`, called with `_exchange`): it posts its
+own M_c (D_c backward), and the chunked CPU kernel folds the S_c (G_c) that arrive into its block
+scan, so a rank does no product over its chunk beyond what one process does on those tokens. Backward mirrors it:
 
     D_c  = (Q_c * lambda^l)^T dO_c                             the ONE all-gather (backward)
     G_c  = sum_{c' > c} lambda^(C(c'-1-c)) D_c'                exclusive suffix in chunk order
@@ -198,6 +201,29 @@ def _incoming(gathered: torch.Tensor, log_decay: torch.Tensor, plan: Lasp2Plan, 
     return mine.transpose(1, 2).flatten(0, 1)
 
 
+class _Arriving:
+    """A posted all-gather of per-chunk states whose `wait()` gives the state (or state
+    gradient) reaching each local chunk from the others."""
+
+    def __init__(self, pending, finish):
+        self.pending, self.finish = pending, finish
+
+    def wait(self) -> torch.Tensor:
+        return self.finish(self.pending.wait())
+
+
+def _exchange(plan: Lasp2Plan, log_decay: torch.Tensor, traffic: Traffic, batch: int,
+              reverse: bool):
+    """The causal exchange a kernel's `fwd_exchanged` / `bwd_exchanged` calls: post(x), x
+    [B * n_loc, H, d, e] (M_c forward, D_c backward), all-gathers x and returns the handle of
+    the exclusive scan over the other chunks (prefix forward; suffix backward)."""
+    def post(x: torch.Tensor) -> _Arriving:
+        pending = start_all_gather(x[None].unflatten(1, (batch, -1)), plan.info, traffic)
+        return _Arriving(pending, lambda gathered: _incoming(gathered[:, 0], log_decay, plan,
+                                                              reverse=reverse, direction=0))
+    return post
+
+
 def lasp2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
               plan: Lasp2Plan) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(o in the accumulator dtype, the states backward needs)."""
@@ -207,6 +233,11 @@ def lasp2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torc
         return plan.scale * times_state(q, total), (total,)
     s = log_decay.to(accumulator_dtype(q.dtype))
     qc, kc, vc = (_chunks(t, plan) for t in (q, k, v))
+    if plan.causal:  # the kernel folds the arriving state into its own block scan
+        o, state = plan.kernel.fwd_exchanged(
+            qc, kc, vc, s, plan.scale, _exchange(plan, s, traffic, q.shape[0], reverse=False),
+            docs=plan.intra_docs)
+        return o.reshape(*q.shape[:3], v.shape[3]), (state,)
     weights = _weights(s, plan)
     outgoing = torch.stack([outer_sum(kc, vc, to_end) for _, to_end in weights])
     pending = start_all_gather(outgoing.unflatten(1, (q.shape[0], -1)), plan.info, traffic)
@@ -233,6 +264,11 @@ def lasp2_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return dq, times_state(v, grad.transpose(-1, -2)), times_state(k, grad)
     s = log_decay.to(accumulator_dtype(q.dtype))
     qc, kc, vc, doc = (_chunks(t, plan) for t in (q, k, v, do))
+    if plan.causal:  # the prefix states flowed forward, so their gradients come from later chunks
+        dq, dk, dv = plan.kernel.bwd_exchanged(
+            doc, qc, kc, vc, s, plan.scale, states[0],
+            _exchange(plan, s, traffic, q.shape[0], reverse=True), docs=plan.intra_docs)
+        return tuple(t.reshape(*q.shape[:3], t.shape[-1]) for t in (dq, dk, dv))
     weights = _weights(s, plan)
     outgoing = torch.stack([plan.scale * outer_sum(qc, doc, from_start)
                             for from_start, _ in weights])

@@ -203,6 +203,46 @@ class LinearKernel:
         (or None)."""
         raise NotImplementedError
 
+    def _exchange_weights(self, log_decay, n: int, docs):
+        """(from_start, to_end) of a chunk of n tokens, [n, H] (with documents [B, n, H]:
+        times first / last)."""
+        from_start, to_end = chunk_weights(log_decay, n)
+        if docs is None:
+            return from_start, to_end
+        first, last = document_masks(docs, from_start.dtype)
+        return from_start[None] * first, to_end[None] * last
+
+    def fwd_exchanged(self, q, k, v, log_decay, scale: float, post, docs=None):
+        """(o, S) of a causal chunk whose initial state S comes from an exchange (LASP-2's
+        all-gather): `post(M)`, M [B, H, Dk, Dv] the chunk's own final state (no state in),
+        starts the exchange and returns a handle whose `wait()` gives S.
+
+        This default suits any kernel: M = outer_sum, then the zero-state pass while the
+        exchange travels, then S's share added, o += scale (Q * lambda^l * first) S — one more
+        product over the chunk. Kernels that can fold S into their own block scan override it."""
+        acc = accumulator_dtype(q.dtype)
+        from_start, to_end = self._exchange_weights(log_decay.to(acc), q.shape[1], docs)
+        pending = post(outer_sum(k, v, to_end))
+        o = self.intra_fwd(q, k, v, log_decay, scale, True, docs=docs)
+        initial = pending.wait()
+        o += times_state(q, initial, from_start * scale)
+        return o, initial
+
+    def bwd_exchanged(self, do, q, k, v, log_decay, scale: float, initial_state, post, docs=None):
+        """(dq, dk, dv) of `fwd_exchanged` with its initial state S: `post(D)`, D the chunk's
+        own initial-state gradient (no gradient at its end), starts the exchange whose `wait()`
+        gives dF, the gradient of the chunk's final state. Default: D = scale (Q lambda^l
+        first)^T dO, the zero-state backward while it travels, then the shares of S and dF."""
+        acc = accumulator_dtype(q.dtype)
+        from_start, to_end = self._exchange_weights(log_decay.to(acc), q.shape[1], docs)
+        pending = post(scale * outer_sum(q, do, from_start))
+        dq, dk, dv = self.intra_bwd(do, q, k, v, log_decay, scale, True, docs=docs)
+        dq += times_state(do, initial_state.transpose(-1, -2), from_start * scale)
+        dfinal = pending.wait()
+        dk += times_state(v, dfinal.transpose(-1, -2), to_end)
+        dv += times_state(k, dfinal, to_end)
+        return dq, dk, dv
+
     def intra_fwd(self, q, k, v, log_decay, scale: float, causal: bool, docs=None) -> torch.Tensor:
         """Linear attention of the chunk alone (no state in), within documents when `docs` is
         given: causal, or bidirectional as a forward pass plus a pass over the reversed chunk
