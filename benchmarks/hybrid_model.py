@@ -27,8 +27,14 @@ plain one-process run):
   * checkpoint: every layer runs under torch.utils.checkpoint (non-reentrant), keeping only its
     input [S_loc, h] between forward and backward; the recompute runs the layer's collectives
     again, in the same order on every rank.
-  * mlp_tile: the MLP runs over tiles of that many tokens with DeepSpeed's TiledMLP (as
-    `hf.enable_memory_savers` does): one tile's [tile, intermediate] activations at a time.
+  * token_tile: each layer's token-wise parts -- before the attention (norm, q/k/v
+    projections, feature maps, RoPE) and after it (output norm and projection, residual, norm,
+    SwiGLU, residual) -- run over tiles of that many tokens (`TokenTiles`): forward without
+    keeping anything but their inputs, backward recomputing one tile at a time. It is DeepSpeed
+    TiledMLP's idea (which `hf.enable_memory_savers` uses as is) applied to every token-wise op
+    of the layer, with several inputs (attention output and residual) and outputs (q, k, v),
+    which TiledMLP does not take: so one layer's recompute holds q, k, v, the attention output
+    and their gradients, not also its norms', projections' and MLP's [S_loc, *] intermediates.
   * loss_tile: lm_head + cross entropy over tiles of that many tokens (`tiled_loss`), one tile's
     logits at a time, recomputed per tile in the backward.
 
@@ -39,7 +45,6 @@ makes every rank's gradients the single-process ones.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,7 +92,7 @@ class HybridConfig:
 @dataclass(frozen=True)
 class Savers:
     checkpoint: bool = False
-    mlp_tile: int | None = None         # tokens per MLP tile; None: untiled
+    token_tile: int | None = None       # tokens per tile of the token-wise parts; None: untiled
     loss_tile: int | None = None        # tokens per loss tile; None: one tile (all local tokens)
 
 
@@ -121,6 +126,67 @@ def _linear(n_in: int, n_out: int, dtype: torch.dtype) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
 
 
+class TokenTiles(torch.autograd.Function):
+    """outputs = fn(*inputs) for a token-wise fn (token t's outputs depend on token t's inputs
+    only), computed over tiles of `tile` tokens along dim 1, keeping only the inputs: forward
+    under no_grad, tile by tile; backward recomputes one tile at a time with autograd on and
+    differentiates it alone (dInput rows written in place, parameter gradients summed over
+    tiles). So the token-wise intermediates (norms, projections, feature maps, the MLP's
+    [tile, intermediate]) exist for one tile at a time. fn returns a tensor or a tuple of them,
+    each [B, tile, ...]; `params` are the parameters fn uses."""
+
+    @staticmethod
+    def forward(ctx, fn, tile: int, n_inputs: int, *tensors):
+        inputs = tensors[:n_inputs]
+        seq = inputs[0].shape[1]
+        with torch.no_grad():
+            parts = [fn(*(x[:, start:start + tile] for x in inputs))
+                     for start in range(0, seq, tile)]
+        single = isinstance(parts[0], torch.Tensor)
+        outputs = tuple(torch.cat([p if single else p[i] for p in parts], dim=1)
+                        for i in range(1 if single else len(parts[0])))
+        ctx.fn, ctx.tile, ctx.n_inputs, ctx.single = fn, tile, n_inputs, single
+        ctx.params = tensors[n_inputs:]
+        ctx.save_for_backward(*inputs)
+        return outputs[0] if single else outputs
+
+    @staticmethod
+    def backward(ctx, *d_outputs):
+        inputs = ctx.saved_tensors
+        need = ctx.needs_input_grad[3:]
+        need_in, need_p = need[:ctx.n_inputs], need[ctx.n_inputs:]
+        d_inputs = [torch.empty_like(x) if n else None for x, n in zip(inputs, need_in)]
+        d_params = [None] * len(ctx.params)
+        for start in range(0, inputs[0].shape[1], ctx.tile):
+            stop = start + ctx.tile
+            tiles = [x[:, start:stop].detach().requires_grad_(n) for x, n in zip(inputs, need_in)]
+            with torch.enable_grad():
+                outs = ctx.fn(*tiles)
+            outs = (outs,) if ctx.single else outs
+            pairs = [(o, d[:, start:stop]) for o, d in zip(outs, d_outputs) if d is not None]
+            wanted = ([t for t, n in zip(tiles, need_in) if n]
+                      + [p for p, n in zip(ctx.params, need_p) if n])
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted,
+                                             [d for _, d in pairs], allow_unused=True))
+            for i, n in enumerate(need_in):
+                if n:
+                    g = next(grads)
+                    d_inputs[i][:, start:stop] = 0 if g is None else g
+            for i, n in enumerate(need_p):
+                if n:
+                    g = next(grads)
+                    if g is not None:
+                        d_params[i] = g if d_params[i] is None else d_params[i] + g
+        return (None, None, None, *d_inputs, *d_params)
+
+
+def token_tiles(fn, tile: int | None, inputs: list[torch.Tensor], params: list[torch.Tensor]):
+    """fn(*inputs), over tiles of `tile` tokens when it saves memory (TokenTiles), else plain."""
+    if tile is None or tile >= inputs[0].shape[1] or not torch.is_grad_enabled():
+        return fn(*inputs)
+    return TokenTiles.apply(fn, tile, len(inputs), *inputs, *params)
+
+
 class LinearMixer(nn.Module):
     """LASP-2 linear attention (module docstring)."""
 
@@ -134,13 +200,21 @@ class LinearMixer(nn.Module):
         slopes = [2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)]
         self.register_buffer("log_decay", torch.tensor(slopes, dtype=dtype), persistent=False)
 
-    def forward(self, x, group, layout, positions):
+    def tables(self, positions, dtype):
+        return []  # no positions: the decay carries the order
+
+    def project(self, x):
+        """Token-wise: x [B, T, h] (normed) -> q, k, v [B, T, H, D]."""
         shape = (*x.shape[:2], self.heads, self.head_dim)
-        q = F.silu(self.q_proj(x)).view(shape)
-        k = F.silu(self.k_proj(x)).view(shape)
-        v = self.v_proj(x).view(shape)
-        o = seqpar.linear_attention(q, k, v, group, decay=self.log_decay, layout=layout)
-        return self.o_proj(self.o_norm(o.reshape(*x.shape[:2], -1)))
+        return (F.silu(self.q_proj(x)).view(shape), F.silu(self.k_proj(x)).view(shape),
+                self.v_proj(x).view(shape))
+
+    def attend(self, q, k, v, group, layout):
+        return seqpar.linear_attention(q, k, v, group, decay=self.log_decay, layout=layout)
+
+    def out(self, o):
+        """Token-wise: o [B, T, H, D] -> [B, T, h]."""
+        return self.o_proj(self.o_norm(o.flatten(2)))
 
 
 class WindowMixer(nn.Module):
@@ -156,15 +230,22 @@ class WindowMixer(nn.Module):
         self.v_proj = _linear(h, self.kv_heads * d, dtype)
         self.o_proj = _linear(self.heads * d, h, dtype)
 
-    def forward(self, x, group, layout, positions):
-        b, s = x.shape[:2]
-        cos, sin = rope_tables(positions, self.head_dim, self.theta, x.dtype)
-        q = apply_rope(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        o = seqpar.attention(q, k, v, group, backend=self.backend, layout=layout,
-                             window=self.window)
-        return self.o_proj(o.reshape(b, s, -1))
+    def tables(self, positions, dtype):
+        """RoPE's cos, sin as [1, S_loc, D/2]: tiled along the tokens like x."""
+        return [t[None] for t in rope_tables(positions, self.head_dim, self.theta, dtype)]
+
+    def project(self, x, cos, sin):
+        b, t = x.shape[:2]
+        q = apply_rope(self.q_proj(x).view(b, t, self.heads, self.head_dim), cos[0], sin[0])
+        k = apply_rope(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim), cos[0], sin[0])
+        return q, k, self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+
+    def attend(self, q, k, v, group, layout):
+        return seqpar.attention(q, k, v, group, backend=self.backend, layout=layout,
+                                window=self.window)
+
+    def out(self, o):
+        return self.o_proj(o.flatten(2))
 
 
 class SwiGLU(nn.Module):
@@ -174,20 +255,18 @@ class SwiGLU(nn.Module):
         self.up_proj = _linear(config.hidden, config.intermediate, dtype)
         self.down_proj = _linear(config.intermediate, config.hidden, dtype)
 
-    def untiled(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    def forward(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
-        tiles = 1 if tile is None else math.ceil(x.shape[-2] / tile)
-        if tiles <= 1 or not torch.is_grad_enabled():
-            return self.untiled(x)
-        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
-        return TiledMLP.apply(lambda module, t: module.untiled(t), self, x, tiles,
-                              list(self.parameters()))
 
 
 class HybridLayer(nn.Module):
+    """x -> x + mix(norm(x)) -> + mlp(norm(.)), as three parts: the token-wise part before
+    the attention (norm, projections, feature maps / RoPE), the attention (the only part that
+    mixes tokens, and the only one with communication), and the token-wise part after it
+    (output norm / projection, residual, norm, SwiGLU, residual); with `tile`, both token-wise
+    parts run over tiles of that many tokens (TokenTiles: this is the tiled MLP, extended to
+    every token-wise op of the layer)."""
+
     def __init__(self, kind: str, config: HybridConfig, dtype: torch.dtype, backend: str):
         super().__init__()
         self.kind = kind
@@ -197,9 +276,21 @@ class HybridLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden, config.eps, dtype)
         self.mlp = SwiGLU(config, dtype)
 
-    def forward(self, x, group, layout, positions, mlp_tile):
-        x = x + self.mix(self.mix_norm(x), group, layout, positions)
-        return x + self.mlp(self.mlp_norm(x), mlp_tile)
+    def _before(self, x, *tables):
+        return self.mix.project(self.mix_norm(x), *tables)
+
+    def _after(self, o, x):
+        x = x + self.mix.out(o)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward(self, x, group, layout, positions, tile):
+        tables = self.mix.tables(positions, x.dtype)
+        before = [self.mix_norm.weight, self.mix.q_proj.weight, self.mix.k_proj.weight,
+                  self.mix.v_proj.weight]
+        after = [p for p in self.parameters() if all(p is not b for b in before)]
+        q, k, v = token_tiles(self._before, tile, [x, *tables], before)
+        o = self.mix.attend(q, k, v, group, layout)
+        return token_tiles(self._after, tile, [o, x], after)
 
 
 class HybridLM(nn.Module):
@@ -236,10 +327,10 @@ class HybridLM(nn.Module):
             after(0, x)
         for i, layer in enumerate(self.layers):
             if savers.checkpoint and torch.is_grad_enabled():
-                x = checkpoint(layer, x, group, layout, positions, savers.mlp_tile,
+                x = checkpoint(layer, x, group, layout, positions, savers.token_tile,
                                use_reentrant=False)
             else:
-                x = layer(x, group, layout, positions, savers.mlp_tile)
+                x = layer(x, group, layout, positions, savers.token_tile)
             if after is not None:
                 after(i + 1, x)
         return self.norm(x)

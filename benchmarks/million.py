@@ -10,8 +10,9 @@ attention, 1 sliding-window softmax (window 1024, ring backend) --, 4 heads of 6
 in the softmax layer, SwiGLU MLP of 768, RMSNorm, RoPE at global positions, untied lm_head,
 fp32 parameters, contiguous layout (with a window and linear attention there is no causal load
 imbalance to zigzag away, and the ring moves only the K/V block a window reaches). Memory savers
-on: every layer checkpointed, the MLP over tiles of --mlp-tile tokens, lm_head + cross entropy
-over tiles of --loss-tile tokens. Before the launch it prints an estimate of the peak per rank
+on: every layer checkpointed, every token-wise part of a layer (norms, projections, feature maps,
+RoPE, the SwiGLU MLP) over tiles of --token-tile tokens, lm_head + cross entropy over tiles of
+--loss-tile tokens. Before the launch it prints an estimate of the peak per rank
 (`estimate`); during the step a progress bar per phase (rank 0, stderr): forward per layer and
 the loss head, backward per layer, then the gradient all-reduce and the optimizer; after it the
 loss, the time of each phase (slowest rank) and the peak resident memory of every rank (the
@@ -50,25 +51,26 @@ def parameter_count(cfg) -> int:
         return sum(p.numel() for p in HybridLM(cfg, seed=None).parameters())
 
 
-def estimate(cfg, seq: int, world: int, mlp_tile: int, loss_tile: int, itemsize: int = 4,
-             runtime_gib: float = 0.45) -> dict:
-    """A rough peak per rank, in GiB, of the step (what is held at its worst moment):
+def estimate(cfg, seq: int, world: int, token_tile: int, loss_tile: int, itemsize: int = 4,
+             runtime_gib: float = 0.4) -> dict:
+    """A rough peak per rank, in GiB, of the step (what is held at its worst moment), with
+    u = [S_loc, h] (one token-wise activation of this rank's tokens):
 
     * model states: weights, gradients, Adam's two moments: 4 x parameters;
     * checkpoints: the embedding output and every layer's output (each the next one's input),
-      and the final-normed hidden states the tiled loss keeps: (L + 2) x [S_loc, h];
-    * the worst of (a) one layer recomputed for its backward -- about 16 [S_loc, h]-sized
-      tensors alive (its norms, projections, feature maps, attention output, their gradients)
-      plus one MLP tile (3 x [tile, intermediate] and their gradients), and (b) one loss tile's
-      graph (logits, their fp32 copy, log-softmax, its gradient: 4 x [tile, vocab]);
-    * the runtime (python, torch, gloo), ~0.45 GiB measured.
-    The batch (token ids) is 16 bytes a token on every rank. It is a plan, not a promise: the
-    step's measured peak is printed beside it."""
+      and the final-normed hidden states the tiled loss keeps: (L + 2) u;
+    * the worst of (a) one layer recomputed for its backward: its input, q, k, v and the
+      attention output, then their gradients and the incoming one -- about 10 u -- plus one
+      token tile's intermediates (the MLP's 3 x [tile, intermediate] and their gradients), and
+      (b) one loss tile's graph (logits, log-softmax, its gradient, ~4 x [tile, vocab]);
+    * the runtime (python, torch, gloo), ~0.4 GiB measured.
+    The batch (token ids and labels) is 16 bytes a token on every rank. It is a plan, not a
+    promise: the measured peak is printed beside it."""
     local = seq // world
     unit = local * cfg.hidden * itemsize
     states = 4 * parameter_count(cfg) * itemsize
     saved = (len(cfg.kinds) + 2) * unit
-    layer = 16 * unit + 6 * min(mlp_tile, local) * cfg.intermediate * itemsize
+    layer = 10 * unit + 6 * min(token_tile, local) * cfg.intermediate * itemsize
     loss = 4 * min(loss_tile, local) * cfg.vocab * itemsize
     total = runtime_gib * GIB + states + saved + max(layer, loss) + 16 * seq
     return {"states_gib": states / GIB, "checkpoints_gib": saved / GIB,
@@ -107,7 +109,8 @@ def _worker(config: dict) -> dict:
 
     rank, world, device, dtype = start_rank(config)
     cfg = HybridConfig(**config["model"])
-    savers = Savers(checkpoint=True, mlp_tile=config["mlp_tile"], loss_tile=config["loss_tile"])
+    savers = Savers(checkpoint=True, token_tile=config["token_tile"],
+                    loss_tile=config["loss_tile"])
     layout = "contiguous"
     with peak_memory(device) as peak:
         base = _rss_bytes()
@@ -171,7 +174,8 @@ def parser(parents=()) -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--window", type=int, default=1024, help="softmax layers' sliding window")
-    p.add_argument("--mlp-tile", type=int, default=4096, help="tokens per MLP tile")
+    p.add_argument("--token-tile", type=int, default=4096,
+                   help="tokens per tile of a layer's token-wise parts (norms, projections, MLP)")
     p.add_argument("--loss-tile", type=int, default=1024, help="tokens per loss tile")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return p
@@ -186,18 +190,18 @@ def run(args) -> dict:
              "heads": max(1, args.hidden // 64), "kv_heads": max(1, args.hidden // 128),
              "window": args.window}
     cfg = HybridConfig(**model)
-    plan = estimate(cfg, args.seq, args.world, args.mlp_tile, args.loss_tile)
+    plan = estimate(cfg, args.seq, args.world, args.token_tile, args.loss_tile)
     info = machine()
     print(header_text(info))
     print(f"# million-token step: S = {args.seq:,} on {args.world} CPU ranks ({args.threads} "
-          f"thread(s) each); model {model}, layers {cfg.kinds}, fp32; savers: checkpoint, MLP "
-          f"tile {args.mlp_tile}, loss tile {args.loss_tile}")
+          f"thread(s) each); model {model}, layers {cfg.kinds}, fp32; savers: checkpoint, token "
+          f"tile {args.token_tile}, loss tile {args.loss_tile}")
     print(f"# estimate per rank: {plan['peak_gib']:.2f} GiB (model states "
           f"{plan['states_gib']:.2f}, checkpoints {plan['checkpoints_gib']:.2f}, worst of layer "
           f"recompute {plan['layer_recompute_gib']:.2f} / loss tile {plan['loss_tile_gib']:.2f}); "
           f"{args.world} ranks {args.world * plan['peak_gib']:.1f} GiB")
     config = {"model": model, "seq": args.seq, "threads": args.threads, "dtype": "float32",
-              "mlp_tile": args.mlp_tile, "loss_tile": args.loss_tile}
+              "token_tile": args.token_tile, "loss_tile": args.loss_tile}
     result = launch(args.world, _worker, config)
     peaks = result["peak_gib_per_rank"]
     secs = result["seconds"]
