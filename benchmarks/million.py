@@ -52,25 +52,27 @@ def parameter_count(cfg) -> int:
 
 
 def estimate(cfg, seq: int, world: int, token_tile: int, loss_tile: int, itemsize: int = 4,
-             runtime_gib: float = 0.4) -> dict:
-    """A rough peak per rank, in GiB, of the step (what is held at its worst moment), with
-    u = [S_loc, h] (one token-wise activation of this rank's tokens):
+             runtime_gib: float = 0.3) -> dict:
+    """A rough peak per rank, in GiB, of the step (what is held at its worst moment, in the
+    backward), with u = [S_loc, h] (one token-wise activation of this rank's tokens):
 
-    * model states: weights, gradients, Adam's two moments: 4 x parameters;
+    * model states then: weights and gradients, 2 x parameters (Adam's two moments appear at
+      the optimizer step, after the activations are gone);
     * checkpoints: the embedding output and every layer's output (each the next one's input),
       and the final-normed hidden states the tiled loss keeps: (L + 2) u;
-    * the worst of (a) one layer recomputed for its backward: its input, q, k, v and the
-      attention output, then their gradients and the incoming one -- about 10 u -- plus one
-      token tile's intermediates (the MLP's 3 x [tile, intermediate] and their gradients), and
-      (b) one loss tile's graph (logits, log-softmax, its gradient, ~4 x [tile, vocab]);
-    * the runtime (python, torch, gloo), ~0.4 GiB measured.
-    The batch (token ids and labels) is 16 bytes a token on every rank. It is a plan, not a
-    promise: the measured peak is printed beside it."""
+    * the worst of (a) one layer recomputed for its backward: q, k, v, the attention output,
+      then their gradients and the incoming one -- about 8 u -- plus one token tile's
+      intermediates (the MLP's 3 x [tile, intermediate] and their gradients), and (b) one loss
+      tile's graph (logits, log-softmax, its gradient: ~4 x [tile, vocab]);
+    * the runtime (python, torch, gloo): ~0.3 GiB.
+    The batch (token ids and labels) is 16 bytes a token on every rank. The constants (8 u,
+    0.3 GiB) are fitted to the measured steps at S = 16K, 128K and 256K (0.91, 1.13, 1.38 GiB
+    per rank, within 0.05 GiB); the measured peak is printed beside it."""
     local = seq // world
     unit = local * cfg.hidden * itemsize
-    states = 4 * parameter_count(cfg) * itemsize
+    states = 2 * parameter_count(cfg) * itemsize
     saved = (len(cfg.kinds) + 2) * unit
-    layer = 10 * unit + 6 * min(token_tile, local) * cfg.intermediate * itemsize
+    layer = 8 * unit + 6 * min(token_tile, local) * cfg.intermediate * itemsize
     loss = 4 * min(loss_tile, local) * cfg.vocab * itemsize
     total = runtime_gib * GIB + states + saved + max(layer, loss) + 16 * seq
     return {"states_gib": states / GIB, "checkpoints_gib": saved / GIB,
@@ -196,7 +198,7 @@ def run(args) -> dict:
     print(f"# million-token step: S = {args.seq:,} on {args.world} CPU ranks ({args.threads} "
           f"thread(s) each); model {model}, layers {cfg.kinds}, fp32; savers: checkpoint, token "
           f"tile {args.token_tile}, loss tile {args.loss_tile}")
-    print(f"# estimate per rank: {plan['peak_gib']:.2f} GiB (model states "
+    print(f"# estimate per rank: {plan['peak_gib']:.2f} GiB (weights + gradients "
           f"{plan['states_gib']:.2f}, checkpoints {plan['checkpoints_gib']:.2f}, worst of layer "
           f"recompute {plan['layer_recompute_gib']:.2f} / loss tile {plan['loss_tile_gib']:.2f}); "
           f"{args.world} ranks {args.world * plan['peak_gib']:.1f} GiB")
