@@ -77,3 +77,33 @@ def test_16k_twin_matches_one_process(worlds, one_process, world, layout):
     wrong.view(-1)[0] += 1e-8 * max(1.0, grads[name].abs().max().item())
     with pytest.raises(AssertionError, match="max error"):
         assert_close(f"grad {name}", wrong, grads[name], REL)
+
+
+def test_savers_are_exact_on_one_process():
+    """The savers alone (checkpointing, token tiles of 100 over 1,000 tokens -- ragged --, loss
+    tiles of 70) against the plain model, one process, fp64: same loss and gradients (1e-12:
+    the same sums cut into tiles)."""
+    config = HybridConfig(vocab=64, hidden=16, intermediate=32, heads=2, kv_heads=1, window=48)
+    results = []
+    for savers in (Savers(), Savers(checkpoint=True, token_tile=100, loss_tile=70)):
+        model = HybridLM(config, dtype=torch.float64).train()
+        ids, labels = batch(1000, config.vocab, seed=3)
+        loss = model.loss(ids, labels, None, "contiguous", savers)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain_loss, plain), (saved_loss, saved) = results
+    assert_close("loss", saved_loss, plain_loss, 1e-12)
+    for name, expected in plain.items():
+        assert expected.abs().max() > 0, name
+        assert_close(f"grad {name}", saved[name], expected, 1e-12)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"hidden": 30, "heads": 4}, "hidden=30 must be a multiple of heads=4"),
+    ({"heads": 4, "kv_heads": 3}, "kv_heads=3"),
+    ({"kinds": ("linear", "mamba")}, "kinds must be"),
+    ({"window": 0}, "window must be an int >= 1"),
+])
+def test_bad_config(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        HybridConfig(**kwargs)
