@@ -27,9 +27,23 @@ per rank), the longest S that fits --budget-gib from it (none when the peak does
 peak and activations stay under it), and the model's longest S.
 A (variant, S) the model predicts above this machine's free memory is skipped and marked.
 
-Not here yet (they need the sliding-window masks and LASP-2 with documents, other branches):
-the confirming run at the predicted longest S with a window of 1024 (--window) and the
-million-token hybrid step (--million); both options exist and say so.
+The confirming run (`--window W`): variant (d) once more, at the longest S the fit predicts for
+--budget-gib (rounded down to a multiple of 2 x world; the cost model's longest S when the fit is
+flat), or at an explicit --seq, with every attention layer on a sliding window of W tokens so the
+run takes minutes, not hours: the model is then MistralForCausalLM -- Llama's architecture and
+parameters, plus `sliding_window`, which `hf.apply` hands to `seqpar.attention(window=)` -- of
+the same shape. Attention memory is linear in S with or without the window, so the window
+changes the time, not the memory the fit measured. The fit comes from the sweep run first in
+the same call (--seqs, --variants must include d), or from a previous run's JSON (--fit-from),
+and the run reports its measured peak per rank beside the fit's and the cost model's
+predictions, and its time:
+
+    python -m benchmarks.long_context --window 1024                  # sweep, fit, confirm
+    python -m benchmarks.long_context --window 1024 --fit-from benchmarks/results/long_context-....json
+    python -m benchmarks.long_context --window 1024 --seq 262144     # confirm at this S
+
+The million-token hybrid step (`--million`) is `benchmarks.million` (its options follow
+--million: --seq, --world, --loss-tile, --mlp-tile, ...).
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ import math
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,10 +73,6 @@ SMOKE_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
                    num_attention_heads=8, num_key_value_heads=2)
 DEFAULT_SEQS = (4096, 8192, 16384, 32768)
 SMOKE_SEQS = (256, 512)
-NEEDS_WINDOW = ("--window needs sliding-window support in seqpar.attention and in hf.apply "
-                "(the masks branch); not merged here yet")
-NEEDS_MILLION = ("--million needs the hybrid model's LASP-2 layers with sliding-window softmax "
-                 "layers (the masks and LASP-2 branches); not merged here yet")
 
 
 def _rss_kib(field: str) -> int:
@@ -73,12 +84,18 @@ def _rss_kib(field: str) -> int:
 
 
 def _model(config: dict, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Llama of config["model"]; with config["window"], Mistral of the same shape and that
+    sliding window (Llama's architecture and parameter names, plus the window)."""
+    import transformers
 
-    cfg = LlamaConfig(**config["model"], max_position_embeddings=max(config["seqs"]),
-                      use_cache=False, tie_word_embeddings=False, attn_implementation=attn)
+    window = config.get("window")
+    kind = "Llama" if window is None else "Mistral"
+    extra = {} if window is None else {"sliding_window": window}
+    cfg = getattr(transformers, f"{kind}Config")(
+        **config["model"], **extra, max_position_embeddings=max(config["seqs"]),
+        use_cache=False, tie_word_embeddings=False, attn_implementation=attn)
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).train()
+    return getattr(transformers, f"{kind}ForCausalLM")(cfg).train()
 
 
 def _data(seq: int, vocab: int) -> dict:
@@ -177,8 +194,8 @@ def _worker(config: dict) -> list[dict]:
         try:
             if variant not in warmed:  # first-call costs (threads, gloo buffers) off the clock
                 model, opt = _prepare(variant, config, world, alst_state)
-                _step(variant, model, opt, _data(config["seqs"][0] // 4 or 8 * world,
-                                                 config["model"]["vocab_size"]),
+                warm = config.get("warm_seq") or config["seqs"][0] // 4 or 8 * world
+                _step(variant, model, opt, _data(warm, config["model"]["vocab_size"]),
                       config["tile_tokens"])
                 del model, opt
                 warmed.add(variant)
@@ -340,7 +357,57 @@ def _available_bytes() -> int:
     return 0
 
 
-def main(argv=None) -> dict:
+def confirm_seq(summary: list[dict] | None, world: int) -> tuple[int, str]:
+    """The S of the confirming run: (d)'s fitted longest S in the budget, or the cost model's
+    when the fit is flat; rounded down to a multiple of 2 x world (zigzag). (S, where from)."""
+    line = next((x for x in summary or () if x.get("variant") == "d"), None)
+    if line is None:
+        raise SystemExit("--window: no fit of variant d (run the sweep with d, or pass --seq)")
+    if line.get("longest_k"):
+        tokens, source = line["longest_k"] * 1024, "fit"
+    else:
+        tokens, source = line["model_longest_k"] * 1024, "cost model (the fit is flat)"
+    unit = 2 * world
+    seq = int(tokens) // unit * unit
+    if seq < unit:
+        raise SystemExit(f"--window: the {source} leaves no S in the budget ({tokens:.0f} "
+                         f"tokens); raise --budget-gib or pass --seq")
+    return seq, source
+
+
+def confirm(args, model: dict, tile: int, summary: list[dict] | None) -> dict:
+    """Variant (d) at the predicted longest S (or --seq), attention on a sliding window of
+    args.window (module docstring): measured peak per rank and time beside the predictions."""
+    if args.seq is not None:
+        seq, source = args.seq, "--seq"
+    else:
+        seq, source = confirm_seq(summary, args.world)
+    warm = min(seq, 2048) // (2 * args.world) * (2 * args.world) or 2 * args.world
+    config = {"model": model, "seqs": [seq], "variants": ["d"], "threads": args.threads,
+              "dtype": "float32", "tile_tokens": tile, "skip": {}, "window": args.window,
+              "warm_seq": warm}
+    line = next((x for x in summary or () if x.get("variant") == "d"), {})
+    print(f"# confirming run: variant d at S = {seq} ({source}), sliding window "
+          f"{args.window}, {args.world} ranks")
+    (row,) = launch(args.world, _worker, config)
+    row["window"] = args.window
+    row["source"] = source
+    row["model_gib"] = row["runtime_gib"] + predicted_gib(config, "d", seq, args.world)
+    if "slope_kib_per_token" in line:
+        row["fit_gib"] = line["fixed_gib"] + line["slope_kib_per_token"] * seq / 2 ** 20
+    if "peak_gib" in row:
+        row["within_budget"] = row["peak_gib"] <= args.budget_gib
+    columns = [("S", "S", "d"), ("window", "window", "d"), ("source", "S from", "s"),
+               ("peak_gib", "peak GiB/rank", ".2f"), ("fit_gib", "fit GiB/rank", ".2f"),
+               ("model_gib", "model GiB/rank", ".2f"), ("seconds", "step s", ".1f"),
+               ("loss", "loss", ".5f"), ("note", "note", "s")]
+    print(f"# confirming run of (d) with a sliding window of {args.window}; budget "
+          f"{args.budget_gib:g} GiB per rank")
+    print(table([row], columns))
+    return row
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=None)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -351,22 +418,60 @@ def main(argv=None) -> dict:
                         help="tokens per loss tile (default: 64 MiB of fp32 logits)")
     parser.add_argument("--smoke", action="store_true", help="toy model and S (seconds)")
     parser.add_argument("--window", type=int, default=None,
-                        help="confirming run of (d) at the predicted longest S with this "
-                             "sliding window (needs window support)")
+                        help="confirming run of (d) at the predicted longest S with the "
+                             "attention layers on this sliding window (1024 in the issue)")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="with --window: confirm at this S instead of the fit's longest")
+    parser.add_argument("--fit-from", default=None,
+                        help="with --window: take (d)'s fit from this JSON of an earlier run "
+                             "instead of sweeping first")
     parser.add_argument("--million", action="store_true",
-                        help="the 1M-token hybrid step (needs the masks and LASP-2 branches)")
+                        help="the 1M-token hybrid step (benchmarks.million; its options follow)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return parser
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--million" in argv:
+        from benchmarks import million
+        return million.main([a for a in argv if a != "--million"])
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.window is not None:
-        raise SystemExit(NEEDS_WINDOW)
-    if args.million:
-        raise SystemExit(NEEDS_MILLION)
+    if args.window is not None and args.window < 1:
+        parser.error(f"--window must be >= 1 (tokens), got {args.window}")
+    if args.window is None and (args.seq is not None or args.fit_from is not None):
+        parser.error("--seq and --fit-from belong to the confirming run; add --window W")
+    if args.seq is not None and (args.seq < 1 or args.seq % (2 * args.world)):
+        parser.error(f"--seq {args.seq} must be a positive multiple of 2 x world (zigzag)")
+    sweeping = args.window is None or (args.seq is None and args.fit_from is None)
+    if args.window is not None and sweeping and "d" not in args.variants:
+        parser.error("--window confirms variant d's fit: add d to --variants, or pass --seq or "
+                     "--fit-from")
     model = SMOKE_MODEL if args.smoke else MODEL
     seqs = args.seqs or list(SMOKE_SEQS if args.smoke else DEFAULT_SEQS)
     bad = [s for s in seqs if s % (2 * args.world)]
     if bad:
         parser.error(f"--seqs {bad} are not divisible by 2 x world (zigzag)")
     tile = args.tile_tokens or max(1, 64 * 2 ** 20 // (4 * model["vocab_size"]))
+    info = machine()
+    print(header_text(info))
+    stem = results_stem("long_context", args.out)
+    payload = {"machine": info, "args": vars(args)}
+    if sweeping:
+        payload.update(_sweep(args, model, seqs, tile, stem, info))
+    if args.window is not None:
+        summary = payload.get("summary")
+        if args.fit_from is not None:
+            summary = json.loads(Path(args.fit_from).read_text())["summary"]
+        payload["confirm"] = confirm(args, model, tile, summary)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
+    print(f"# wrote {stem}.json")
+    return payload
+
+
+def _sweep(args, model: dict, seqs: list[int], tile: int, stem, info: dict) -> dict:
+    """The sweep of the module docstring: every variant at every S, the fits, the outputs."""
     config = {"model": model, "seqs": seqs, "variants": args.variants, "threads": args.threads,
               "dtype": "float32", "tile_tokens": tile, "skip": {}}
     # Skip what the model says this machine cannot hold (4 ranks share its memory).
@@ -374,8 +479,6 @@ def main(argv=None) -> dict:
     for variant in args.variants:
         config["skip"][variant] = [s for s in seqs if predicted_gib(config, variant, s,
                                                                     args.world) * 2 ** 30 > room]
-    info = machine()
-    print(header_text(info))
     rows = launch(args.world, _worker, config)
     for r in rows:
         # the model counts tensors; the process (python, torch, gloo) adds its resident set
@@ -404,17 +507,14 @@ def main(argv=None) -> dict:
     if over:
         print(f"# step time over today's path at S = {over['S']}: " + ", ".join(
             f"{k} {100 * v:+.0f}%" for k, v in over.items() if k != "S"))
-    stem = results_stem("long_context", args.out)
-    payload = {"machine": info, "args": vars(args), "config": config, "rows": rows,
-               "summary": summary, "overheads": over, "headroom": ratios}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str))
     write_csv(stem.with_suffix(".csv"), rows, [c[0] for c in columns])
     stem.with_suffix(".md").write_text(
         f"# Long context memory ({info['date']})\n\n{header_text(info)}\n\n{title}.\n\n"
         f"{markdown_table(rows, columns)}\n\n{markdown_table(summary, sum_columns)}\n")
     pictures = plot(rows, summary, args.budget_gib, stem)
-    print(f"# wrote {stem}.json, .csv, .md and {', '.join(pictures) or 'no PNG (matplotlib)'}")
-    return payload
+    print(f"# wrote {stem}.csv, .md and {', '.join(pictures) or 'no PNG (matplotlib)'}")
+    return {"config": config, "rows": rows, "summary": summary, "overheads": over,
+            "headroom": ratios}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`python -m benchmarks.long_context --smoke`: the whole-step benchmark at toy size on 4 gloo
 ranks -- every variant (today's path, + tiled loss, + tiled MLP, + checkpointing, DeepSpeed
 ALST) runs, gives the same loss (the same model and data; fp32 sums in another order: 1e-5
-relative), and the outputs are written; the options that need other branches say so."""
+relative), and the outputs are written; the windowed confirming run (--window) and the million-token step
+(--million) run at toy size too."""
 
 from __future__ import annotations
 
@@ -29,11 +30,60 @@ def test_smoke_run(tmp_path):
         assert stem.with_name(stem.name + suffix).exists(), suffix
 
 
-@pytest.mark.parametrize("argv, pattern", [(["--window", "1024"], "needs sliding-window"),
-                                           (["--million"], "needs the hybrid model")])
-def test_options_that_need_other_branches(argv, pattern):
-    with pytest.raises(SystemExit, match=pattern):
+def test_window_confirming_run(tmp_path):
+    """--window: variant d at the fit's longest S (here from a prior run's JSON whose fit says
+    1,024 tokens fit the budget) with the attention on a sliding window of 64; the row carries
+    the measured peak beside the fit's and the cost model's predictions."""
+    fit = {"summary": [{"variant": "d", "slope_kib_per_token": 1.0, "fixed_gib": 0.5,
+                        "longest_k": 1.0}]}
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(fit))
+    payload = long_context.main(["--smoke", "--window", "64", "--fit-from", str(path),
+                                 "--out", str(tmp_path)])
+    row = payload["confirm"]
+    assert row["S"] == 1024 and row["window"] == 64 and row["source"] == "fit", row
+    assert "peak_gib" in row and row["seconds"] > 0 and row["loss"] > 0, row
+    assert abs(row["fit_gib"] - (0.5 + 1024 / 2 ** 20)) < 1e-12
+    assert row["model_gib"] > 0
+    saved = json.loads(next(tmp_path.glob("long_context-*.json")).read_text())
+    assert saved["confirm"]["S"] == 1024
+
+
+def test_window_confirm_seq_picks_the_fit_or_the_model():
+    fitted = [{"variant": "d", "longest_k": 100.3, "model_longest_k": 50.0}]
+    assert long_context.confirm_seq(fitted, 4) == (102704, "fit")  # floor to 2 x world
+    flat = [{"variant": "d", "model_longest_k": 50.0, "note": "flat"}]
+    assert long_context.confirm_seq(flat, 4) == (51200, "cost model (the fit is flat)")
+    with pytest.raises(SystemExit, match="no fit of variant d"):
+        long_context.confirm_seq([{"variant": "a", "longest_k": 1.0}], 4)
+    with pytest.raises(SystemExit, match="leaves no S"):
+        long_context.confirm_seq([{"variant": "d", "longest_k": 0.001}], 4)
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--window", "0"], "--window must be >= 1"),
+    (["--seq", "1024"], "add --window"),
+    (["--window", "64", "--seq", "1023"], "multiple of 2 x world"),
+    (["--window", "64", "--variants", "a", "b"], "add d to --variants"),
+])
+def test_window_bad_options(argv, pattern, capsys):
+    with pytest.raises(SystemExit):
         long_context.main(argv)
+    assert pattern in capsys.readouterr().err
+
+
+def test_million_smoke(tmp_path):
+    """--million at toy size: one full step of the hybrid model on 4 ranks, finite loss and
+    gradients, every rank's peak, the phases' times, the JSON."""
+    payload = long_context.main(["--million", "--seq", "4096", "--hidden", "64", "--vocab",
+                                 "512", "--window", "128", "--token-tile", "300",
+                                 "--loss-tile", "300", "--out", str(tmp_path)])
+    assert payload["grads_finite"] and 0 < payload["loss"] < 10, payload
+    assert len(payload["peak_gib_per_rank"]) == 4 and min(payload["peak_gib_per_rank"]) > 0
+    assert set(payload["seconds"]) == {"forward", "backward", "sync_grads", "optimizer", "step"}
+    assert payload["estimate"]["peak_gib"] > 0
+    (result,) = tmp_path.glob("million-*.json")
+    assert json.loads(result.read_text())["layers"] == ["linear", "linear", "linear", "softmax"]
 
 
 def test_fit_headroom_and_overheads_arithmetic():
