@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def raised(fn, *args, **kwargs) -> tuple[str, str]:
+    """(exception type name, message) of calling fn, or ("nothing raised", "")."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - the test inspects whatever was raised
+        return type(error).__name__, str(error)
+    return "nothing raised", ""
+
+
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max |actual - expected| over finite expected entries; -inf must match -inf exactly."""
     actual = actual.detach().to(torch.float64)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import seqpar
 from seqpar.integrations import hf
-from tests.checks import assert_close
+from tests.checks import assert_close, raised
 from tests.test_mesh import mesh
 
 FP32_REL = 1e-5
@@ -170,14 +170,6 @@ def test_sync_grads_averages_data_parallel_replicas(worlds):
 
 
 # ---------------------------------------------------------------- malformed use
-
-def raised(fn, *args, **kwargs) -> tuple[str, str]:
-    try:
-        fn(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - the test inspects whatever was raised
-        return type(error).__name__, str(error)
-    return "nothing raised", ""
-
 
 def bad_batch(case: str) -> tuple[str, str]:
     data = batch()

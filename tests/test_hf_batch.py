@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from seqpar.integrations import hf
 from tests import zoo
-from tests.test_hf import raised
+from tests.checks import raised
 
 
 def packed_view(layout: str) -> dict:

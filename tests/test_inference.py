@@ -20,7 +20,7 @@ import torch.distributed as dist
 import seqpar
 from seqpar import inference
 from seqpar.kernels import attention_reference
-from tests.checks import assert_close, max_error
+from tests.checks import assert_close, max_error, raised
 from tests.test_mesh import mesh
 
 REL = 1e-10
@@ -157,14 +157,6 @@ def test_decode_bytes_are_independent_of_the_context(worlds, tokens, batch):
 
 
 # ---------------------------------------------------------------- bad input
-
-def raised(fn, *args, **kwargs) -> tuple[str, str]:
-    try:
-        fn(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001 - the test inspects whatever was raised
-        return type(error).__name__, str(error)
-    return "nothing raised", ""
-
 
 def misuse(case: str) -> tuple[str, str]:
     q, k, v, _ = sequence(9)

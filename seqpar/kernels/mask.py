@@ -57,6 +57,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -411,10 +412,13 @@ def visible_key_span(q_runs: Runs, k_runs: Runs, rule: MaskRule) -> list[tuple[i
     return spans
 
 
+@functools.lru_cache(maxsize=256)
 def halo_runs(all_runs: tuple[Runs, ...], rank: int, rule: MaskRule) -> tuple[tuple[int, Run], ...]:
     """The keys of `rank` that some OTHER rank's queries see under `rule`: per key run of the
     rank, the hull of what every other rank sees of it (`visible_key_span`), as (local offset,
-    run of global positions) pieces in local order. What a masked all-gather must share."""
+    run of global positions) pieces in local order. What a masked all-gather must share.
+    Cached: every all-gather call and the cost model ask for the same layouts again, and each
+    answer plans P - 1 pairs of ranks."""
     runs = all_runs[rank]
     spans = [visible_key_span(all_runs[x], runs, rule) for x in range(len(all_runs)) if x != rank]
     pieces, offset = [], 0
