@@ -49,6 +49,11 @@ class PlanKernel:
     def _block_bwd(self, do, q, k, v, o, lse, dlse, delta, block: SubBlock, scale: float):
         raise NotImplementedError
 
+    def _splits(self, block: SubBlock, dtype: torch.dtype) -> bool:
+        """Does the kernel run this sub-block as more than one call (then even a one-block plan
+        goes through the accumulators)?"""
+        return False
+
     def fwd_into(self, acc_o, acc_lse, q, k, v, blocks: tuple[SubBlock, ...], scale: float) -> None:
         """Attend q to each sub-block's keys and merge the partials into (acc_o, acc_lse)."""
         for block in blocks:
@@ -80,7 +85,8 @@ class PlanKernel:
         zero-filled accumulators (~5 passes over o and two buffers saved).
         """
         acc_dtype = accumulator_dtype(q.dtype)
-        if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1]):
+        if (len(blocks) == 1 and (blocks[0].q0, blocks[0].q1) == (0, q.shape[1])
+                and not self._splits(blocks[0], q.dtype)):
             o_blk, lse_blk = self._block_fwd(q, k, v, blocks[0], scale)
             return o_blk.to(acc_dtype), lse_blk.to(acc_dtype)
         o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
@@ -96,7 +102,7 @@ class PlanKernel:
         zeros. o/dlse or delta as in `bwd_into`."""
         acc_dtype = accumulator_dtype(q.dtype)
         if len(blocks) == 1 and (blocks[0].q0, blocks[0].q1, blocks[0].k0, blocks[0].k1) == (
-                0, q.shape[1], 0, k.shape[1]):
+                0, q.shape[1], 0, k.shape[1]) and not self._splits(blocks[0], q.dtype):
             grads = self._block_bwd(do, q, k, v, o, lse, dlse, delta, blocks[0], scale)
             return tuple(g.to(acc_dtype) for g in grads)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import batched_blocks as batched
 from .mask import MaskKind, SubBlock
+from .merge import merge_into
 from .plan import PlanKernel, accumulator_dtype, backward_slices, block_slices, softmax_delta
 
 CHUNK = 512  # rows/cols of scores the chunked path materialises at once (per batch x head)
@@ -309,6 +311,87 @@ class TorchBlockKernel(PlanKernel):
             return None
         return band_mask(block.q1 - block.q0, block.k1 - block.k0, block.lo, block.hi, q.dtype,
                          str(q.device))
+
+    # ------------------------------------------------------------ whole plans, batched
+
+    def _splits(self, block: SubBlock, dtype: torch.dtype) -> bool:
+        return self._use_flash(block, dtype) and batched.splits(block)
+
+    def _sort(self, blocks, dtype) -> tuple[list[batched.Piece], tuple[SubBlock, ...]]:
+        """The fused op's sub-blocks as pieces (`batched_blocks`), and the rest."""
+        pieces, others = [], []
+        for block in blocks:
+            cut = batched.pieces_of(block) if self._use_flash(block, dtype) else None
+            if cut is None:
+                others.append(block)
+            else:
+                pieces += cut
+        return pieces, tuple(others)
+
+    def _batches(self, pieces, q, k) -> list[batched.Batch]:
+        return batched.batches(pieces, q.shape[2] * q.shape[3], 2 * k.shape[2] * k.shape[3],
+                               q.device, views=q.shape[0] == 1)
+
+    @staticmethod
+    def _batch_mask(batch: batched.Batch, q: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """(is_causal, additive mask) of a batch's kind for the fused op."""
+        if batch.kind == batched.UPPER:
+            return False, band_mask(batch.rows, batch.keys, 0, batch.keys - 1, q.dtype,
+                                    str(q.device))
+        return batch.kind == batched.LOWER, None
+
+    def fwd_into(self, acc_o, acc_lse, q, k, v, blocks: tuple[SubBlock, ...], scale: float) -> None:
+        """Pieces of the fused op's sub-blocks run in same-shaped batches and are merged in one
+        pass (`batched_blocks`); other sub-blocks one by one."""
+        pieces, others = self._sort(blocks, q.dtype)
+        super().fwd_into(acc_o, acc_lse, q, k, v, others, scale)
+        b, parts, held = q.shape[0], [], 0
+        for batch in self._batches(pieces, q, k):
+            causal, mask = self._batch_mask(batch, q)
+            o_b, lse_b = flash_fwd(batched.pick_tokens(q, batch, True),
+                                   batched.pick_tokens(k, batch, False),
+                                   batched.pick_tokens(v, batch, False), causal, scale, mask)
+            span = batch.span()
+            if span is not None and o_b.numel() >= batched.MERGE_AT_ONCE:
+                (r0, r1), _ = span
+                merge_into(acc_o[:, r0:r1], acc_lse[:, :, r0:r1], o_b, lse_b)
+                continue
+            parts.append((batch.row_index, batched.unbatch_tokens(o_b, b),
+                          batched.unbatch_row_stats(lse_b, b)))
+            held += o_b.numel()
+            if held >= batched.PENDING_ELEMENTS:
+                batched.merge_partials(acc_o, acc_lse, parts)
+                parts, held = [], 0
+        batched.merge_partials(acc_o, acc_lse, parts)
+
+    def bwd_into(self, dq, dk, dv, do, q, k, v, o, lse, dlse, blocks: tuple[SubBlock, ...],
+                 scale: float, delta=None) -> None:
+        """Pieces of the fused op's sub-blocks run in same-shaped batches, their gradients
+        index-added into the accumulators; other sub-blocks one by one."""
+        pieces, others = self._sort(blocks, q.dtype)
+        super().bwd_into(dq, dk, dv, do, q, k, v, o, lse, dlse, others, scale, delta)
+        b = q.shape[0]
+        for batch in self._batches(pieces, q, k):
+            causal, mask = self._batch_mask(batch, q)
+            do_b, q_b, o_b = (None if x is None else batched.pick_tokens(x, batch, True)
+                              for x in (do, q, o))
+            lse_b, dlse_b, delta_b = (None if x is None else batched.pick_row_stats(x, batch)
+                                      for x in (lse, dlse, delta))
+            dq_b, dk_b, dv_b = flash_bwd(do_b, q_b, batched.pick_tokens(k, batch, False),
+                                         batched.pick_tokens(v, batch, False), o_b, lse_b,
+                                         causal, scale, dlse_b, delta_b, mask=mask)
+            span = batch.span()
+            if span is not None:
+                (r0, r1), (k0, k1) = span
+                dq[:, r0:r1] += dq_b
+                dk[:, k0:k1] += dk_b
+                dv[:, k0:k1] += dv_b
+                continue
+            dq.index_add_(1, batch.row_index, batched.unbatch_tokens(dq_b, b).to(dq.dtype))
+            dk.index_add_(1, batch.key_index, batched.unbatch_tokens(dk_b, b).to(dk.dtype))
+            dv.index_add_(1, batch.key_index, batched.unbatch_tokens(dv_b, b).to(dv.dtype))
+
+    # ------------------------------------------------------------ one sub-block
 
     def _block_fwd(self, q, k, v, block: SubBlock, scale: float):
         q_blk, k_blk, v_blk = block_slices(q, k, v, block)
