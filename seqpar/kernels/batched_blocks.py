@@ -59,8 +59,11 @@ from .mask import MaskKind, SubBlock
 
 BASE = 128  # rows of the smallest triangle: below it, cutting costs more calls than it saves
 SPLIT_MAX = 2048  # triangles above this many rows stay one call (the op's waste is small)
-BATCH_ELEMENTS = 1 << 24  # gathered q + k + v elements per batched call (64 MiB fp32)
-PENDING_ELEMENTS = 1 << 24  # forward partial elements held before they are merged
+# Per batched call at most this many q + k + v elements, and at most this many forward partial
+# elements held before they are merged (16 MiB each in fp32): at 64 MiB the masked benchmark's
+# peak rose by ~170 MiB per rank (window, S = 64K) for no measurable speed.
+BATCH_ELEMENTS = 1 << 22
+PENDING_ELEMENTS = 1 << 22
 MERGE_AT_ONCE = 1 << 20  # a lone piece's output this large is merged at once (overhead small)
 
 FULL, LOWER, UPPER = "full", "lower", "upper"  # piece kinds: all keys, keys j <= i, keys j >= i

@@ -17,6 +17,9 @@ Two implementations of one sub-block, same contract:
             soft caps (s -> c tanh(s / c); backward multiplies dS by 1 - tanh^2) on every
             device; the fallback, and the path tests compare with.
 
+`TorchBlockKernel` runs whole plans on the fused op through `batched_blocks`: triangles cut into
+squares, same-shaped pieces in one batched call, forward partials merged in one pass.
+
 Backward of a sub-block uses the *final* (o, lse) of the whole attention, so the per-block
 gradients sum to the exact gradient:  p = exp(s - lse),  delta = rowsum(do * o) - dlse,
 ds = p * (do v^T - delta),  dq = scale ds k,  dk = scale ds^T q,  dv = p^T do.
