@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from seqpar.kernels import batched_blocks as batched
-from seqpar.kernels.mask import MaskKind, MaskRule, Run, SubBlock, plan_blocks, runs_to_positions
+from seqpar.kernels.mask import MaskKind, MaskRule, Run, SubBlock, plan_blocks
 
-from .test_mask_plan import element_mask
+from .test_mask_plan import element_mask, plan_case
 
 
 def piece_mask(piece: batched.Piece, nq: int, nk: int) -> torch.Tensor:
@@ -81,43 +81,29 @@ CASES = [
 @pytest.mark.parametrize("rule,q_runs,k_runs", CASES)
 def test_batched_plans_equal_the_reference(rule, q_runs, k_runs, limits, batch, monkeypatch):
     """batch 1: evenly spaced pieces run as strided views; batch 2: gathered copies."""
-    from seqpar.kernels import KERNELS, attention_reference
+    from seqpar.kernels import KERNELS
     monkeypatch.setattr(batched, "BASE", 4)
     if limits == "tiny":  # several batches per shape, merges per plan; lone pieces at once
         monkeypatch.setattr(batched, "BATCH_ELEMENTS", 3 * 8 * 8 * 6)  # ~3 pieces of 4 rows
         monkeypatch.setattr(batched, "PENDING_ELEMENTS", 500)
         monkeypatch.setattr(batched, "MERGE_AT_ONCE", 64)
-    g = torch.Generator().manual_seed(7)
-    nq, nk = sum(r.length for r in q_runs), sum(r.length for r in k_runs)
-    q = torch.randn(batch, nq, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(batch, nk, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(batch, nk, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    docs = None if rule.documents is None else torch.tensor(rule.documents)
-    o_ref, lse_ref = attention_reference(q, k, v, causal=rule.causal, scale=0.7,
-                                         q_pos=runs_to_positions(q_runs),
-                                         k_pos=runs_to_positions(k_runs), cu_seqlens=docs,
-                                         window=rule.window, softcap=rule.softcap)
-    do = torch.randn(o_ref.shape, generator=g, dtype=torch.float64)
-    dlse = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64)
-    dlse = torch.where(torch.isfinite(lse_ref), dlse, 0)
-    loss = (o_ref * do).sum() + (torch.where(torch.isfinite(lse_ref), lse_ref, 0) * dlse).sum()
-    dq_ref, dk_ref, dv_ref = torch.autograd.grad(loss, (q, k, v))
+    q, k, v, do, dlse, o_ref, lse_ref, grads_ref = plan_case(rule, q_runs, k_runs, batch, 0.7, 7)
     blocks = plan_blocks(q_runs, k_runs, rule)
     kernel = KERNELS["flash"]
     assert any(batched.splits(b) for b in blocks) or rule.softcap is not None
     # fwd_into on top of a partial result already in the accumulators (a ring's later step)
     half = len(blocks) // 2
-    o, lse = kernel.fwd(q.detach(), k.detach(), v.detach(), blocks[:half], 0.7)
-    kernel.fwd_into(o, lse, q.detach(), k.detach(), v.detach(), blocks[half:], 0.7)
+    o, lse = kernel.fwd(q, k, v, blocks[:half], 0.7)
+    kernel.fwd_into(o, lse, q, k, v, blocks[half:], 0.7)
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
     assert torch.allclose(o, o_ref, atol=1e-12)
     assert torch.allclose(lse[torch.isfinite(lse)], lse_ref[torch.isfinite(lse_ref)], atol=1e-12)
     from seqpar.kernels.plan import softmax_delta
     for given in ("o", "delta"):
         if given == "o":
-            grads = kernel.bwd(do, q.detach(), k.detach(), v.detach(), o, lse, dlse, blocks, 0.7)
+            grads = kernel.bwd(do, q, k, v, o, lse, dlse, blocks, 0.7)
         else:  # TokenRing's visiting queries: delta, no output
-            grads = kernel.bwd(do, q.detach(), k.detach(), v.detach(), None, lse, None, blocks,
-                               0.7, delta=softmax_delta(do, o, dlse))
-        for name, a, b in zip(("dq", "dk", "dv"), grads, (dq_ref, dk_ref, dv_ref)):
+            grads = kernel.bwd(do, q, k, v, None, lse, None, blocks, 0.7,
+                               delta=softmax_delta(do, o, dlse))
+        for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
             assert torch.allclose(a, b, atol=1e-11), (given, name, (a - b).abs().max())

@@ -113,31 +113,39 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["flash", "chunked"])
-@pytest.mark.parametrize("rule,q_runs,k_runs", KERNEL_CASES)
-def test_block_kernel_runs_masked_plans_exactly(kernel, rule, q_runs, k_runs, monkeypatch):
-    from seqpar.kernels import KERNELS, attention_reference, torch_cpu
-    monkeypatch.setattr(torch_cpu, "CHUNK", 8)  # several chunks per block at small sizes
-    g = torch.Generator().manual_seed(4)
+def plan_case(rule, q_runs, k_runs, batch: int, scale: float, seed: int):
+    """fp64 inputs for one plan and the reference: (q, k, v, do, dlse, o_ref, lse_ref,
+    (dq, dk, dv)_ref); dlse is zero on rows with no visible key (lse = -inf)."""
+    from seqpar.kernels import attention_reference
+    g = torch.Generator().manual_seed(seed)
     nq, nk = sum(r.length for r in q_runs), sum(r.length for r in k_runs)
-    q = torch.randn(1, nq, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, nk, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, nk, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(batch, nq, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, nk, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, nk, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
     docs = None if rule.documents is None else torch.tensor(rule.documents)
-    o_ref, lse_ref = attention_reference(q, k, v, causal=rule.causal, scale=0.9,
+    o_ref, lse_ref = attention_reference(q, k, v, causal=rule.causal, scale=scale,
                                          q_pos=runs_to_positions(q_runs),
                                          k_pos=runs_to_positions(k_runs), cu_seqlens=docs,
                                          window=rule.window, softcap=rule.softcap)
     do = torch.randn(o_ref.shape, generator=g, dtype=torch.float64)
     dlse = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64)
+    dlse = torch.where(torch.isfinite(lse_ref), dlse, 0)
     loss = (o_ref * do).sum() + (torch.where(torch.isfinite(lse_ref), lse_ref, 0) * dlse).sum()
-    dq_ref, dk_ref, dv_ref = torch.autograd.grad(loss, (q, k, v))
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return q.detach(), k.detach(), v.detach(), do, dlse, o_ref.detach(), lse_ref.detach(), grads
+
+
+@pytest.mark.parametrize("kernel", ["flash", "chunked"])
+@pytest.mark.parametrize("rule,q_runs,k_runs", KERNEL_CASES)
+def test_block_kernel_runs_masked_plans_exactly(kernel, rule, q_runs, k_runs, monkeypatch):
+    from seqpar.kernels import KERNELS, torch_cpu
+    monkeypatch.setattr(torch_cpu, "CHUNK", 8)  # several chunks per block at small sizes
+    q, k, v, do, dlse, o_ref, lse_ref, grads_ref = plan_case(rule, q_runs, k_runs, 1, 0.9, 4)
     blocks = plan_blocks(q_runs, k_runs, rule)
     run = KERNELS[kernel]
-    o, lse = run.fwd(q.detach(), k.detach(), v.detach(), blocks, 0.9)
+    o, lse = run.fwd(q, k, v, blocks, 0.9)
     assert torch.allclose(o, o_ref, atol=1e-12) and torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
     assert torch.allclose(lse[torch.isfinite(lse)], lse_ref[torch.isfinite(lse_ref)], atol=1e-12)
-    dlse_in = torch.where(torch.isfinite(lse_ref), dlse, 0)
-    dq, dk, dv = run.bwd(do, q.detach(), k.detach(), v.detach(), o, lse, dlse_in, blocks, 0.9)
-    for name, a, b in (("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+    grads = run.bwd(do, q, k, v, o, lse, dlse, blocks, 0.9)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert torch.allclose(a, b, atol=1e-11), (name, (a - b).abs().max())
