@@ -137,21 +137,11 @@ def splits(block: SubBlock) -> bool:
     return pieces is not None and (len(pieces) > 1 or pieces[0].kind == UPPER)
 
 
-def _even_step(starts: list[int]) -> int | None:
-    """The common difference of `starts` (0 for one start), or None when they are uneven."""
-    if len(starts) == 1:
-        return 0
-    step = starts[1] - starts[0]
-    if step < 0 or any(b - a != step for a, b in zip(starts, starts[1:])):
-        return None
-    return step
-
-
 @dataclass
 class Batch:
     """Same-shaped pieces run as one call: per piece its first row / key, and local row / key
-    indices [N * rows], [N * keys]; row_step / key_step: the even spacing of the first rows /
-    keys (None: uneven)."""
+    indices [N * rows], [N * keys]; evenly_spaced: the first rows and the first keys each
+    advance by one non-negative step (an `_even_runs` run)."""
 
     count: int
     rows: int
@@ -159,8 +149,7 @@ class Batch:
     kind: str
     row_starts: list[int]
     key_starts: list[int]
-    row_step: int | None
-    key_step: int | None
+    evenly_spaced: bool
     row_index: torch.Tensor
     key_index: torch.Tensor
 
@@ -210,19 +199,20 @@ def batches(pieces: list[Piece], per_row_elements: int, per_key_elements: int, d
                              + torch.arange(rows, device=device)).reshape(-1)
                 key_index = (torch.tensor(key_starts, device=device)[:, None]
                              + torch.arange(keys, device=device)).reshape(-1)
-                out.append(Batch(len(chunk), rows, keys, kind, row_starts, key_starts,
-                                 _even_step(row_starts), _even_step(key_starts), row_index,
-                                 key_index))
+                out.append(Batch(len(chunk), rows, keys, kind, row_starts, key_starts, views,
+                                 row_index, key_index))
     return out
 
 
 def pick_tokens(x: torch.Tensor, batch: Batch, of_rows: bool) -> torch.Tensor:
-    """[B, S, H, D] -> [B * N, n, H, D]: the rows (or keys) of each piece of `batch`, as a view
-    when they are evenly spaced and B = 1 (stride `step` tokens between pieces), else copied."""
-    starts, step, n, index = ((batch.row_starts, batch.row_step, batch.rows, batch.row_index)
-                              if of_rows else
-                              (batch.key_starts, batch.key_step, batch.keys, batch.key_index))
-    if step is not None and x.shape[0] == 1:
+    """[B, S, H, D] -> [B * N, n, H, D]: the rows (or keys) of each piece of `batch`; a slice
+    for one piece, a strided view of evenly spaced pieces when B = 1, else copied."""
+    starts, n, index = ((batch.row_starts, batch.rows, batch.row_index) if of_rows else
+                        (batch.key_starts, batch.keys, batch.key_index))
+    if batch.count == 1:
+        return x[:, starts[0]:starts[0] + n]
+    if batch.evenly_spaced and x.shape[0] == 1:
+        step = starts[1] - starts[0]
         stride = x.stride()
         return x.as_strided((batch.count, n) + tuple(x.shape[2:]),
                             (step * stride[1],) + stride[1:],
