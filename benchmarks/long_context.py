@@ -33,8 +33,11 @@ flat), or at an explicit --seq, with every attention layer on a sliding window o
 run takes minutes, not hours: the model is then MistralForCausalLM -- Llama's architecture and
 parameters, plus `sliding_window`, which `hf.apply` hands to `seqpar.attention(window=)` -- of
 the same shape. Attention memory is linear in S with or without the window, so the window
-changes the time, not the memory the fit measured. The fit comes from the sweep run first in
-the same call (--seqs, --variants must include d), or from a previous run's JSON (--fit-from),
+changes the time, not the memory the fit measured. `--confirm-variants d alst` runs ALST at
+that S too: the same model, its inner attention (after its all-to-all) on seqpar's windowed
+kernel over one rank's heads (ALST drops attention masks and relies on its core kernel's window,
+flash-attention's on a GPU; CPU sdpa has none). The fit comes from the sweep run first in the
+same call (--seqs, --variants must include d), or from a previous run's JSON (--fit-from),
 and the run reports its measured peak per rank beside the fit's and the cost model's
 predictions, and its time:
 
@@ -150,17 +153,49 @@ def _step(variant: str, model, optimizer, data: dict, tile_tokens: int) -> float
     return value.item()
 
 
+ALST_WINDOW_ATTENTION = "seqpar-local-window"
+
+
+def _register_local_window_attention(world: int) -> None:
+    """ALST's inner attention for a windowed model on CPU: one rank's heads over the whole
+    gathered sequence through seqpar.attention on a one-rank group (causal, the layer's
+    `sliding_window`), registered with a mask builder that builds nothing. Why: ALST drops the
+    attention mask and relies on the core kernel's own masking (flash-attention's window on a
+    GPU); CPU sdpa has no window, so with "sdpa" ALST would compute full causal attention -- a
+    wrong model, and hours at these S -- while transformers would still build an S_loc^2 mask."""
+    import seqpar
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    solo = [dist.new_group([r]) for r in range(world)][dist.get_rank()]  # every rank makes each
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  sliding_window=None, **_):
+        out = seqpar.attention(*(t.transpose(1, 2) for t in (query, key, value)), group=solo,
+                               causal=True, scale=scaling, layout="contiguous",
+                               window=sliding_window)
+        return out, None
+
+    AttentionInterface.register(ALST_WINDOW_ATTENTION, attention)
+    AttentionMaskInterface.register(ALST_WINDOW_ATTENTION, lambda *args, **kwargs: None)
+
+
 def _prepare(variant: str, config: dict, world: int, alst_state: dict):
     from seqpar.integrations import hf
 
     if variant == "alst":
-        model = _model(config, "sdpa")
-        if not alst_state:  # once per process: it wraps transformers' "sdpa" entry in place
+        # the full-causal sweep runs ALST over transformers' sdpa; a windowed model over the
+        # mask-free windowed kernel (_register_local_window_attention)
+        core = "sdpa" if config.get("window") is None else ALST_WINDOW_ATTENTION
+        if not alst_state and core == ALST_WINDOW_ATTENTION:
+            _register_local_window_attention(world)  # before a model names it
+        model = _model(config, core)
+        if not alst_state:  # once per process: it wraps transformers' `core` entry in place
             import deepspeed
             from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
             deepspeed.init_distributed(dist_backend="gloo")  # its comm layer, over our group
             UlyssesSPAttentionHF.register_with_transformers(
-                model, core_attn_implementation="sdpa", sequence_parallel_size=world,
+                model, core_attn_implementation=core, sequence_parallel_size=world,
                 micro_batch_size=1, seq_length_is_variable=True)
             alst_state["registered"] = True
         hf.enable_memory_savers(model, tiled_mlp=True, checkpoint=True)
@@ -375,36 +410,40 @@ def confirm_seq(summary: list[dict] | None, world: int) -> tuple[int, str]:
     return seq, source
 
 
-def confirm(args, model: dict, tile: int, summary: list[dict] | None) -> dict:
-    """Variant (d) at the predicted longest S (or --seq), attention on a sliding window of
-    args.window (module docstring): measured peak per rank and time beside the predictions."""
+def confirm(args, model: dict, tile: int, summary: list[dict] | None) -> list[dict]:
+    """Variant (d) -- and any other of --confirm-variants, ALST for one -- at (d)'s predicted
+    longest S (or --seq), attention on a sliding window of args.window (module docstring):
+    measured peak per rank and time beside the fit's and the cost model's predictions."""
     if args.seq is not None:
         seq, source = args.seq, "--seq"
     else:
         seq, source = confirm_seq(summary, args.world)
     warm = min(seq, 2048) // (2 * args.world) * (2 * args.world) or 2 * args.world
-    config = {"model": model, "seqs": [seq], "variants": ["d"], "threads": args.threads,
+    variants = list(args.confirm_variants)
+    config = {"model": model, "seqs": [seq], "variants": variants, "threads": args.threads,
               "dtype": "float32", "tile_tokens": tile, "skip": {}, "window": args.window,
               "warm_seq": warm}
-    line = next((x for x in summary or () if x.get("variant") == "d"), {})
-    print(f"# confirming run: variant d at S = {seq} ({source}), sliding window "
+    print(f"# confirming run: {', '.join(variants)} at S = {seq} ({source}), sliding window "
           f"{args.window}, {args.world} ranks")
-    (row,) = launch(args.world, _worker, config)
-    row["window"] = args.window
-    row["source"] = source
-    row["model_gib"] = row["runtime_gib"] + predicted_gib(config, "d", seq, args.world)
-    if "slope_kib_per_token" in line:
-        row["fit_gib"] = line["fixed_gib"] + line["slope_kib_per_token"] * seq / 2 ** 20
-    if "peak_gib" in row:
-        row["within_budget"] = row["peak_gib"] <= args.budget_gib
-    columns = [("S", "S", "d"), ("window", "window", "d"), ("source", "S from", "s"),
-               ("peak_gib", "peak GiB/rank", ".2f"), ("fit_gib", "fit GiB/rank", ".2f"),
-               ("model_gib", "model GiB/rank", ".2f"), ("seconds", "step s", ".1f"),
-               ("loss", "loss", ".5f"), ("note", "note", "s")]
-    print(f"# confirming run of (d) with a sliding window of {args.window}; budget "
+    rows = launch(args.world, _worker, config)
+    for row in rows:
+        line = next((x for x in summary or () if x.get("variant") == row["variant"]), {})
+        row["window"] = args.window
+        row["source"] = source
+        row["model_gib"] = row["runtime_gib"] + predicted_gib(config, row["variant"], seq,
+                                                              args.world)
+        if "slope_kib_per_token" in line:
+            row["fit_gib"] = line["fixed_gib"] + line["slope_kib_per_token"] * seq / 2 ** 20
+        if "peak_gib" in row:
+            row["within_budget"] = row["peak_gib"] <= args.budget_gib
+    columns = [("name", "variant", "s"), ("S", "S", "d"), ("window", "window", "d"),
+               ("source", "S from", "s"), ("peak_gib", "peak GiB/rank", ".2f"),
+               ("fit_gib", "fit GiB/rank", ".2f"), ("model_gib", "model GiB/rank", ".2f"),
+               ("seconds", "step s", ".1f"), ("loss", "loss", ".5f"), ("note", "note", "s")]
+    print(f"# confirming run with a sliding window of {args.window}; budget "
           f"{args.budget_gib:g} GiB per rank")
-    print(table([row], columns))
-    return row
+    print(table(rows, columns))
+    return rows
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -422,6 +461,9 @@ def _parser() -> argparse.ArgumentParser:
                              "attention layers on this sliding window (1024 in the issue)")
     parser.add_argument("--seq", type=int, default=None,
                         help="with --window: confirm at this S instead of the fit's longest")
+    parser.add_argument("--confirm-variants", nargs="+", choices=("d", "alst"), default=["d"],
+                        help="with --window: the variants of the confirming run (d; alst: the "
+                             "peer at the same S, its attention on seqpar's windowed kernel)")
     parser.add_argument("--fit-from", default=None,
                         help="with --window: take (d)'s fit from this JSON of an earlier run "
                              "instead of sweeping first")
