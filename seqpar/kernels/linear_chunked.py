@@ -25,9 +25,10 @@ Backward, per block (G_b: gradient flowing into M_b, the reverse scan of D_b):
     dV_b = [(Q_b K_b^T) * Lambda]^T dO_b + (K_b * lambda^(T - t)) G_b
     D_b  = (Q_b * lambda^t)^T dO_b,   G_b = sum_{b' > b} lambda^(T(b'-1-b)) D_b'
 
-A first pass over spans recomputes the block states M_b (kept) and the span-entry states; a
-second, in reverse, computes the gradients with a running state gradient; a final-state
-gradient dF enters that reverse scan as the gradient leaving the last block. A ragged last block is zero-padded at the end (padding
+A first pass over spans recomputes the block states M_b and from them the state entering
+every block (kept: the second pass needs no scan forward); a second, in reverse, computes the
+gradients with a running state gradient; a final-state gradient dF enters that reverse scan as
+the gradient leaving the last block. A ragged last block is zero-padded at the end (padding
 sits after every real token, so it changes nothing); the final state and its gradient are taken
 directly from the unpadded keys (F = lambda^n S_in + sum_l lambda^(n - l) k_l^T v_l).
 
@@ -356,19 +357,18 @@ class ChunkedLinearKernel(LinearKernel):
         aligned = n % self.block == 0
         zeros = torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device)
 
-        # Pass 1, in order: every block's state M_b (kept for pass 2) and the state entering
-        # each span; with `post`, also every block's gradient piece D_b.
+        # Pass 1, in order: the state entering every block (kept for pass 2); with `post`,
+        # also every block's gradient piece D_b.
         state = zeros if initial_state is None else initial_state.to(acc)
-        block_states, span_entry, acrosses = [], [], []
+        entering_states, acrosses = [], []
         block_grads = [] if post is not None else None
         for start, end in spans:
             w = self._weights(decays, docs, start, end)
             k_s, v_s = (_span_blocks(t, start, end, self.block, acc) for t in (k, v))
             m = self._block_states(w, k_s, v_s)
-            span_entry.append(state)
             entering = _scan_blocks(m, w.across, state)
             state = torch.addcmul(m[:, :, -1], w.across[:, :, -1], entering[:, :, -1])
-            block_states.append(m)
+            entering_states.append(entering)
             acrosses.append(w.across)
             if block_grads is not None:
                 q_s = _span_blocks(q, start, end, self.block, acc, scale)
@@ -399,7 +399,7 @@ class ChunkedLinearKernel(LinearKernel):
             if pending is not None and aligned:  # it travelled during the intra products
                 state_grad = pending.wait().to(acc)
                 pending = None
-            entering = _scan_blocks(block_states[i], w.across, span_entry[i])
+            entering = entering_states[i]
             pieces = block_grads[i] if block_grads is not None else self._block_grads(w, q_s, do_s)
             leaving = _scan_blocks(pieces, w.across, state_grad, reverse=True)
             _mm_add(dq_s, do_s * w.from_start, entering.transpose(-1, -2))
