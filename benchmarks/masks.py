@@ -22,7 +22,9 @@ method once in turn, of the slowest rank), the number of
 visible (query, key) pairs (causal: a document of L tokens has L (L + 1) / 2; a window row i sees
 min(i + 1, W) keys), the time per visible pair relative to the same backend's dense causal time
 per pair ("pair cost": 1.0 means the mask's work costs what dense work costs, per pair; the
-target is <= 1.3), bytes sent per rank (`seqpar.comm_stats`), peak memory per rank, and the max
+target is <= 1.3), the CPU seconds of all ranks together (every thread of every rank,
+gloo's included: with more ranks than cores this, not the wall time, is what the job costs) and
+the same ratio per pair on them ("CPU pair cost"), bytes sent per rank (`seqpar.comm_stats`), peak memory per rank, and the max
 difference of the output from a single-process masked SDPA computation of the same
 problem (`masked_sdpa`, a check that every method computes the masked attention).
 
@@ -45,6 +47,7 @@ import importlib.util
 import math
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -132,28 +135,41 @@ def masked_sdpa(q, k, v, lengths: list[int] | None, window: int | None):
 
 # ---------------------------------------------------------------- one rank
 
-def _measure(step, repeats: int, device) -> tuple[list[float], object, int]:
+def _measure(step, repeats: int, device) -> tuple[list[float], list[float], object, int]:
     step()  # warm-up
-    times, result, peak_bytes = [], None, None
+    times, cpus, result, peak_bytes = [], [], None, None
     for _ in range(repeats):
-        seconds, result, peak = _measure_once(step, device)
+        seconds, cpu, result, peak = _measure_once(step, device)
         times.append(seconds)
+        cpus.append(cpu)
         peak_bytes = peak if peak_bytes is None else peak_bytes
-    slowest = torch.tensor(times)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return slowest.tolist(), result, peak_bytes
+    slowest, cpu_total = _across_ranks(times, cpus)
+    return slowest, cpu_total, result, peak_bytes
 
 
-def _measure_once(step, device) -> tuple[float, object, int]:
-    """One timed call of `step` after a barrier: (seconds on this rank, its result, peak bytes)."""
+def _measure_once(step, device) -> tuple[float, float, object, int]:
+    """One timed call of `step` after a barrier: (seconds on this rank, CPU seconds of this
+    process -- every thread, gloo's included --, its result, peak bytes)."""
     dist.barrier()
     with peak_memory(device) as peak:
         holder = {}
+        cpu = time.process_time()
         seconds = timed(lambda: holder.__setitem__("r", step()), device)
-    return seconds, holder["r"], peak.bytes
+        cpu = time.process_time() - cpu
+    return seconds, cpu, holder["r"], peak.bytes
 
 
-def _row(name, problem, times, sent, peak, diff, world) -> dict:
+def _across_ranks(times: list, cpus: list) -> tuple[list, list]:
+    """Per round: the slowest rank's time, and the CPU seconds of all ranks together (on a
+    saturated machine the job's real cost: 4 ranks on 2 cores share them)."""
+    slowest, cpu_total = torch.tensor(times, dtype=torch.float64), torch.tensor(
+        cpus, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    dist.all_reduce(cpu_total, op=dist.ReduceOp.SUM)
+    return slowest.tolist(), cpu_total.tolist()
+
+
+def _row(name, problem, times, cpus, sent, peak, diff, world) -> dict:
     totals = torch.tensor([float(sent), float(peak), float(diff)])
     dist.all_reduce(totals, op=dist.ReduceOp.MAX)
     return {"method": name, "problem": problem["problem"], "S": problem["S"], "P": world,
@@ -161,6 +177,7 @@ def _row(name, problem, times, sent, peak, diff, world) -> dict:
             "window": problem["window"],
             "documents": None if problem["lengths"] is None else len(problem["lengths"]),
             "seconds": statistics.median(times), "times": times,
+            "cpu_seconds": statistics.median(cpus), "cpu_times": cpus,
             "sent_bytes": int(totals[0].item()), "peak_bytes": int(totals[1].item()),
             "diff": totals[2].item()}
 
@@ -195,22 +212,22 @@ def _seqpar_worker(config: dict) -> list[dict]:
                 return o.detach(), stats.sent()
             step()  # warm-up
             runs.append((problem, backend, step, expected))
-    times = [[] for _ in runs]
+    times, cpus = [[] for _ in runs], [[] for _ in runs]
     outcome = [None] * len(runs)
     for _ in range(config["repeats"]):
         for i, (_, _, step, _) in enumerate(runs):
-            seconds, result, peak = _measure_once(step, device)
+            seconds, cpu, result, peak = _measure_once(step, device)
             times[i].append(seconds)
+            cpus[i].append(cpu)
             if outcome[i] is None:
                 outcome[i] = (result, peak)
-    slowest = torch.tensor(times)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    slowest, cpu_total = _across_ranks(times, cpus)
     rows = []
     for i, (problem, backend, _, expected) in enumerate(runs):
         (out, sent), peak = outcome[i]
         diff = (out - expected).abs().max().item()
-        rows.append(_row(f"seqpar {backend}", problem, slowest[i].tolist(), sent, peak, diff,
-                         world))
+        rows.append(_row(f"seqpar {backend}", problem, slowest[i], cpu_total[i], sent, peak,
+                         diff, world))
         if rank == 0:
             print(f"  {problem['problem']} S={problem['S']} {backend}: "
                   f"{rows[-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
@@ -244,10 +261,10 @@ def _peer_worker(config: dict) -> list[dict]:
             o.backward(local[3])
             # its all-to-alls send the (P-1)/P of q, k, v, o forward and of do, dq, dk, dv back
             return o.detach(), 2 * (world - 1) * elements // world
-        times, (out, sent), peak = _measure(step, config["repeats"], device)
+        times, cpus, (out, sent), peak = _measure(step, config["repeats"], device)
         full = seqpar.gather(out, layout="contiguous")
-        rows.append(_row(PEER, problem, times, sent, peak, (full - expected).abs().max().item(),
-                         world))
+        rows.append(_row(PEER, problem, times, cpus, sent, peak,
+                         (full - expected).abs().max().item(), world))
         if rank == 0:
             print(f"  {problem['problem']} S={problem['S']} peer: {rows[-1]['seconds']:.2f} s",
                   file=sys.stderr, flush=True)
@@ -267,6 +284,8 @@ def add_ratios(rows: list[dict], problems_: list[dict]) -> None:
     for row in rows:
         dense = [r for r in rows if r["method"] == row["method"] and r["problem"] == "dense"]
         row["pair_cost"] = row["ns_per_pair"] / dense[0]["ns_per_pair"] if dense else None
+        row["cpu_pair_cost"] = (row["cpu_seconds"] / row["pairs"]
+                                / (dense[0]["cpu_seconds"] / dense[0]["pairs"])) if dense else None
         peer = [r for r in rows if r["method"] == PEER and r["problem"] == row["problem"]]
         row["vs_peer"] = row["seconds"] / peer[0]["seconds"] if peer else None
         row["sent_mib"], row["peak_mib"] = mib(row["sent_bytes"]), mib(row["peak_bytes"])
@@ -340,6 +359,8 @@ def main(argv=None) -> list[dict]:
                        ("layout", "layout", "s"),
                        ("seconds", "fwd+bwd s", ".3f"), ("pairs", "visible pairs", ".3e"),
                        ("pair_cost", "pair cost vs dense", ".2f"),
+                       ("cpu_seconds", "CPU s (all ranks)", ".2f"),
+                       ("cpu_pair_cost", "CPU pair cost", ".2f"),
                        ("vs_peer", "time / peer", ".2f"), ("sent_mib", "sent MiB/rank", ".2f"),
                        ("peak_mib", "peak MiB/rank", ".1f"), ("diff", "max |o - sdpa o|", ".1e")]))
     write_results("masks", {"machine": info, "args": vars(args), "rows": rows,

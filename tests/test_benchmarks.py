@@ -170,6 +170,8 @@ def test_masks_benchmark_counts_pairs_and_runs(tmp_path, capsys):
     for row in rows:  # every method computes the masked attention (vs a masked SDPA in fp32)
         assert row["diff"] < 1e-5, row
         assert row["pair_cost"] is not None and row["pairs"] > 0
+        # the CPU seconds of all ranks (every thread) and their ratio per pair to dense
+        assert row["cpu_seconds"] > 0 and row["cpu_pair_cost"] > 0, row
     (result,) = tmp_path.glob("masks-*.json")
     assert (tmp_path / result.name.replace(".json", ".png")).exists()
     assert "pair cost vs dense" in capsys.readouterr().out
