@@ -162,7 +162,7 @@ def _register_local_window_attention(world: int) -> None:
     `sliding_window`), registered with a mask builder that builds nothing. Why: ALST drops the
     attention mask and relies on the core kernel's own masking (flash-attention's window on a
     GPU); CPU sdpa has no window, so with "sdpa" ALST would compute full causal attention -- a
-    wrong model, and hours at these S -- while transformers would still build an S_loc^2 mask."""
+    different model, and days at 441K -- while transformers would still build an S_loc^2 mask."""
     import seqpar
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
