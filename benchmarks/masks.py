@@ -24,7 +24,8 @@ min(i + 1, W) keys), the time per visible pair relative to the same backend's de
 per pair ("pair cost": 1.0 means the mask's work costs what dense work costs, per pair; the
 target is <= 1.3), the CPU seconds of all ranks together (every thread of every rank,
 gloo's included: with more ranks than cores this, not the wall time, is what the job costs) and
-the same ratio per pair on them ("CPU pair cost"), bytes sent per rank (`seqpar.comm_stats`), peak memory per rank, and the max
+the same ratio per pair on them ("CPU pair cost"), bytes sent per rank (`seqpar.comm_stats`),
+peak memory per rank, and the max
 difference of the output from a single-process masked SDPA computation of the same
 problem (`masked_sdpa`, a check that every method computes the masked attention).
 
@@ -162,8 +163,8 @@ def _measure_once(step, device) -> tuple[float, float, object, int]:
 def _across_ranks(times: list, cpus: list) -> tuple[list, list]:
     """Per round: the slowest rank's time, and the CPU seconds of all ranks together (on a
     saturated machine the job's real cost: 4 ranks on 2 cores share them)."""
-    slowest, cpu_total = torch.tensor(times, dtype=torch.float64), torch.tensor(
-        cpus, dtype=torch.float64)
+    slowest = torch.tensor(times, dtype=torch.float64)
+    cpu_total = torch.tensor(cpus, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     dist.all_reduce(cpu_total, op=dist.ReduceOp.SUM)
     return slowest.tolist(), cpu_total.tolist()
