@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.kernels.mask import (MaskKind, MaskRule, Run, causal_pairs, plan_blocks,
-                                 runs_to_positions, split_runs, visible_key_span)
+from seqpar.kernels.mask import (MaskKind, MaskRule, Run, causal_pairs, head_sharded_runs,
+                                 plan_blocks, runs_to_positions, split_runs, token_slots,
+                                 visible_key_span)
 from seqpar.layout import LAYOUTS, local_runs
 
 
@@ -76,6 +77,19 @@ def test_narrow_window_is_chunked_bands_over_reachable_keys():
     # Tiles of MIN_TILE rows, each over only the keys its rows reach (window 1: its diagonal).
     assert [(b.q0, b.q1, b.k0, b.k1) for b in blocks] == [(r, r + 64, r, r + 64)
                                                           for r in range(0, 256, 64)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_head_sharded_side_is_global_when_dense_and_unpermuted_when_masked(layout):
+    """Ulysses' gathered sequence: one global-order run for a dense rule (one causal call), the
+    ranks' tokens as they arrive for a masked one (no permutation; the plan needs no order)."""
+    members = tuple(local_runs(48, 4, r, layout) for r in range(4))
+    assert head_sharded_runs(members, MaskRule(True)) == (Run(0, 48),)
+    for rule in (MaskRule(True, 5), MaskRule(False, None, DOCS)):
+        runs = head_sharded_runs(members, rule)
+        assert token_slots(members, runs) is None
+        assert torch.equal(runs_to_positions(runs),
+                           torch.cat([runs_to_positions(m) for m in members]))
 
 
 def test_documents_split_runs_without_padding():

@@ -7,8 +7,10 @@ Forward:
     kv_h = seq_to_heads(k, v)   [2, B, U * S_loc, n, D]    the K/V heads those query heads use
     o_h, lse_h = attention(q_h, kv_h)  over all U * S_loc tokens (causal by global position)
     o    = heads_to_seq(o_h)    [B, S_loc, Hq, D]          lse likewise when it is returned
-The head-sharded side holds the group's tokens in global order (the all-to-all undoes the
-layout's permutation), so plain Ulysses runs one causal kernel call per rank.
+Without a window or documents the head-sharded side holds the group's tokens in global order
+(the all-to-all undoes the layout's permutation), so plain Ulysses runs one causal kernel call
+per rank. With them it keeps the tokens rank-major, as they arrive (no permutation): the masked
+plan is many sub-blocks in any order (`kernels.mask.head_sharded_runs`).
 
 K/V heads (G = Hq / Hkv query heads per K/V head, m = Hq / U query heads per rank):
 * Hkv % U == 0: rank p gets K/V heads p*Hkv/U .. (p+1)*Hkv/U - 1 (n = Hkv / U), a partition;
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.mask import Runs, gathered_runs, runs_length, token_slots
+from ..kernels.mask import Runs, as_rule, head_sharded_runs, runs_length, token_slots
 from ..kernels.s2 import S2Pattern, S2Plan
 from ..kernels.plan import PlanKernel, accumulator_dtype
 from .primitives import CommStats, GroupInfo, HeadSplit, Traffic, heads_to_seq, seq_to_heads
@@ -96,7 +98,7 @@ class UlyssesPlan:
         With `s2` (plain Ulysses only, ring.world == 1) the middle is S2 sparse attention."""
         size = ulysses.world
         members = [all_runs[g * size:(g + 1) * size] for g in range(ring.world)]
-        group_runs = tuple(gathered_runs(m, interleave=True) for m in members)
+        group_runs = tuple(head_sharded_runs(m, as_rule(causal)) for m in members)
         slots = token_slots(members[ring.rank], group_runs[ring.rank])
         q_heads = torch.arange(heads_q).reshape(size, heads_q // size)
         q_split = HeadSplit(ulysses, q_heads, heads_q, slots)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..kernels.mask import (MaskRule, Runs, causal_pairs, gathered_runs, halo_runs,
+from ..kernels.mask import (MaskRule, Runs, causal_pairs, halo_runs, head_sharded_runs,
                             plan_blocks, visible_key_span)
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -102,15 +102,14 @@ class Volume:
 
 def member_runs(p: Problem, groups: int) -> tuple[Runs, ...]:
     """The tokens of each of `groups` groups of P / groups consecutive ranks, laid out as the
-    backends lay them out (P groups: each rank's own runs; USP's ring: the gathered runs of a
-    Ulysses group; one group: the whole sequence in global order)."""
+    backends lay them out (P groups: each rank's own runs; fewer: the head-sharded side of a
+    Ulysses group, `kernels.mask.head_sharded_runs`)."""
     from ..layout import all_local_runs  # layout -> comm.primitives; keep cost importable alone
     runs = all_local_runs(p.seq_len, p.world, p.layout, p.documents)
     if groups == p.world:
         return runs
     size = p.world // groups
-    return tuple(gathered_runs(runs[g * size:(g + 1) * size], interleave=True)
-                 for g in range(groups))
+    return tuple(head_sharded_runs(runs[g * size:(g + 1) * size], p.rule) for g in range(groups))
 
 
 @functools.lru_cache(maxsize=256)
