@@ -65,6 +65,21 @@ def test_masks_match_reference(worlds, world, case):
     worlds(world).run(run_masked, case)
 
 
+# Windows with B = 2 (documents need B = 1): the batched halo gather of all-gather and the
+# rank-major head-sharded side of Ulysses / USP copy per batch entry.
+BATCHED_WINDOWS = [AttnCase(backend=backend, layout=layout, causal=causal, heads_q=4, heads_kv=2,
+                            seq_local=12, head_dim=8, batch=2, window=5)
+                   for backend, layout, causal in (("allgather", "zigzag", True),
+                                                   ("allgather", "contiguous", False),
+                                                   ("ulysses", "striped", True),
+                                                   ("usp", "zigzag", False))]
+
+
+@pytest.mark.parametrize("case", BATCHED_WINDOWS, ids=str)
+def test_batched_windows_match_reference(worlds, case):
+    worlds(4).run(run_masked, case)
+
+
 # (docs, window, causal, heads q:kv, dtype): layout="balanced" (chunks dealt by the documents'
 # work) on every backend, each row on a different P; documents crossing the balanced chunks.
 BALANCED_ROWS = [

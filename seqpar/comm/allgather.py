@@ -46,7 +46,8 @@ import torch
 from ..kernels.mask import (Runs, SubBlock, as_rule, gathered_runs, halo_runs, plan_blocks,
                             runs_length, token_slots)
 from ..kernels.plan import PlanKernel, accumulator_dtype
-from .primitives import CommStats, GroupInfo, Traffic, gather_tokens, reduce_scatter_tokens
+from .primitives import (CommStats, GroupInfo, Traffic, gather_pieces, gather_tokens,
+                         reduce_scatter_pieces, reduce_scatter_tokens)
 
 
 @dataclass(frozen=True)
@@ -90,29 +91,51 @@ class AllGatherPlan:
                    scale, kernel, recorders)
 
 
-def _halo_kv(kv: torch.Tensor, plan: AllGatherPlan, traffic: Traffic) -> torch.Tensor:
-    """[2, B, S_loc, Hkv, D] own K/V -> own K/V followed by every other rank's halo rows."""
-    rows = plan.halo[plan.info.rank].to(kv.device)
-    send = kv.new_zeros(kv.shape[:2] + (plan.halo_size,) + kv.shape[3:])
-    send[:, :, :len(rows)] = kv.index_select(2, rows)
-    gathered = gather_tokens(send, plan.info, None, 2, traffic)
-    size = plan.halo_size
-    others = [gathered[:, :, p * size:p * size + len(rows_p)]
-              for p, rows_p in enumerate(plan.halo) if p != plan.info.rank]
-    return torch.cat([kv] + others, dim=2)
+def _halo_kv(k: torch.Tensor, v: torch.Tensor, plan: AllGatherPlan, traffic: Traffic
+             ) -> torch.Tensor:
+    """Own K/V [B, S_loc, Hkv, D] each -> [2, B, S_loc + sum of the others' halos, Hkv, D]: own
+    K/V followed by every other rank's halo rows. Each row is copied once into the result (a
+    CPU rank pays for every large temporary in page faults: no stacked or concatenated
+    intermediates)."""
+    rows, size, rank = plan.halo[plan.info.rank].to(k.device), plan.halo_size, plan.info.rank
+    send = k.new_empty((2, k.shape[0], size) + tuple(k.shape[2:]))
+    for i, t in enumerate((k, v)):
+        target = send[i, :, :len(rows)]
+        if target.is_contiguous():  # B = 1: gathered straight into the send buffer
+            torch.index_select(t, 1, rows, out=target)
+        else:
+            target.copy_(t.index_select(1, rows))
+    send[:, :, len(rows):].zero_()  # padding to the largest halo: sent, never read
+    pieces = gather_pieces(send, plan.info, traffic)  # [P, 2, B, size, Hkv, D]
+    seq_local = k.shape[1]
+    total = seq_local + sum(len(r) for p, r in enumerate(plan.halo) if p != rank)
+    kv = k.new_empty((2, k.shape[0], total) + tuple(k.shape[2:]))
+    kv[0, :, :seq_local] = k
+    kv[1, :, :seq_local] = v
+    offset = seq_local
+    for p, rows_p in enumerate(plan.halo):
+        if p != rank:
+            kv[:, :, offset:offset + len(rows_p)] = pieces[p, :, :, :len(rows_p)]
+            offset += len(rows_p)
+    return kv
 
 
 def _halo_grads(dkv_all: torch.Tensor, seq_local: int, plan: AllGatherPlan,
                 traffic: Traffic) -> torch.Tensor:
-    """The adjoint of `_halo_kv`: own dK/dV plus what the other ranks computed for its halo."""
+    """The adjoint of `_halo_kv`: own dK/dV plus what the other ranks computed for its halo.
+    The reduce-scatter's input is written rank-major in place (no zeroed full buffer, no
+    reordering copy)."""
     size, rank = plan.halo_size, plan.info.rank
-    back = dkv_all.new_zeros(dkv_all.shape[:2] + (plan.info.world * size,) + dkv_all.shape[3:])
+    back = dkv_all.new_empty((plan.info.world,) + tuple(dkv_all.shape[:2]) + (size,)
+                             + tuple(dkv_all.shape[3:]))
+    back[rank].zero_()  # this rank's own halo rows are in dkv_all's own part
     offset = seq_local
     for p, rows_p in enumerate(plan.halo):
         if p != rank:
-            back[:, :, p * size:p * size + len(rows_p)] = dkv_all[:, :, offset:offset + len(rows_p)]
+            back[p, :, :, :len(rows_p)] = dkv_all[:, :, offset:offset + len(rows_p)]
+            back[p, :, :, len(rows_p):].zero_()
             offset += len(rows_p)
-    received = reduce_scatter_tokens(back, plan.info, None, 2, traffic)
+    received = reduce_scatter_pieces(back, plan.info, traffic)
     own = dkv_all[:, :, :seq_local].clone()
     rows = plan.halo[rank].to(own.device)
     own.index_add_(2, rows, received[:, :, :len(rows)])
@@ -126,7 +149,7 @@ def allgather_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AllGa
     acc_dtype = accumulator_dtype(q.dtype)
     traffic = Traffic.now("allgather.fwd", plan.recorders)
     if plan.halo is not None:
-        kv = _halo_kv(torch.stack((k, v)), plan, traffic)
+        kv = _halo_kv(k, v, plan, traffic)
     else:
         kv = gather_tokens(torch.stack((k, v)), plan.info, plan.slots, 2, traffic)
     o = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)

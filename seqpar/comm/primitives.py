@@ -526,6 +526,12 @@ def gather_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor | None, 
     (None: rank order). One all-gather."""
     if info.world == 1 and slots is None:
         return x
+    return _place_tokens(gather_pieces(x, info, traffic), slots, seq_dim)
+
+
+def gather_pieces(x: torch.Tensor, info: GroupInfo, traffic: Traffic) -> torch.Tensor:
+    """[world, *x.shape]: every rank's x (same shape everywhere), piece p from rank p. One
+    all-gather."""
     x = x.contiguous()
     pieces = x.new_empty((info.world,) + tuple(x.shape))
     if info.world > 1:
@@ -533,14 +539,19 @@ def gather_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor | None, 
         traffic.add_collective(info, [nbytes([x])] * info.world, [nbytes([p]) for p in pieces])
     else:
         pieces[0] = x
-    return _place_tokens(pieces, slots, seq_dim)
+    return pieces
 
 
 def reduce_scatter_tokens(x: torch.Tensor, info: GroupInfo, slots: torch.Tensor | None,
                           seq_dim: int, traffic: Traffic) -> torch.Tensor:
     """The adjoint of `gather_tokens`: every rank holds a full-sequence x; returns, for this
     rank's tokens, the sum over ranks of their rows. One reduce-scatter."""
-    pieces = _pick_tokens(x, slots, seq_dim, info.world)
+    return reduce_scatter_pieces(_pick_tokens(x, slots, seq_dim, info.world), info, traffic)
+
+
+def reduce_scatter_pieces(pieces: torch.Tensor, info: GroupInfo, traffic: Traffic) -> torch.Tensor:
+    """pieces [world, ...] contiguous, piece p this rank's contribution to rank p; returns the
+    sum over ranks of their piece for this rank. One reduce-scatter."""
     if info.world == 1:
         return pieces[0]
     out = pieces.new_empty(pieces.shape[1:])
