@@ -90,6 +90,17 @@ class AllGatherPlan:
         return cls(info, token_slots(all_runs, kv_runs), plan_blocks(local, kv_runs, rule),
                    scale, kernel, recorders)
 
+    def halo_places(self, seq_local: int) -> list[tuple[int, int, int]]:
+        """(rank p, first row, rows) of each other rank's halo in the gathered keys, which hold
+        this rank's own `seq_local` rows first: where `_halo_kv` puts what arrives and where
+        `_halo_grads` takes the gradients it sends back."""
+        places, offset = [], seq_local
+        for p, rows_p in enumerate(self.halo):
+            if p != self.info.rank:
+                places.append((p, offset, len(rows_p)))
+                offset += len(rows_p)
+        return places
+
 
 def _halo_kv(k: torch.Tensor, v: torch.Tensor, plan: AllGatherPlan, traffic: Traffic
              ) -> torch.Tensor:
@@ -97,8 +108,8 @@ def _halo_kv(k: torch.Tensor, v: torch.Tensor, plan: AllGatherPlan, traffic: Tra
     K/V followed by every other rank's halo rows. Each row is copied once into the result (a
     CPU rank pays for every large temporary in page faults: no stacked or concatenated
     intermediates)."""
-    rows, size, rank = plan.halo[plan.info.rank].to(k.device), plan.halo_size, plan.info.rank
-    send = k.new_empty((2, k.shape[0], size) + tuple(k.shape[2:]))
+    rows = plan.halo[plan.info.rank].to(k.device)
+    send = k.new_empty((2, k.shape[0], plan.halo_size) + tuple(k.shape[2:]))
     for i, t in enumerate((k, v)):
         target = send[i, :, :len(rows)]
         if target.is_contiguous():  # B = 1: gathered straight into the send buffer
@@ -108,15 +119,13 @@ def _halo_kv(k: torch.Tensor, v: torch.Tensor, plan: AllGatherPlan, traffic: Tra
     send[:, :, len(rows):].zero_()  # padding to the largest halo: sent, never read
     pieces = gather_pieces(send, plan.info, traffic)  # [P, 2, B, size, Hkv, D]
     seq_local = k.shape[1]
-    total = seq_local + sum(len(r) for p, r in enumerate(plan.halo) if p != rank)
+    places = plan.halo_places(seq_local)
+    total = seq_local + sum(n for _, _, n in places)
     kv = k.new_empty((2, k.shape[0], total) + tuple(k.shape[2:]))
     kv[0, :, :seq_local] = k
     kv[1, :, :seq_local] = v
-    offset = seq_local
-    for p, rows_p in enumerate(plan.halo):
-        if p != rank:
-            kv[:, :, offset:offset + len(rows_p)] = pieces[p, :, :, :len(rows_p)]
-            offset += len(rows_p)
+    for p, start, n in places:
+        kv[:, :, start:start + n] = pieces[p, :, :, :n]
     return kv
 
 
@@ -125,19 +134,15 @@ def _halo_grads(dkv_all: torch.Tensor, seq_local: int, plan: AllGatherPlan,
     """The adjoint of `_halo_kv`: own dK/dV plus what the other ranks computed for its halo.
     The reduce-scatter's input is written rank-major in place (no zeroed full buffer, no
     reordering copy)."""
-    size, rank = plan.halo_size, plan.info.rank
-    back = dkv_all.new_empty((plan.info.world,) + tuple(dkv_all.shape[:2]) + (size,)
+    back = dkv_all.new_empty((plan.info.world,) + tuple(dkv_all.shape[:2]) + (plan.halo_size,)
                              + tuple(dkv_all.shape[3:]))
-    back[rank].zero_()  # this rank's own halo rows are in dkv_all's own part
-    offset = seq_local
-    for p, rows_p in enumerate(plan.halo):
-        if p != rank:
-            back[p, :, :, :len(rows_p)] = dkv_all[:, :, offset:offset + len(rows_p)]
-            back[p, :, :, len(rows_p):].zero_()
-            offset += len(rows_p)
+    back[plan.info.rank].zero_()  # this rank's own halo rows are in dkv_all's own part
+    for p, start, n in plan.halo_places(seq_local):
+        back[p, :, :, :n] = dkv_all[:, :, start:start + n]
+        back[p, :, :, n:].zero_()
     received = reduce_scatter_pieces(back, plan.info, traffic)
     own = dkv_all[:, :, :seq_local].clone()
-    rows = plan.halo[rank].to(own.device)
+    rows = plan.halo[plan.info.rank].to(own.device)
     own.index_add_(2, rows, received[:, :, :len(rows)])
     return own
 
