@@ -284,9 +284,9 @@ def add_ratios(rows: list[dict], problems_: list[dict]) -> None:
         row["ns_per_pair"] = 1e9 * row["seconds"] / row["pairs"]
     for row in rows:
         dense = [r for r in rows if r["method"] == row["method"] and r["problem"] == "dense"]
-        row["pair_cost"] = row["ns_per_pair"] / dense[0]["ns_per_pair"] if dense else None
-        row["cpu_pair_cost"] = (row["cpu_seconds"] / row["pairs"]
-                                / (dense[0]["cpu_seconds"] / dense[0]["pairs"])) if dense else None
+        for cost, measure in (("pair_cost", "seconds"), ("cpu_pair_cost", "cpu_seconds")):
+            row[cost] = (row[measure] / row["pairs"] / (dense[0][measure] / dense[0]["pairs"])
+                         if dense else None)
         peer = [r for r in rows if r["method"] == PEER and r["problem"] == row["problem"]]
         row["vs_peer"] = row["seconds"] / peer[0]["seconds"] if peer else None
         row["sent_mib"], row["peak_mib"] = mib(row["sent_bytes"]), mib(row["peak_bytes"])
